@@ -1,0 +1,1 @@
+"""nanoalign: LLM alignment from scratch in plain PyTorch."""
