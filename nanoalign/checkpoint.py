@@ -1,0 +1,321 @@
+"""Load and save Hugging Face checkpoints (LLaMA and GPT-NeoX/Pythia) in nanoalign's one internal layout.
+
+    load_pretrained(path_or_hub_id, device=..., dtype=...) -> Transformer
+    save_pretrained(model, dir, tokenizer=None, max_shard_bytes=...)
+
+A checkpoint directory is config.json + model.safetensors, or + model.safetensors.index.json and shards
+(tensors of one layer may sit in different shards). Loading is strict: every expected tensor must be
+found exactly once with the expected shape, and anything else is an error naming the tensor and its file.
+
+Gotchas:
+- GPT-NeoX fuses q, k, v into one `query_key_value` matrix whose rows are interleaved per head
+  ([h0:q, h0:k, h0:v, h1:q, ...]). `chunk(3)` on it runs and is wrong; we view it as (H, 3, D, C).
+- HF LLaMA q/k are already in the rotate-half rotary layout nanoalign uses: no permutation.
+- Pythia pads the embedding past its tokenizer, so the vocabulary size is read from the tensor.
+- Tensors are read one at a time into a model allocated once (built on the meta device first), so peak
+  memory is one model plus one tensor, not two models.
+- Saving writes into a temporary directory and renames it into place: a crash mid-save never destroys
+  the checkpoint that was there before.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import ModelConfig, Transformer
+
+SUPPORTED = ("llama", "gpt_neox")
+# buffers some older checkpoints store that carry no weights (causal masks, rotary tables)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- config.json <-> ModelConfig
+
+def _rope(hf: dict, key_base: str, key_pct: str | None = None):
+    """rope base (and partial-rotary fraction) from the classic keys or from transformers' newer rope_parameters."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise NotImplementedError(f"config.json asks for rope scaling {rope_type!r}; nanoalign implements plain RoPE only")
+    base = hf.get(key_base, params.get("rope_theta", 10000.0))
+    pct = hf.get(key_pct, params.get("partial_rotary_factor")) if key_pct else None
+    return float(base), pct
+
+
+def config_from_hf(hf: dict, vocab_size: int) -> ModelConfig:
+    kind = hf.get("model_type")
+    if kind == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"llama config with hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+        base, _ = _rope(hf, "rope_theta")
+        return ModelConfig(
+            vocab_size=vocab_size, dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"), hidden_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+            mlp="swiglu", attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+            rope_base=base, rotary_pct=1.0, parallel_residual=False,
+            tie_embeddings=hf.get("tie_word_embeddings", False), model_type="llama",
+        )
+    if kind == "gpt_neox":
+        act = hf.get("hidden_act", "gelu")
+        mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act)
+        if mlp is None:
+            raise ValueError(f"gpt_neox config with hidden_act={act!r} is not supported")
+        base, pct = _rope(hf, "rotary_emb_base", "rotary_pct")
+        return ModelConfig(
+            vocab_size=vocab_size, dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"], hidden_dim=hf.get("intermediate_size") or 4 * hf["hidden_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048), norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5),
+            mlp=mlp, attn_bias=hf.get("attention_bias", True), mlp_bias=True,
+            rope_base=base, rotary_pct=0.25 if pct is None else float(pct),
+            parallel_residual=hf.get("use_parallel_residual", True),
+            tie_embeddings=hf.get("tie_word_embeddings", False), model_type="gpt_neox",
+        )
+    raise ValueError(f"unknown model_type {kind!r} in config.json; nanoalign loads {', '.join(SUPPORTED)}")
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    common = {
+        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.hidden_dim, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if cfg.model_type == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+                "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+                "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
+                "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias}
+    if cfg.model_type == "gpt_neox":
+        act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.mlp]
+        return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", **common,
+                "hidden_act": act, "layer_norm_eps": cfg.norm_eps, "rotary_pct": cfg.rotary_pct,
+                "rotary_emb_base": cfg.rope_base, "use_parallel_residual": cfg.parallel_residual,
+                "attention_bias": cfg.attn_bias}
+    raise ValueError(f"cannot save model_type {cfg.model_type!r}")
+
+
+# --- tensor names: Hugging Face <-> nanoalign
+
+def hf_names(cfg: ModelConfig) -> dict[str, str | tuple[str, str, str]]:
+    """HF tensor name -> nanoalign parameter name (a (q, k, v) triple for NeoX's fused matrix)."""
+    names: dict = {}
+    if cfg.model_type == "llama":
+        names["model.embed_tokens.weight"] = "tok_emb.weight"
+        for i in range(cfg.n_layer):
+            hf, me = f"model.layers.{i}.", f"layers.{i}."
+            for proj, ours in [("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")]:
+                names[f"{hf}self_attn.{proj}_proj.weight"] = f"{me}attn.{ours}.weight"
+                if cfg.attn_bias:
+                    names[f"{hf}self_attn.{proj}_proj.bias"] = f"{me}attn.{ours}.bias"
+            for proj in ("gate", "up", "down"):
+                names[f"{hf}mlp.{proj}_proj.weight"] = f"{me}mlp.{proj}.weight"
+                if cfg.mlp_bias:
+                    names[f"{hf}mlp.{proj}_proj.bias"] = f"{me}mlp.{proj}.bias"
+            names[f"{hf}input_layernorm.weight"] = f"{me}attn_norm.weight"
+            names[f"{hf}post_attention_layernorm.weight"] = f"{me}mlp_norm.weight"
+        names["model.norm.weight"] = "norm.weight"
+    else:
+        names["gpt_neox.embed_in.weight"] = "tok_emb.weight"
+        for i in range(cfg.n_layer):
+            hf, me = f"gpt_neox.layers.{i}.", f"layers.{i}."
+            for p in ("weight", "bias"):
+                names[f"{hf}input_layernorm.{p}"] = f"{me}attn_norm.{p}"
+                names[f"{hf}post_attention_layernorm.{p}"] = f"{me}mlp_norm.{p}"
+                names[f"{hf}mlp.dense_h_to_4h.{p}"] = f"{me}mlp.up.{p}"
+                names[f"{hf}mlp.dense_4h_to_h.{p}"] = f"{me}mlp.down.{p}"
+                if cfg.attn_bias or p == "weight":
+                    names[f"{hf}attention.query_key_value.{p}"] = tuple(f"{me}attn.{w}.{p}" for w in ("wq", "wk", "wv"))
+                    names[f"{hf}attention.dense.{p}"] = f"{me}attn.wo.{p}"
+        names["gpt_neox.final_layer_norm.weight"] = "norm.weight"
+        names["gpt_neox.final_layer_norm.bias"] = "norm.bias"
+    head = "lm_head.weight" if cfg.model_type == "llama" else "embed_out.weight"
+    if not cfg.tie_embeddings:
+        names[head] = "lm_head.weight"
+    return names
+
+
+def split_qkv(fused: torch.Tensor, n_head: int):
+    """NeoX (H*3*D, ...) rows, interleaved per head, -> q, k, v each (H*D, ...)."""
+    per_head = fused.view(n_head, 3, -1, *fused.shape[1:])  # (H, 3, D, ...)
+    return [per_head[:, j].reshape(-1, *fused.shape[1:]) for j in range(3)]
+
+
+def fuse_qkv(q, k, v, n_head: int):
+    stacked = torch.stack([t.view(n_head, -1, *t.shape[1:]) for t in (q, k, v)], dim=1)  # (H, 3, D, ...)
+    return stacked.reshape(-1, *q.shape[1:])
+
+
+# --- loading
+
+def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local directory as is; anything else is a hub id fetched (safetensors and json only) into the HF cache."""
+    p = Path(path_or_hub_id)
+    if p.exists():
+        return p
+    if str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") > 1:
+        raise FileNotFoundError(f"checkpoint directory {path_or_hub_id} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def tensor_files(ckpt: Path) -> dict[str, Path]:
+    """Every tensor name in the checkpoint -> the safetensors file holding it."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: ckpt / f for k, f in weight_map.items()}
+    single = ckpt / "model.safetensors"
+    if single.exists():
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    if any(ckpt.glob("*.bin")):
+        raise FileNotFoundError(f"{ckpt} holds only PyTorch .bin weights; nanoalign reads safetensors "
+                                "(convert once with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {ckpt}")
+
+
+def _shape(file: Path, name: str) -> list[int]:
+    with safe_open(file, framework="pt") as f:
+        if name not in f.keys():
+            raise KeyError(f"tensor {name} is listed in the index but missing from {file}")
+        return list(f.get_slice(name).get_shape())
+
+
+def read_config(ckpt: Path) -> dict:
+    path = ckpt / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json in {ckpt}")
+    return json.loads(path.read_text())
+
+
+def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transformer:
+    ckpt = resolve_dir(path_or_hub_id)
+    hf_cfg = read_config(ckpt)
+    if hf_cfg.get("model_type") not in SUPPORTED:
+        raise ValueError(f"{ckpt / 'config.json'}: unknown model_type {hf_cfg.get('model_type')!r}; "
+                         f"nanoalign loads {', '.join(SUPPORTED)}")
+    files = tensor_files(ckpt)
+    emb_name = "model.embed_tokens.weight" if hf_cfg["model_type"] == "llama" else "gpt_neox.embed_in.weight"
+    if emb_name not in files:
+        raise KeyError(f"missing tensor {emb_name} in {ckpt}")
+    cfg = config_from_hf(hf_cfg, vocab_size=_shape(files[emb_name], emb_name)[0])
+
+    names = hf_names(cfg)
+    optional = {"lm_head.weight", "embed_out.weight"} if cfg.tie_embeddings else set()
+    missing = [k for k in names if k not in files]
+    unexpected = [f"{k} (in {files[k].name})" for k in files
+                  if k not in names and k not in optional and not k.endswith(IGNORED_SUFFIXES)]
+    if missing:
+        raise KeyError(f"checkpoint {ckpt} is missing tensors: {', '.join(missing)}")
+    if unexpected:
+        raise KeyError(f"checkpoint {ckpt} has unexpected tensors: {', '.join(unexpected)}")
+
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
+    model.to_empty(device=device)
+    model.tie_weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    by_file: dict[Path, list[str]] = {}
+    for k in names:
+        by_file.setdefault(files[k], []).append(k)
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    targets = names[k] if isinstance(names[k], tuple) else (names[k],)
+                    expected = [params[n].shape for n in targets]
+                    expected_shape = [sum(s[0] for s in expected), *expected[0][1:]]
+                    if list(t.shape) != expected_shape:
+                        raise ValueError(f"tensor {k} in {file} has shape {list(t.shape)}, expected {expected_shape} "
+                                         f"for the config in {ckpt / 'config.json'}")
+                    parts = split_qkv(t, cfg.n_head) if len(targets) == 3 else [t]
+                    for n, part in zip(targets, parts):
+                        params[n].copy_(part.to(device=device, dtype=dtype))
+    return model.eval()
+
+
+# --- saving
+
+def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
+    """Call write(tmp_dir), then move tmp_dir to dst. An existing dst is replaced only after the new one
+    is complete, so a crash at any point leaves either the old or the new directory, never a half one."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        write(tmp)
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dst
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names (NeoX q, k, v fused back per head)."""
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    out = {}
+    for hf, ours in hf_names(cfg).items():
+        if isinstance(ours, tuple):
+            out[hf] = fuse_qkv(*(params[n].detach() for n in ours), cfg.n_head)
+        else:
+            out[hf] = params[ours].detach()
+    return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
+def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 1024**3,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json and safetensors (sharded above max_shard_bytes) that transformers loads as is.
+
+    state_dict: HF-named tensors to write instead of the model's own (e.g. gathered from FSDP shards)."""
+    cfg = model.cfg
+    state = state_dict if state_dict is not None else hf_state_dict(model)
+    dtype = next(iter(state.values())).dtype
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+
+    def write(tmp: Path):
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    return atomic_write_dir(out_dir, write)

@@ -1,0 +1,109 @@
+"""Strict loading and safe saving: each malformed checkpoint raises an error naming what is wrong."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanoalign.checkpoint import fuse_qkv, load_pretrained, save_pretrained, split_qkv
+from nanoalign.model import ModelConfig, Transformer
+
+
+def saved(tmp_path, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=50, dim=32, n_layer=2, n_head=2, hidden_dim=48, max_seq_len=32), **kw})
+    model = Transformer(cfg)
+    model.init_weights()
+    return model, save_pretrained(model, tmp_path / "ckpt")
+
+
+def rewrite(d, fn):
+    path = d / "model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model, d = saved(tmp_path, tie_embeddings=True)
+    again = load_pretrained(d)
+    assert again.lm_head.weight is again.tok_emb.weight
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_neox_qkv_split_is_per_head_interleaved():
+    # rows of the fused matrix: h0q h0k h0v h1q h1k h1v, head dim 2 -> 12 rows tagged by their row index
+    fused = torch.arange(12.0)[:, None]
+    q, k, v = split_qkv(fused, n_head=2)
+    assert q.flatten().tolist() == [0, 1, 6, 7]
+    assert k.flatten().tolist() == [2, 3, 8, 9]
+    assert v.flatten().tolist() == [4, 5, 10, 11]
+    assert torch.equal(fuse_qkv(q, k, v, n_head=2), fused)
+
+
+def test_missing_config(tmp_path):
+    _, d = saved(tmp_path)
+    (d / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json in .*ckpt"):
+        load_pretrained(d)
+
+
+def test_unknown_model_type(tmp_path):
+    _, d = saved(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="unknown model_type 'mamba'"):
+        load_pretrained(d)
+
+
+def test_missing_tensor(tmp_path):
+    _, d = saved(tmp_path)
+    rewrite(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_pretrained(d)
+
+
+def test_unexpected_tensor(tmp_path):
+    _, d = saved(tmp_path)
+    rewrite(d, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(3)}))
+    with pytest.raises(KeyError, match=r"unexpected tensors: model\.layers\.0\.extra\.weight \(in model\.safetensors\)"):
+        load_pretrained(d)
+
+
+def test_wrong_shape(tmp_path):
+    _, d = saved(tmp_path)
+    rewrite(d, lambda t: t.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(32, 31)}))
+    with pytest.raises(ValueError, match=r"o_proj\.weight in .*model\.safetensors has shape \[32, 31\], expected \[32, 32\]"):
+        load_pretrained(d)
+
+
+def test_no_weights(tmp_path):
+    _, d = saved(tmp_path)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="only PyTorch .bin"):
+        load_pretrained(d)
+
+
+def test_missing_local_dir_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(tmp_path / "nope")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    model, d = saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    class Boom:
+        def save(self, _dir):
+            raise RuntimeError("disk full")
+
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(model, d, tokenizer=Boom())
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+    save_pretrained(model, d)  # a later good save replaces it
+    assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)
