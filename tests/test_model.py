@@ -1,0 +1,153 @@
+"""The network's own invariants: KV-cache decoding == full forward, left padding == the row alone."""
+import math
+
+import pytest
+import torch
+
+from nanoalign.generate import filter_logits, generate, left_pad
+from nanoalign.model import ModelConfig, Transformer, apply_rope, rope_cos_sin
+
+FAMILIES = {
+    "llama_gqa": dict(norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, rope_base=500.0),
+    "pythia": dict(norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True, rotary_pct=0.25,
+                   parallel_residual=True, model_type="gpt_neox"),
+}
+
+
+def tiny(family, **kw):
+    torch.manual_seed(0)
+    base = dict(vocab_size=97, dim=64, n_layer=2, n_head=4, hidden_dim=96, max_seq_len=64)
+    cfg = ModelConfig(**{**base, **FAMILIES[family], **kw})
+    model = Transformer(cfg)
+    model.init_weights(std=0.2)  # large weights: a wrong position or mask shows up in the logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))  # non-trivial norm gains and biases
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decoding_equals_full_forward(family):
+    from nanoalign.model import KVCache
+
+    model = tiny(family)
+    x = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.cfg, 3, 20, "cpu", torch.float32)
+        steps = [model(x[:, :8], cache=cache, start_pos=0)]
+        for t in range(8, 20):
+            steps.append(model(x[:, t:t + 1], cache=cache, start_pos=t))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_each_row_alone(family):
+    model = tiny(family)
+    rows = [torch.randint(3, 97, (n,)).tolist() for n in (5, 12, 9)]
+    ids, mask = left_pad(rows, pad_id=0)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([r]))
+            torch.testing.assert_close(batch[i, -len(r):], alone[0], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(batch).all()  # pad queries see themselves: finite, never NaN
+
+    gen = generate(model, rows, 10, temperature=0.0, pad_id=0)
+    for i, r in enumerate(rows):
+        solo = generate(model, [r], 10, temperature=0.0, pad_id=0)
+        assert gen.tokens[i].tolist() == solo.tokens[0].tolist()
+        torch.testing.assert_close(gen.logprobs[i], solo.logprobs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    model = tiny("llama_gqa")
+    mha = Transformer(ModelConfig(**{**model.cfg.__dict__, "n_kv_head": 4})).eval()
+    sd = model.state_dict()
+    D = model.cfg.head_dim
+    for k in list(sd):
+        if k.endswith(("attn.wk.weight", "attn.wv.weight")):
+            # each of the 2 kv heads serves 2 consecutive query heads
+            sd[k] = sd[k].view(2, D, -1).repeat_interleave(2, dim=0).reshape(4 * D, -1)
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_rotate_half_by_hand():
+    # one head of dim 4, all rotating: pairs are (0, 2) and (1, 3); frequencies 1 and 1/base^(1/2)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    cos, sin = rope_cos_sin(torch.tensor([[3]]), rotary_dim=4, base=100.0, dtype=torch.float32)
+    out = apply_rope(x, cos, sin).flatten()
+    a0, a1 = 3.0, 3.0 / 10.0  # position 3 times the frequencies 1 and 100^(-1/2)
+    c0, s0, c1, s1 = math.cos(a0), math.sin(a0), math.cos(a1), math.sin(a1)
+    expected = torch.tensor([1 * c0 - 3 * s0, 2 * c1 - 4 * s1, 3 * c0 + 1 * s0, 4 * c1 + 2 * s1])
+    torch.testing.assert_close(out, expected)
+
+
+def test_partial_rotary_leaves_the_tail_alone():
+    x = torch.randn(1, 2, 5, 16)
+    cos, sin = rope_cos_sin(torch.arange(5)[None], rotary_dim=4, base=10000.0, dtype=torch.float32)
+    out = apply_rope(x, cos, sin)
+    torch.testing.assert_close(out[..., 4:], x[..., 4:])
+    assert not torch.allclose(out[..., 1:4], x[..., 1:4])
+
+
+def test_tied_embeddings_share_one_parameter():
+    model = tiny("llama_gqa", tie_embeddings=True)
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_context_length_is_enforced():
+    model = tiny("llama_gqa")
+    with pytest.raises(ValueError, match="context length 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="context length"):
+        generate(model, [[1] * 60], 10)
+
+
+def test_generation_stops_per_row_and_masks_after_stop():
+    model = tiny("pythia")
+    rows = [[5, 6, 7], [8, 9]]
+    free = generate(model, rows, 12, temperature=0.0, pad_id=0)
+    stop = free.tokens[0, 3].item()  # row 0's 4th greedy token becomes a stop id
+    gen = generate(model, rows, 12, temperature=0.0, pad_id=0, stop_ids=[stop])
+    n0 = gen.mask[0].sum().item()
+    first = (free.tokens[0] == stop).nonzero()[0].item()
+    assert n0 == first + 1 and gen.stopped[0]
+    assert gen.tokens[0, n0:].eq(0).all() and gen.logprobs[0, n0:].eq(0).all()
+    # the other row is unaffected up to its own stop
+    m1 = gen.mask[1].sum().item()
+    assert gen.tokens[1, :m1].tolist() == free.tokens[1, :m1].tolist()
+
+
+def test_sampled_logprobs_match_a_full_forward_at_temperature():
+    model = tiny("llama_gqa")
+    rows = [[5, 6, 7, 8], [9, 10]]
+    gen = generate(model, rows, 8, temperature=0.7, pad_id=0, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(gen.sequences, attention_mask=gen.attention_mask)
+    P = gen.prompt_ids.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1:-1].float() / 0.7, -1).gather(-1, gen.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp * gen.mask, gen.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_vocab_limit_is_never_sampled():
+    model = tiny("pythia")
+    with torch.no_grad():
+        model.lm_head.weight[90:] += 100.0  # make the padded rows overwhelmingly likely
+    gen = generate(model, [[1, 2, 3]] * 4, 16, temperature=1.0, vocab_size=90,
+                   generator=torch.Generator().manual_seed(0))
+    assert gen.tokens.max() < 90
+
+
+def test_filter_logits_top_k_and_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # top_p 0.7: 0.5 < 0.7 so 0.3 is needed; 0.8 >= 0.7 so 0.15 and 0.05 are dropped
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
