@@ -270,26 +270,26 @@ def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
     return dst
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names (NeoX q, k, v fused back per head)."""
-    cfg = model.cfg
-    params = dict(model.named_parameters())
+def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nanoalign-named tensors (model.state_dict(), or a full state gathered from FSDP shards) -> the same
+    weights under Hugging Face names, NeoX q, k, v fused back per head."""
     out = {}
     for hf, ours in hf_names(cfg).items():
         if isinstance(ours, tuple):
-            out[hf] = fuse_qkv(*(params[n].detach() for n in ours), cfg.n_head)
+            out[hf] = fuse_qkv(*(state[n].detach() for n in ours), cfg.n_head)
         else:
-            out[hf] = params[ours].detach()
+            out[hf] = state[ours].detach()
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
 def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 1024**3,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                    state_dict: dict[str, torch.Tensor] | None = None, extra=None) -> Path:
     """Write config.json and safetensors (sharded above max_shard_bytes) that transformers loads as is.
 
-    state_dict: HF-named tensors to write instead of the model's own (e.g. gathered from FSDP shards)."""
+    state_dict: the model's full state to write instead of model.state_dict() (e.g. gathered from FSDP).
+    extra(tmp_dir): writes more files (training state) into the same atomically renamed directory."""
     cfg = model.cfg
-    state = state_dict if state_dict is not None else hf_state_dict(model)
+    state = hf_state_dict(cfg, state_dict if state_dict is not None else model.state_dict())
     dtype = next(iter(state.values())).dtype
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -317,5 +317,7 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if extra is not None:
+            extra(tmp)
 
     return atomic_write_dir(out_dir, write)

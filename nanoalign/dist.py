@@ -1,0 +1,118 @@
+"""Distributed plumbing: one code path for `python script.py` and `torchrun --nproc_per_node=N script.py`.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are a world of one and nothing here talks
+to a process group. With them: NCCL on CUDA (one GPU per process), gloo on CPU, and FSDP2's
+`fully_shard` on every transformer block and then on the root, so each rank holds 1/N of the weights,
+gradients and optimizer state, and parameters are gathered one block at a time during forward/backward.
+
+Gotchas:
+- FSDP averages gradients over ranks. Our losses are already divided by the token count of the whole
+  global step, so the trainer multiplies the loss by world_size to undo that average.
+- A full state dict (to save an HF checkpoint) must be gathered collectively: every rank calls
+  full_state_dict(), only rank 0 receives the tensors (on CPU).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_dist(device: str = "cpu") -> Dist:
+    """Join the torchrun process group if there is one; pick this rank's device."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(device=torch.device(device))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Dist(rank, world, local, dev)
+
+
+def close(d: Dist):
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(d: Dist, *args, **kwargs):
+    if d.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int, d: Dist | None = None):
+    """Same seed on every rank for initialisation (identical starting weights); add the rank where streams
+    must differ (e.g. sampling)."""
+    seed = seed + (d.rank if d is not None else 0)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shard(model: torch.nn.Module, d: Dist, blocks_attr: str = "layers"):
+    """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
+    if not d.enabled:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, blocks_attr):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier(d: Dist):
+    if d.enabled:
+        dist.barrier()
+
+
+def full_state(model: torch.nn.Module, optimizer=None, d: Dist | None = None):
+    """(model_state, optimizer_state) as full CPU tensors keyed by parameter name; empty dicts on ranks > 0
+    when sharded. Works the same for a plain module."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=opts), None
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def load_full_state(model: torch.nn.Module, model_state: dict, optimizer=None, optim_state=None):
+    """Inverse of full_state: every rank passes the full dicts; each keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_model_state_dict(model, model_state, options=opts)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=opts)
