@@ -1,0 +1,200 @@
+"""Tokenizer wrapper and prompt templates.
+
+`Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (the Rust library, not transformers) and
+resolves the special ids a model directory declares: BOS, EOS, PAD and the stop ids. The templates
+turn a (prompt, response) pair into token ids plus a response mask: the tokens the SFT loss trains.
+
+Gotchas:
+- Pad != EOS. When padding is masked and pad == EOS, the EOS leaves the loss and the model never
+  learns to stop. A tokenizer without a pad token (LLaMA, Pythia) gets a distinct filler id (unk,
+  else 0); it is never trained on because the collator masks it.
+- The response mask covers the response tokens AND the EOS that ends them.
+- Prompt and response are tokenized separately, so the boundary is exact. That matches generation
+  (the model continues the prompt's ids) for byte-level BPE (GPT-2, Pythia, LLaMA-3). SentencePiece
+  tokenizers that prepend "▁" to every encoded text (LLaMA-2) get one extra "▁" at the start of an
+  "hh" response; we accept that simplification.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+
+# Where from_dir looks for special tokens, first match wins. The first two give token strings,
+# the last two give ids.
+_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_ID_FILES = ("generation_config.json", "config.json")
+
+
+class Tokenizer:
+    def __init__(self, tok: tokenizers.Tokenizer, eos_id: int, bos_id: int | None = None,
+                 pad_id: int | None = None, add_bos: bool = False, stop_ids: list[int] | None = None):
+        self.tok = tok
+        self.eos_id = eos_id
+        self.bos_id = bos_id
+        self.add_bos = add_bos and bos_id is not None
+        self.pad_id = pad_id if pad_id is not None and pad_id != eos_id else self._filler_pad_id()
+        # eos first, then extra stop ids (LLaMA-3 instruct stops on <|eot_id|> as well)
+        self.stop_ids = list(dict.fromkeys([eos_id] + list(stop_ids or [])))
+
+    def _filler_pad_id(self) -> int:
+        """A pad id that is neither EOS nor BOS: the unk token if there is one, else the lowest id."""
+        unk = getattr(self.tok.model, "unk_token", None)
+        candidates = [self.tok.token_to_id(unk)] if unk else []
+        for i in candidates + list(range(self.vocab_size)):
+            if i is not None and i not in (self.eos_id, self.bos_id):
+                return i
+        raise ValueError(f"vocab of size {self.vocab_size} has no id left for padding besides eos/bos")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{tok_file} not found: nanoalign needs a fast-tokenizer tokenizer.json "
+                                    "(convert a sentencepiece model once with transformers and save it)")
+        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        configs = {name: _read_json(path / name) for name in _TOKEN_FILES + _ID_FILES}
+        ids = {}
+        for kind in ("bos", "eos", "pad"):
+            ids[kind] = _special_id(tok, configs, kind, path)
+        if ids["eos"] is None:
+            raise ValueError(f"no eos token found in {path} (looked in {', '.join(_TOKEN_FILES + _ID_FILES)})")
+        add_bos = configs["tokenizer_config.json"].get("add_bos_token")
+        if add_bos is None:
+            # LLaMA-3 has no add_bos_token flag: its tokenizer.json post-processor prepends BOS instead
+            add_bos = _post_processor_adds_bos(json.loads(tok_file.read_text()), ids["bos"], tok)
+        stop_ids = [i for name in _ID_FILES for i in _as_list(configs[name].get("eos_token_id"))]
+        return cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """A model may have MORE rows than the tokenizer has ids (Pythia pads to a multiple of 128), never fewer."""
+        max_id = max(max(self.tok.get_vocab(with_added_tokens=True).values()), self.pad_id)
+        if max_id >= model_vocab_size:
+            raise ValueError(f"tokenizer vocab size {max_id + 1} (ids up to {max_id}) does not fit the model's "
+                             f"vocab size {model_vocab_size}: wrong tokenizer for this checkpoint?")
+
+    def save(self, dir: str | Path) -> None:
+        dir = Path(dir)
+        dir.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(dir / "tokenizer.json"))
+        name = self.tok.id_to_token
+        config = {
+            # lets transformers.AutoTokenizer load the same directory
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": name(self.eos_id),
+            "pad_token": name(self.pad_id),
+            "add_bos_token": self.add_bos,
+        }
+        (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if len(self.stop_ids) > 1:
+            (dir / "generation_config.json").write_text(json.dumps({"eos_token_id": self.stop_ids}, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, list) else [x]
+
+
+def _special_id(tok, configs: dict, kind: str, path: Path) -> int | None:
+    """Id of the `kind` ("bos"/"eos"/"pad") token from the first config file that names it."""
+    for name in _TOKEN_FILES:
+        token = configs[name].get(f"{kind}_token")
+        if isinstance(token, dict):  # {"content": "</s>", "lstrip": false, ...}
+            token = token.get("content")
+        if token:
+            i = tok.token_to_id(token)
+            if i is None:
+                raise ValueError(f"{path / name}: {kind}_token {token!r} is not in tokenizer.json's vocab")
+            return i
+    for name in _ID_FILES:
+        ids = _as_list(configs[name].get(f"{kind}_token_id"))
+        if ids:
+            return ids[0]
+    return None
+
+
+def _post_processor_adds_bos(tok_json: dict, bos_id: int | None, tok) -> bool:
+    if bos_id is None:
+        return False
+    procs = [tok_json.get("post_processor") or {}]
+    procs += procs[0].get("processors", [])  # a "Sequence" post-processor (LLaMA-3: ByteLevel + Template)
+    for proc in procs:
+        first = (proc.get("single") or [{}])[0] if proc.get("type") == "TemplateProcessing" else {}
+        if "SpecialToken" in first and tok.token_to_id(first["SpecialToken"]["id"]) == bos_id:
+            return True
+    return False
+
+
+# --- templates
+
+
+@dataclass(frozen=True)
+class Template:
+    prompt_format: str                   # "{prompt}" is replaced by the prompt text
+    response_prefix: str = ""            # text put before the response, tokenized with it
+    prompt_format_with_input: str = ""   # used instead when the prompt contains INPUT_MARKER (Alpaca)
+
+
+INPUT_MARKER = "\n\n### Input:\n"
+_ALPACA_INSTRUCTION = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("{prompt}"),
+    # Anthropic HH-RLHF: a multi-turn prompt keeps its inner turns verbatim, see data.read_hh
+    "hh": Template("\n\nHuman: {prompt}\n\nAssistant:", " "),
+    # Stanford Alpaca's two preambles. Departs from stanford_alpaca in one way: "### Response:" is
+    # followed by "\n" (as in alpaca-lora and most later Alpaca fine-tunes).
+    "alpaca": Template(
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n" + _ALPACA_INSTRUCTION,
+        "",
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n" + _ALPACA_INSTRUCTION,
+    ),
+}
+
+
+def _template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def format_prompt(prompt: str, template: str) -> str:
+    t = _template(template)
+    fmt = t.prompt_format_with_input if t.prompt_format_with_input and INPUT_MARKER in prompt else t.prompt_format
+    return fmt.format(prompt=prompt)
+
+
+def encode_prompt(tok: Tokenizer, prompt: str, template: str) -> list[int]:
+    bos = [tok.bos_id] if tok.add_bos else []
+    return bos + tok.encode(format_prompt(prompt, template))
+
+
+def encode_response(tok: Tokenizer, response: str, template: str) -> list[int]:
+    """The response's ids as the model must produce them: template prefix + response + EOS."""
+    if not response.strip():
+        raise ValueError("empty response: nothing to train on (drop the example instead)")
+    return tok.encode(_template(template).response_prefix + response) + [tok.eos_id]
+
+
+def encode_example(tok: Tokenizer, prompt: str, response: str, template: str) -> tuple[list[int], list[int]]:
+    prompt_ids = encode_prompt(tok, prompt, template)
+    response_ids = encode_response(tok, response, template)
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)

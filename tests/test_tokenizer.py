@@ -1,0 +1,240 @@
+"""Tokenizer loading (special ids from every config source), round trips and prompt templates.
+
+The tokenizer is a tiny byte-level BPE trained in tmp_path with the `tokenizers` library.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_example, encode_prompt, format_prompt
+
+CORPUS = [
+    "Human: What is the capital of France?",
+    "Assistant: The capital of France is Paris.",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nName a color.\n\n### Response:\nBlue.",
+]
+TEXTS = ["Paris is the capital.", "  two spaces, tabs\tand\nnewlines\n\n", "héllo wörld ✓ 123", ""]
+
+
+def make_tokenizer_dir(path: Path, specials=("<s>", "</s>", "<pad>"), config=None, bos_post_processor=False,
+                       unk_token=None) -> Path:
+    """Train a tiny byte-level BPE, save tokenizer.json and (if given) tokenizer_config.json in path."""
+    tok = RustTokenizer(models.BPE(unk_token=unk_token))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    if bos_post_processor:  # LLaMA-3 style: BOS comes from the post-processor, no add_bos_token flag
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    if config is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+STANDARD_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+@pytest.fixture
+def tok(tmp_path) -> Tokenizer:
+    return Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config=STANDARD_CONFIG))
+
+
+# --- special ids
+
+
+def test_tokenizer_config_string_form(tok):
+    # special tokens are trained first, so they hold ids 0, 1, 2 in order
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.stop_ids == [1]
+    assert tok.add_bos is False
+    assert tok.vocab_size == tok.tok.get_vocab_size(with_added_tokens=True) > 3
+
+
+def test_tokenizer_config_content_form(tmp_path):
+    config = {"bos_token": {"content": "<s>", "lstrip": False, "__type": "AddedToken"},
+              "eos_token": {"content": "</s>"}, "pad_token": {"content": "<pad>"}, "add_bos_token": True}
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config=config))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (0, 1, 2, True)
+
+
+def test_special_tokens_map_used_and_tokenizer_config_wins(tmp_path):
+    d = make_tokenizer_dir(tmp_path)
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<pad>",
+                                                           "pad_token": {"content": "</s>"}}))
+    tok = Tokenizer.from_dir(d)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 2, 1)
+    # tokenizer_config.json comes first: its eos wins, the map still supplies bos and pad
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    tok = Tokenizer.from_dir(d)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+
+
+def test_generation_config_eos_list_gives_stop_ids(tmp_path):
+    d = make_tokenizer_dir(tmp_path, config={"eos_token": "</s>"})
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 2]}))
+    tok = Tokenizer.from_dir(d)
+    assert tok.bos_id == 0 and tok.eos_id == 1
+    assert tok.stop_ids == [1, 2]
+    # no pad anywhere: a filler that is neither eos nor bos
+    assert tok.pad_id not in (0, 1)
+
+
+def test_generation_config_eos_list_alone(tmp_path):
+    d = make_tokenizer_dir(tmp_path)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1], "pad_token_id": 0}))
+    tok = Tokenizer.from_dir(d)
+    assert (tok.eos_id, tok.pad_id, tok.bos_id) == (2, 0, None)
+    assert tok.stop_ids == [2, 1]
+
+
+def test_config_json_ids(tmp_path):
+    d = make_tokenizer_dir(tmp_path)
+    (d / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1, "vocab_size": 50304}))
+    tok = Tokenizer.from_dir(d)
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    assert tok.pad_id == 2  # no unk in a byte-level BPE: the lowest id that is neither bos nor eos
+
+
+def test_missing_tokenizer_json_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.json")):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_no_eos_anywhere_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no eos token"):
+        Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config={"bos_token": "<s>"}))
+
+
+def test_config_token_missing_from_vocab_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="eos_token '<eos>' is not in"):
+        Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config={"eos_token": "<eos>"}))
+
+
+def test_add_bos_from_post_processor(tmp_path):
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config=STANDARD_CONFIG, bos_post_processor=True))
+    assert tok.add_bos is True
+    assert encode_prompt(tok, "Hi", "plain") == [0] + tok.encode("Hi")
+
+
+def test_pad_never_equals_eos(tmp_path):
+    # no pad token in the vocab at all
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "a", specials=("<s>", "</s>"),
+                                                config={"bos_token": "<s>", "eos_token": "</s>"}))
+    assert tok.pad_id not in (tok.eos_id, tok.bos_id)
+    # a config that sets pad_token = eos_token (common in fine-tunes) is overridden
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "b", config={**STANDARD_CONFIG, "pad_token": "</s>"}))
+    assert tok.eos_id == 1 and tok.pad_id != 1
+    # a unk token is preferred as the filler over the lowest free id (2 here)
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "c", specials=("<s>", "</s>", "<mask>", "<unk>"),
+                                                unk_token="<unk>", config={"eos_token": "</s>", "bos_token": "<s>"}))
+    assert tok.pad_id == 3
+
+
+# --- encode / decode / vocab / save
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert all(isinstance(i, int) for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_encode_adds_no_special_tokens_and_decode_skips_them(tok):
+    ids = tok.encode("Paris")
+    assert tok.bos_id not in ids and tok.eos_id not in ids
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id]) == "Paris"
+    assert tok.decode(ids + [tok.eos_id], skip_special_tokens=False) == "Paris</s>"
+
+
+def test_check_vocab(tok):
+    n = tok.vocab_size
+    tok.check_vocab(n)
+    tok.check_vocab(n + 128)  # Pythia-style padded embedding is fine
+    with pytest.raises(ValueError, match=rf"vocab size {n}\b.*vocab size {n - 1}\b"):
+        tok.check_vocab(n - 1)
+
+
+def test_save_round_trip(tok, tmp_path):
+    tok.add_bos = True
+    tok.stop_ids = [tok.eos_id, 2]
+    tok.save(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    again = Tokenizer.from_dir(tmp_path / "saved")
+    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos) == (0, 1, 2, True)
+    assert again.stop_ids == [1, 2]
+    for text in TEXTS:
+        assert again.encode(text) == tok.encode(text)
+
+
+def test_save_round_trip_keeps_filler_pad(tmp_path):
+    d = make_tokenizer_dir(tmp_path / "a", specials=("<s>", "</s>"), config={"bos_token": "<s>", "eos_token": "</s>"})
+    tok = Tokenizer.from_dir(d)
+    tok.save(tmp_path / "b")
+    assert Tokenizer.from_dir(tmp_path / "b").pad_id == tok.pad_id != tok.eos_id
+
+
+def test_transformers_loads_saved_tokenizer(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path / "saved")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "saved" / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    for text in TEXTS + [format_prompt("Name a color.", "hh")]:
+        assert fast.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert auto.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+# --- templates
+
+
+def test_format_prompt_exact_strings():
+    assert format_prompt("Hi there", "plain") == "Hi there"
+    assert format_prompt("Hi there", "hh") == "\n\nHuman: Hi there\n\nAssistant:"
+    assert format_prompt("Name a color.", "alpaca") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nName a color.\n\n### Response:\n")
+    # an AlpacaFarm prompt carries its input inline: kept verbatim, with the "paired with an input" preamble
+    assert format_prompt("Translate.\n\n### Input:\nbonjour", "alpaca") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate."
+        "\n\n### Input:\nbonjour\n\n### Response:\n")
+    with pytest.raises(ValueError, match="unknown template 'chatml'"):
+        format_prompt("Hi", "chatml")
+
+
+@pytest.mark.parametrize("template,prefix", [("plain", ""), ("hh", " "), ("alpaca", "")])
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_encode_example_mask_covers_response_and_eos(tok, template, prefix, add_bos):
+    tok.add_bos = add_bos
+    prompt, response = "What is the capital of France?", "The capital of France is Paris."
+    ids, mask = encode_example(tok, prompt, response, template)
+    assert len(ids) == len(mask)
+    n_prompt = mask.index(1)
+    assert set(mask[:n_prompt]) == {0} and set(mask[n_prompt:]) == {1}
+    assert ids[:n_prompt] == encode_prompt(tok, prompt, template)
+    assert (ids[0] == tok.bos_id) == add_bos
+    assert tok.decode(ids[:n_prompt]) == format_prompt(prompt, template)
+    response_ids = [i for i, m in zip(ids, mask) if m]
+    assert response_ids[-1] == tok.eos_id
+    assert tok.decode(response_ids, skip_special_tokens=False) == prefix + response + "</s>"
+    # the whole sequence reads as prompt + response: no text lost or added at the boundary
+    assert tok.decode(ids) == format_prompt(prompt, template) + prefix + response
+
+
+def test_empty_response_is_an_error(tok):
+    for response in ("", "  \n"):
+        with pytest.raises(ValueError, match="empty response"):
+            encode_example(tok, "Hi", response, "hh")
+
+
+def test_required_templates_exist():
+    assert {"plain", "hh", "alpaca"} <= set(TEMPLATES)
