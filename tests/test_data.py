@@ -1,0 +1,299 @@
+"""Readers (JSONL, HH-RLHF, Alpaca/AlpacaFarm, SHP), truncation, tokenizing and collators."""
+
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoalign.data import (IGNORE_INDEX, collate_pairs, collate_sft, read_alpaca, read_hh, read_jsonl, read_shp,
+                            tokenize_pairs, tokenize_pretrain, tokenize_sft, truncate_example)
+from nanoalign.tokenizer import Tokenizer, encode_prompt, encode_response, format_prompt
+from test_tokenizer import STANDARD_CONFIG, make_tokenizer_dir
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ALPACAFARM = Path("/work/shared/data/alpacafarm_val_qtype.json")
+
+
+@pytest.fixture
+def tok(tmp_path) -> Tokenizer:
+    return Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "tok", config=STANDARD_CONFIG))
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- read_jsonl
+
+
+def test_read_jsonl_keeps_extra_keys_and_skips_blank_lines(tmp_path):
+    path = write_lines(tmp_path / "sft.jsonl", ['{"prompt": "a", "response": "b", "qtype": "X"}', "",
+                                                '{"prompt": "c", "response": "d"}'])
+    assert read_jsonl(path, required=("prompt", "response")) == [
+        {"prompt": "a", "response": "b", "qtype": "X"}, {"prompt": "c", "response": "d"}]
+
+
+def test_read_jsonl_gzip(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"text": "hello"}\n')
+    assert read_jsonl(path, required=("text",)) == [{"text": "hello"}]
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    ('{"prompt": "a", "response": ', "malformed JSON"),
+    ('{"prompt": "a"}', "missing key 'response'"),
+    ('{"prompt": "a", "response": ""}', "key 'response' must be a non-empty string"),
+    ('{"prompt": "a", "response": "  "}', "key 'response' must be a non-empty string"),
+    ('{"prompt": 3, "response": "b"}', "key 'prompt' must be a non-empty string, got 3"),
+    ('["prompt", "response"]', "expected a JSON object"),
+])
+def test_read_jsonl_errors_name_file_line_and_key(tmp_path, bad_line, message):
+    path = write_lines(tmp_path / "bad.jsonl", ['{"prompt": "ok", "response": "ok"}', "", bad_line])
+    with pytest.raises(ValueError) as err:
+        read_jsonl(path, required=("prompt", "response"))
+    assert f"{path}:3: " in str(err.value)
+    assert message in str(err.value)
+
+
+def test_read_jsonl_multi_response_checks(tmp_path):
+    good = {"prompt": "p", "responses": ["a", "b"], "scores": [1, 0.5]}
+    path = write_lines(tmp_path / "m.jsonl", [json.dumps(good)])
+    assert read_jsonl(path, required=("prompt", "responses", "scores")) == [good]
+    for bad, message in [({**good, "scores": [1, "x"]}, "key 'scores' must be a list of at least 2 numbers"),
+                         ({**good, "responses": ["a", ""]}, "key 'responses' must be a list of at least 2"),
+                         ({**good, "scores": [1, 2, 3]}, "2 responses but 3 scores")]:
+        write_lines(path, [json.dumps(bad)])
+        with pytest.raises(ValueError, match=message):
+            read_jsonl(path, required=("prompt", "responses", "scores"))
+
+
+# --- HH-RLHF
+
+
+def test_read_hh_splits_at_last_shared_assistant_turn(capsys):
+    records = read_hh(FIXTURES / "hh_rlhf_sample.jsonl")
+    assert "read_hh: kept 3, skipped 1 (1 empty response)" in capsys.readouterr().out
+    assert records[0] == {
+        "prompt": "What are some cuss words in english?",
+        "chosen": "I'm not going to help with that, but I can tell you about the history of swearing if you like.",
+        "rejected": "Sure, here is a list of words you should never say at work."}
+    # multi-turn: the earlier exchange stays inside the prompt, verbatim
+    assert records[1]["prompt"] == ("How do I bake bread at home?\n\nAssistant: You need flour, water, yeast and "
+                                    "salt. Do you have those?\n\nHuman: Yes, what next?")
+    assert records[1]["rejected"] == "Mix them and bake."
+    # the rejected response hallucinates another turn: the split is still at the shared Assistant turn
+    assert records[2]["prompt"] == "Can you recommend a book?"
+    assert records[2]["rejected"] == "I would suggest reading more.\n\nHuman: Thanks!\n\nAssistant: You're welcome."
+
+
+def test_read_hh_round_trip_is_exact():
+    originals = read_jsonl(FIXTURES / "hh_rlhf_sample.jsonl")[:3]
+    for original, record in zip(originals, read_hh(FIXTURES / "hh_rlhf_sample.jsonl")):
+        for side in ("chosen", "rejected"):
+            assert format_prompt(record["prompt"], "hh") + " " + record[side] == original[side]
+
+
+def test_read_hh_tokens_match_the_transcript(tok):
+    """The tokenized prompt + response decode to the original transcript plus EOS."""
+    original = read_jsonl(FIXTURES / "hh_rlhf_sample.jsonl")[1]["chosen"]
+    record = read_hh(FIXTURES / "hh_rlhf_sample.jsonl")[1]
+    [ex] = tokenize_sft([{"prompt": record["prompt"], "response": record["chosen"]}], tok, "hh", max_len=1000)
+    assert tok.decode(ex["ids"], skip_special_tokens=False) == original + "</s>"
+
+
+# --- Alpaca / AlpacaFarm
+
+
+def test_read_alpacafarm_file(capsys):
+    records = read_alpaca(ALPACAFARM)
+    # record 730 has an empty output
+    assert "read_alpaca: kept 1999, skipped 1 (1 empty output)" in capsys.readouterr().out
+    assert len(records) == 1999
+    assert Counter(r["qtype"] for r in records) == {"CONSTRAINED": 1067, "OPENENDED": 932}
+    assert set(records[0]) == {"prompt", "response", "qtype"}
+    assert records[0]["prompt"] == "Given the following input, construct a creative story.\n\n### Input:\nA magic bow and arrow"
+    assert records[1]["response"] == "She jogged exercises around the lake."
+    assert format_prompt(records[0]["prompt"], "alpaca").startswith(
+        "Below is an instruction that describes a task, paired with an input")
+    assert sum("### Input:" in r["prompt"] for r in records) == 762
+
+
+CLASSIC = [{"instruction": "Name a primary color.", "input": "", "output": "Red."},
+           {"instruction": "Translate to English.", "input": "bonjour", "output": "hello", "id": 7}]
+CLASSIC_EXPECTED = [{"prompt": "Name a primary color.", "response": "Red."},
+                    {"prompt": "Translate to English.\n\n### Input:\nbonjour", "response": "hello", "id": 7}]
+
+
+def test_read_alpaca_classic_json_list(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(CLASSIC, indent=2))
+    assert read_alpaca(path) == CLASSIC_EXPECTED
+
+
+def test_read_alpaca_classic_jsonl(tmp_path):
+    path = write_lines(tmp_path / "alpaca.jsonl", [json.dumps(r) for r in CLASSIC])
+    assert read_alpaca(path) == CLASSIC_EXPECTED
+
+
+def test_read_alpaca_errors_name_record(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([CLASSIC[0], {"output": "no prompt"}]))
+    with pytest.raises(ValueError, match=r"bad\.json\[1\]: missing key 'input'"):
+        read_alpaca(path)
+    path.write_text(json.dumps([{"instruction": "x", "input": 5, "output": "y"}]))
+    with pytest.raises(ValueError, match=r"bad\.json\[0\]: key 'input' must be a string"):
+        read_alpaca(path)
+
+
+# --- SHP
+
+
+def test_read_shp_pairs():
+    pairs = read_shp(FIXTURES / "shp_sample.jsonl")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        ("Your dough probably did not rise long enough.", "Buy bread."),          # labels 1: A preferred
+        ("Your dough probably did not rise long enough.", "Check that your yeast is alive."),  # labels 0: B
+        ("Rayleigh scattering: shorter wavelengths scatter more.", "Because it reflects the ocean."),
+    ]
+    assert pairs[0]["prompt"] == "Why does my bread come out dense?"
+    assert pairs[0]["post_id"] == "p1" and pairs[0]["domain"] == "askculinary_train"
+
+
+def test_read_shp_multi_response_groups_by_post():
+    multi = read_shp(FIXTURES / "shp_sample.jsonl", multi=True)
+    assert multi[0] == {"prompt": "Why does my bread come out dense?",
+                        "responses": ["Your dough probably did not rise long enough.", "Buy bread.",
+                                      "Check that your yeast is alive."],
+                        "scores": [52.0, 7.0, 20.0], "post_id": "p1"}
+    assert multi[1]["scores"] == [3.0, 30.0]
+    assert len(multi) == 2
+
+
+# --- truncation
+
+
+def test_truncate_example_cases():
+    prompt, response = [1, 2, 3, 4, 5], [10, 11, 12, 99]
+    assert truncate_example(prompt, response, max_len=9) == (prompt, response)  # fits exactly
+    assert truncate_example(prompt, response, max_len=6) == ([4, 5], response)  # prompt keeps its end
+    assert truncate_example(prompt, response, max_len=6, max_response_len=2) == ([2, 3, 4, 5], [10, 11])
+    assert truncate_example(prompt, response, max_len=20, max_response_len=3) == (prompt, [10, 11, 12])
+    assert truncate_example(prompt, response, max_len=4) is None  # no room for any prompt token
+    assert truncate_example(prompt, response, max_len=5) == ([5], response)
+
+
+def test_tokenize_sft_truncates_and_reports(tok, capsys):
+    tok.add_bos = True
+    long_prompt = "The capital of France is Paris. " * 20 + "What is the capital of France?"
+    examples = [{"prompt": "Hi", "response": "Paris."},
+                {"prompt": long_prompt, "response": "Paris."},
+                {"prompt": "Hi", "response": "The capital of France is Paris. " * 30}]
+    max_len = 40
+    out = tokenize_sft(examples, tok, "hh", max_len=max_len)
+    assert "tokenize_sft: 1/3 examples truncated to 40 tokens, 1 dropped" in capsys.readouterr().out
+    assert len(out) == 2
+    short, cut = out
+    assert short["ids"] == encode_prompt(tok, "Hi", "hh") + encode_response(tok, "Paris.", "hh")
+    assert len(cut["ids"]) == max_len and len(cut["mask"]) == max_len
+    # BOS survives truncation; the prompt keeps its end (the question) and the full response
+    assert cut["ids"][0] == tok.bos_id
+    full = encode_prompt(tok, long_prompt, "hh") + encode_response(tok, "Paris.", "hh")
+    assert cut["ids"][1:] == full[-(max_len - 1):]
+    assert tok.decode(cut["ids"]).endswith("What is the capital of France?\n\nAssistant: Paris.")
+    assert [i for i, m in zip(cut["ids"], cut["mask"]) if m] == encode_response(tok, "Paris.", "hh")
+
+
+def test_tokenize_sft_capped_response_loses_eos(tok, capsys):
+    [ex] = tokenize_sft([{"prompt": "Hi", "response": "The capital of France is Paris."}], tok, "plain",
+                        max_len=100, max_response_len=3)
+    assert "1/1 examples truncated" in capsys.readouterr().out
+    response_ids = [i for i, m in zip(ex["ids"], ex["mask"]) if m]
+    assert response_ids == tok.encode("The capital of France is Paris.")[:3]
+    assert tok.eos_id not in ex["ids"]
+
+
+def test_tokenize_sft_untouched_prints_nothing(tok, capsys):
+    tokenize_sft([{"prompt": "Hi", "response": "Yo"}], tok, "hh", max_len=100)
+    assert capsys.readouterr().out == ""
+
+
+def test_tokenize_pairs_shares_the_prompt(tok, capsys):
+    long_prompt = "The capital of France is Paris. " * 10 + "Capital?"
+    examples = [{"prompt": long_prompt, "chosen": "Paris.", "rejected": "The capital of France is Paris, I think."}]
+    [row] = tokenize_pairs(examples, tok, "hh", max_len=40)
+    assert "tokenize_pairs: 1/1 examples truncated" in capsys.readouterr().out
+    n_chosen, n_rejected = row["chosen_mask"].index(1), row["rejected_mask"].index(1)
+    assert n_chosen == n_rejected
+    assert row["chosen_ids"][:n_chosen] == row["rejected_ids"][:n_rejected]
+    assert len(row["rejected_ids"]) == 40 and len(row["chosen_ids"]) < 40  # the longer side sets the cut
+    assert row["chosen_ids"][n_chosen:] == encode_response(tok, "Paris.", "hh")
+    assert tok.decode(row["rejected_ids"]).endswith("Capital?\n\nAssistant: The capital of France is Paris, I think.")
+
+
+def test_tokenize_pretrain_blocks(tok, capsys):
+    paris, blue = tok.encode("Paris."), tok.encode("Blue.")
+    assert len(paris) == len(blue) == 4  # checked by hand on the tiny BPE
+    stream = paris + [tok.eos_id] + blue + [tok.eos_id]  # 10 tokens
+    blocks = tokenize_pretrain(["Paris.", "Blue."], tok, block_size=3)
+    assert [b["ids"] for b in blocks] == [stream[0:3], stream[3:6], stream[6:9]]
+    assert all(b["mask"] == [1, 1, 1] for b in blocks)
+    assert "dropped the last 1 of 10 tokens" in capsys.readouterr().out
+    tok.add_bos = True  # LLaMA-style: every document starts with BOS
+    [block] = tokenize_pretrain(["Paris."], tok, block_size=6)
+    assert block["ids"] == [tok.bos_id] + paris + [tok.eos_id]
+
+
+# --- collators
+
+
+def test_collate_sft_hand_checked():
+    batch = [{"ids": [5, 6, 7, 8], "mask": [0, 0, 1, 1]}, {"ids": [5, 9], "mask": [0, 1]}]
+    out = collate_sft(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8], [5, 9, 0, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 7, 8], [-100, 9, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert all(t.dtype == torch.long for t in out.values())
+
+
+def test_collate_sft_eos_stays_in_labels_even_if_pad_is_eos():
+    # the pitfall: with pad == eos, masking by "ids != pad" would drop the EOS target
+    batch = [{"ids": [5, 7, 2], "mask": [0, 1, 1]}, {"ids": [5], "mask": [0]}]
+    out = collate_sft(batch, pad_id=2)
+    assert out["labels"].tolist() == [[-100, 7, 2], [-100, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collate_pairs_stacks_chosen_then_rejected():
+    batch = [{"chosen_ids": [1, 2], "chosen_mask": [0, 1], "rejected_ids": [1, 3, 4], "rejected_mask": [0, 1, 1]},
+             {"chosen_ids": [6, 7, 8, 9], "chosen_mask": [0, 0, 1, 1], "rejected_ids": [6], "rejected_mask": [0]}]
+    out = collate_pairs(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[1, 2, 0, 0], [6, 7, 8, 9], [1, 3, 4, 0], [6, 0, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 2, -100, -100], [-100, -100, 8, 9],
+                                      [-100, 3, 4, -100], [-100, -100, -100, -100]]
+    assert out["attention_mask"].sum(1).tolist() == [2, 4, 3, 1]
+
+
+def test_sft_pipeline_shifted_targets_are_the_response_and_eos(tok):
+    examples = [{"prompt": "Name a color.", "response": "Blue."},
+                {"prompt": "What is the capital of France?", "response": "Paris is the capital."}]
+    batch = collate_sft(tokenize_sft(examples, tok, "alpaca", max_len=200), tok.pad_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    # the loss compares logits[:, :-1] with labels[:, 1:]: those targets are exactly response + EOS
+    targets = batch["labels"][:, 1:]
+    for row, ex in enumerate(examples):
+        ids = targets[row][targets[row] != IGNORE_INDEX].tolist()
+        assert tok.decode(ids, skip_special_tokens=False) == ex["response"] + "</s>"
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.pad_id).all()
+    assert tok.pad_id != tok.eos_id
+
+
+def test_read_shp_bad_label_names_line(tmp_path):
+    rows = read_jsonl(FIXTURES / "shp_sample.jsonl")
+    path = write_lines(tmp_path / "shp.jsonl", [json.dumps(rows[0]), json.dumps({**rows[1], "labels": 2})])
+    with pytest.raises(ValueError, match=r"shp\.jsonl:2: key 'labels' must be 0 or 1"):
+        read_shp(path)
