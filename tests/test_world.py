@@ -1,0 +1,218 @@
+"""The tiny world: byte-for-byte rebuilds, an oracle that ranks the reference first, a calibrated annotator,
+disjoint splits and a tokenizer that round-trips the world's text."""
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from nanoalign import world
+
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+SPLIT_FILES = ["sft_train", "sft_val", "prefs_train", "prefs_val", "multi_train", "prompts_test"]
+KEYS = {
+    "pretrain": {"text"},
+    "sft_train": {"prompt", "response", "qtype", "family", "reference"},
+    "sft_val": {"prompt", "response", "qtype", "family", "reference"},
+    "prompts_test": {"prompt", "reference", "qtype", "family"},
+    "prefs_train": {"prompt", "chosen", "rejected", "qtype", "family", "reference"},
+    "prefs_val": {"prompt", "chosen", "rejected", "qtype", "family", "reference"},
+    "multi_train": {"prompt", "responses", "scores", "qtype", "family", "reference"},
+}
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _read(root, name):
+    return [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    world.build(out, seed=0)
+    return out
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(built, tmp_path):
+    world.build(tmp_path / "again", seed=0)
+    world.build(tmp_path / "seed1", seed=1)
+    first, again, other = _files(built), _files(tmp_path / "again"), _files(tmp_path / "seed1")
+    assert set(first) == {f"{k}.jsonl" for k in KEYS} | {"world.json", "tokenizer/tokenizer.json",
+                                                          "tokenizer/tokenizer_config.json"}
+    assert first == again
+    assert first["sft_train.jsonl"] != other["sft_train.jsonl"]
+
+
+def test_committed_data_matches_a_rebuild(built):
+    assert _files(REPO_DATA) == _files(built), "data/ is stale: run `python -m nanoalign.world`"
+
+
+def test_files_have_the_interface_keys_and_counts(built):
+    summary = json.loads((built / "world.json").read_text())
+    assert summary["seed"] == 0 and summary["tau"] == world.TAU
+    for name, keys in KEYS.items():
+        records = _read(built, name)
+        assert len(records) == summary["counts"][name] > 0
+        assert all(set(r) == keys for r in records), name
+    assert (built / "sft_train.jsonl").read_bytes().isascii()
+    assert b"\r" not in (built / "sft_train.jsonl").read_bytes()
+
+
+def test_splits_have_disjoint_prompts(built):
+    prompts = {name: {r["prompt"] for r in _read(built, name)} for name in SPLIT_FILES}
+    for i, a in enumerate(SPLIT_FILES):
+        for b in SPLIT_FILES[i + 1:]:
+            assert not prompts[a] & prompts[b], (a, b)
+    # held-out prompts never reach the base model either
+    pretrain = "".join(r["text"] for r in _read(built, "pretrain"))
+    assert not any(f"Human: {p}\n" in pretrain for p in prompts["prompts_test"] | prompts["prefs_val"])
+    assert len(prompts["prompts_test"]) == len(_read(built, "prompts_test"))  # test prompts are distinct
+
+
+def test_qtypes_and_families(built):
+    for name in SPLIT_FILES:
+        records = _read(built, name)
+        assert {r["qtype"] for r in records} == {"OPENENDED", "CONSTRAINED"}, name
+        assert {r["family"] for r in records} == set(world.FAMILIES), name
+        for r in records:
+            assert (r["qtype"] == "OPENENDED") == (r["family"] == "facts")
+            assert world.parse_prompt(r["prompt"])["family"] == r["family"]
+
+
+def test_references_are_perfect_and_sft_responses_are_references(built):
+    for name in ["sft_train", "sft_val", "prompts_test"]:
+        for r in _read(built, name):
+            assert world.quality(r["prompt"], r["reference"]) == 1.0
+            assert r.get("response", r["reference"]) == r["reference"]
+
+
+def test_oracle_ranks_the_reference_above_every_corruption():
+    rng = random.Random(0)
+    prompts = [world.sample_prompt(rng, f) for f in world.FAMILIES[:4] for _ in range(200)] + world._open_prompts()
+    seen = set()
+    for prompt in prompts:
+        (kind, ref), *corrupted = world.candidates(prompt, rng)
+        assert kind == "correct" and world.quality(prompt, ref) == 1.0
+        for kind, response in corrupted:
+            seen.add(kind)
+            assert world.quality(prompt, response) < 1.0, (prompt, kind, response)
+    assert seen == {"incorrect", "off_topic", "repetitive", "too_short", "too_long", "copy"}
+
+
+def test_oracle_scores_worked_by_hand():
+    q = world.quality
+    p = "What is 17 plus 25?"
+    assert q(p, "17 plus 25 is 42.") == 1.0
+    assert q(p, " 17  PLUS 25 is 42.") == 1.0  # case and whitespace do not matter
+    assert q(p, "42.") == 0.6  # bare answer
+    assert q(p, "17 plus 25 is 45.") == pytest.approx(0.4 * 0.7)  # near miss: 3 off
+    assert q(p, "17 plus 25 is 60.") == 0.0
+    assert q(p, "17 plus 25 is 42. 17 plus 25 is 42.") == 0.85  # one repeat
+    assert q(p, "17 plus 25 is 42. I hope this helps.") == 0.85  # one extra sentence
+    assert q(p, "What is 17 plus 25?") == 0.0
+    p = "Mia lives in Oslo. Tom lives in Rome. Where does Tom live?"
+    assert (q(p, "Tom lives in Rome."), q(p, "Rome."), q(p, "Tom lives in Oslo."), q(p, "Tom lives in Lima.")) == (
+        1.0, 0.6, 0.1, 0.0)
+    assert q(p, p) == pytest.approx(1.0 - 0.15 * 2 - 0.3)  # copying the prompt: right, but two extras and the question
+    # one word of three in place; scores are rounded to 4 decimals
+    assert q("Sort the words: tiger, apple, lemon.", "The sorted list is apple, tiger, lemon.") == 0.1333
+    p = "Tell me two facts about bees."
+    assert q(p, "Bees make honey. Bees can sting.") == 1.0
+    assert q(p, "Bees can sting. Bees make honey.") == 1.0  # any order, any subset
+    assert q(p, "Bees make honey.") == 0.5
+    assert q(p, "Bees make honey. Bees make honey.") == 0.35
+    assert q(p, "Bees make honey. Bees can sting. Bees have a queen.") == 0.95  # one fact beyond the two asked
+    assert q(p, "Bees make honey. Cats drink milk.") == 0.35  # off topic
+    assert q(p, "Cats drink milk. Dogs like to run.") == 0.0
+    assert q("Tell me about bees.", "Bees make honey. Bees can sting.") == 0.6667  # 2 of 3
+    with pytest.raises(ValueError, match="not a prompt"):
+        q("Tell me about dragons.", "Dragons fly.")
+
+
+def test_annotator_error_shrinks_with_the_gap():
+    p, ref = "What is 17 plus 25?", "17 plus 25 is 42."
+    pairs = [("42.", ref + " I hope this helps. Thank you for asking. That is a good question."),  # 0.6 vs 0.55
+             (" ".join([ref] * 3), "42."),  # 0.7 vs 0.6
+             (" ".join([ref] * 2), " ".join([ref] * 3)),  # 0.85 vs 0.7
+             (ref, " ".join([ref] * 3)),  # 1.0 vs 0.7
+             (ref, "17 plus 25 is 45.")]  # 1.0 vs 0.28
+    rng, n, gaps, errors = random.Random(0), 4000, [], []
+    for better, worse in pairs:
+        gaps.append(world.quality(p, better) - world.quality(p, worse))
+        # both argument orders: the annotator must not favour the first one
+        wrong = sum(not world.annotate(p, better, worse, rng, world.TAU) for _ in range(n))
+        wrong += sum(world.annotate(p, worse, better, rng, world.TAU) for _ in range(n))
+        errors.append(wrong / (2 * n))
+        assert errors[-1] == pytest.approx(1 / (1 + math.exp(gaps[-1] / world.TAU)), abs=0.015), (gaps[-1], errors[-1])
+    assert gaps == sorted(gaps) and gaps[0] == pytest.approx(0.05) and gaps[-1] > 0.7
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.35 and errors[-1] < 0.01
+    # a numpy Generator works as the rng too
+    assert sum(world.annotate(p, ref, "42.", np.random.default_rng(0)) for _ in range(100)) > 80
+
+
+def test_recorded_error_by_gap_decreases_and_prefs_are_noisy(built):
+    summary = json.loads((built / "world.json").read_text())
+    errors = [row["error"] for row in summary["annotator_error_by_gap"]]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.3 and errors[-1] < 0.01
+    prefs = _read(built, "prefs_train")
+    q = [(world.quality(r["prompt"], r["chosen"]), world.quality(r["prompt"], r["rejected"])) for r in prefs]
+    mislabelled = sum(c < r for c, r in q) / len(q)
+    assert mislabelled == summary["prefs_train_mislabelled"] and 0.02 < mislabelled < 0.2
+    near_ties = sum(abs(c - r) < 0.05 for c, r in q) / len(q)
+    assert 0.01 < near_ties < 0.3  # some near-ties are kept, most pairs are decidable
+    assert all(r["chosen"] != r["rejected"] for r in prefs)
+
+
+def test_multi_response_scores_are_the_oracle(built):
+    for r in _read(built, "multi_train"):
+        assert len(r["responses"]) == world.RESPONSES_PER_PROMPT == len(set(r["responses"]))
+        assert r["scores"] == [world.quality(r["prompt"], y) for y in r["responses"]]
+        assert max(r["scores"]) > min(r["scores"])
+
+
+def test_tokenizer_round_trips_the_world(built):
+    tok = Tokenizer.from_file(str(built / "tokenizer" / "tokenizer.json"))
+    assert [tok.token_to_id(t) for t in ["<s>", "</s>", "<pad>"]] == [0, 1, 2]
+    assert 900 <= tok.get_vocab_size() <= 2000
+    config = json.loads((built / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False}
+    texts = [r["text"] for r in _read(built, "pretrain")[:300]]
+    texts += [world.HH.format(prompt=r["prompt"], response=r["chosen"]) for r in _read(built, "prefs_val")]
+    texts += ["Hello, wörld! 12345 \t tabs\n\nand émojis 🙂"]  # byte-level: even unseen text round-trips
+    for text in texts:
+        ids = tok.encode(text).ids
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        assert not {0, 1, 2} & set(ids)  # encoding adds no special tokens
+    # BPE learnt the world's words: a tiny model needs short sequences
+    chars = sum(len(t) for t in texts[:300])
+    assert chars / sum(len(tok.encode(t).ids) for t in texts[:300]) > 3.0
+
+
+def test_nanoalign_tokenizer_loads_the_world(built):
+    tokenizer = pytest.importorskip("nanoalign.tokenizer")
+    tok = tokenizer.Tokenizer.from_dir(built / "tokenizer")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (0, 1, 2, False)
+    text = "Tell me about cats."
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_is_correct_by_hand():
+    from nanoalign.world import is_correct
+
+    assert is_correct("What is 17 plus 25?", "17 plus 25 is 42.")
+    assert is_correct("What is 17 plus 25?", "42")
+    assert not is_correct("What is 17 plus 25?", "17 plus 25 is 41.")
+    q = "Mia lives in Oslo. Tom lives in Rome. Where does Tom live?"
+    assert is_correct(q, "Tom lives in Rome.")
+    assert not is_correct(q, "Tom lives in Oslo.")
+    assert not is_correct(q, q)  # the copy contains "Tom lives in Rome." but answers nothing
+    assert is_correct("Sort the words: lemon, tiger, cloud.", "The sorted list is cloud, lemon, tiger.")
+    assert not is_correct("Sort the words: lemon, tiger, cloud.", "The sorted list is lemon, tiger, cloud.")
