@@ -1,0 +1,147 @@
+"""train_sft.py: the loss normalisation, gradient accumulation, data parallelism (torchrun + FSDP2) and resume."""
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_sft
+from nanoalign import dist
+from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.data import collate_sft, read_jsonl, tokenize_sft
+from nanoalign.model import ModelConfig, Transformer
+from nanoalign.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = ROOT / "data" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(TOK)
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory, tok):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    return save_pretrained(model, tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def rows(tok):
+    examples = read_jsonl(ROOT / "data" / "sft_val.jsonl")[:8]
+    return tokenize_sft(examples, tok, "hh", max_len=128)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_equals_one_big_batch_and_the_token_mean(init_dir, rows, tok):
+    base = load_pretrained(init_dir).train()
+    no_autocast = torch.autocast("cpu", enabled=False)
+    results = {}
+    for mb in (8, 2, 3):
+        model = copy.deepcopy(base)
+        loss_sum, n = train_sft.accumulate_gradients(model, rows, mb, dist.Dist(), tok.pad_id, no_autocast)
+        results[mb] = (loss_sum.item(), n.item(), grads(model))
+    # the definition: mean over every response token of the step, from one padded batch
+    model = copy.deepcopy(base)
+    batch = collate_sft(rows, tok.pad_id)
+    logits = model(batch["input_ids"])
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    expected = grads(model)
+    n_tokens = sum(sum(r["mask"]) for r in rows)  # the response tokens with their EOS
+    for mb, (loss_sum, n, g) in results.items():
+        assert n == n_tokens
+        assert abs(loss_sum / n - loss.item()) < 1e-5
+        for name in expected:
+            torch.testing.assert_close(g[name], expected[name], atol=1e-6, rtol=1e-4)
+
+
+def test_micro_batch_without_response_tokens_is_zero_not_nan(init_dir, rows, tok):
+    model = load_pretrained(init_dir).train()
+    empty = [{"ids": r["ids"], "mask": [0] * len(r["ids"])} for r in rows[:2]]
+    loss_sum, n = train_sft.accumulate_gradients(model, empty, 2, dist.Dist(), tok.pad_id,
+                                                 torch.autocast("cpu", enabled=False))
+    assert loss_sum.item() == 0.0 and n.item() == 1  # clamped count, no division by zero
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() == 0 for p in model.parameters())
+
+
+def test_lr_schedule_by_hand():
+    cfg = train_sft.Config(warmup_steps=10, min_lr_ratio=0.1)
+    assert train_sft.lr_at(0, cfg, 1.0, 110) == pytest.approx(0.1)
+    assert train_sft.lr_at(9, cfg, 1.0, 110) == pytest.approx(1.0)
+    assert train_sft.lr_at(60, cfg, 1.0, 110) == pytest.approx(0.55)  # halfway down the cosine
+    assert train_sft.lr_at(110, cfg, 1.0, 110) == pytest.approx(0.1)
+
+
+def test_data_order_is_a_permutation_per_epoch():
+    seen = [i for s in range(5) for i in train_sft.batch_indices(s, 10, 4, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert seen[:10] != seen[10:20]  # a new order every epoch
+    assert train_sft.batch_indices(3, 10, 4, seed=3) == seen[12:16]
+
+
+def args(init_dir, out, *extra):
+    return [f"--init={init_dir}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
+            f"--val_data={ROOT}/data/sft_val.jsonl", "--eval_data=", "--batch_size=8", "--micro_batch_size=4",
+            "--max_len=128", "--warmup_steps=2", "--eval_every=3", "--save_every=0", "--device=cpu",
+            "--dtype=float32", *extra]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(init_dir, tmp_path):
+    train_sft.main(args(init_dir, tmp_path / "full", "--steps=6"))
+    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=6", "--stop_at=3"))
+    state = torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["optimizer"]["state"]
+    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=6", "--resume"))
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(full) == len(cut) == 6
+    assert max(abs(a - b) for a, b in zip(full, cut)) <= 1e-6
+    assert full[-1] < full[0]
+    a, b = load_pretrained(tmp_path / "full" / "model"), load_pretrained(tmp_path / "cut" / "model")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(init_dir, tmp_path):
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=2"))
+    before = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    broken = load_pretrained(init_dir)
+    with torch.no_grad():
+        broken.layers[0].mlp.up.weight[0, 0] = float("nan")
+    save_pretrained(broken, tmp_path / "broken", tokenizer=Tokenizer.from_dir(init_dir))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        train_sft.main(args(tmp_path / "broken", tmp_path / "run", "--steps=2"))
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, tmp_path):
+    train_sft.main(args(init_dir, tmp_path / "one", "--steps=3"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_sft.py"),
+           *args(init_dir, tmp_path / "two", "--steps=3")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
+    a, b = load_pretrained(tmp_path / "one" / "model"), load_pretrained(tmp_path / "two" / "model")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=n)
