@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoalign import dist
-from nanoalign.checkpoint import load_pretrained, resolve_dir, save_pretrained
+from nanoalign.checkpoint import load_pretrained, recover_interrupted_swap, resolve_dir, save_pretrained
 from nanoalign.cli import parse_config
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
 from nanoalign.generate import generate
@@ -282,6 +282,8 @@ def main(argv=None):
     dist.seed_everything(cfg.seed)
 
     # --- models
+    for run_dir in (cfg.base_dir, cfg.out_dir):
+        recover_interrupted_swap(Path(run_dir) / "model")
     base_ready = (Path(cfg.base_dir) / "model" / "config.json").exists()
     base_state = Path(cfg.base_dir) / "model" / "train_state.pt"
     base_finished = base_ready and torch.load(base_state, weights_only=False)["step"] >= cfg.pretrain_steps \

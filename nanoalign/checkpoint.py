@@ -160,6 +160,8 @@ def fuse_qkv(q, k, v, n_head: int):
 def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
     """A local directory as is; anything else is a hub id fetched (safetensors and json only) into the HF cache."""
     p = Path(path_or_hub_id)
+    if p.parent.exists():
+        recover_interrupted_swap(p)
     if p.exists():
         return p
     if str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") > 1:
@@ -249,11 +251,21 @@ def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transf
 
 # --- saving
 
+def recover_interrupted_swap(dst: Path):
+    """A crash between the two renames of atomic_write_dir leaves the previous complete checkpoint under
+    its hidden .old name and nothing at dst: put it back."""
+    if not dst.exists():
+        for old in sorted(dst.parent.glob(f".{dst.name}.old-*")):
+            os.replace(old, dst)
+            break
+
+
 def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
     """Call write(tmp_dir), then move tmp_dir to dst. An existing dst is replaced only after the new one
     is complete, so a crash at any point leaves either the old or the new directory, never a half one."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_swap(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         write(tmp)

@@ -107,3 +107,45 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
     save_pretrained(model, d)  # a later good save replaces it
     assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)
+
+
+SAVER = """
+import sys, torch
+from nanoalign.checkpoint import save_pretrained
+from nanoalign.model import ModelConfig, Transformer
+model = Transformer(ModelConfig(vocab_size=500, dim=64, n_layer=4, n_head=2, hidden_dim=256, max_seq_len=32))
+i = 0
+while True:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(i))
+    save_pretrained(model, sys.argv[1], max_shard_bytes=100_000)
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_killing_a_save_never_leaves_a_broken_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = tmp_path / "ckpt"
+    for delay in (0.05, 0.13, 0.31):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(d)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one complete save exists
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        model = load_pretrained(d)
+        values = {v for p in model.parameters() for v in p.unique().tolist()}
+        assert len(values) == 1  # every tensor from the same, complete save
+
+
+def test_crash_between_the_two_renames_is_recovered(tmp_path):
+    model, d = saved(tmp_path)
+    d.rename(tmp_path / ".ckpt.old-1234")  # the old checkpoint moved aside, the new one not yet in place
+    again = load_pretrained(d)
+    assert torch.equal(again.tok_emb.weight, model.tok_emb.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
