@@ -59,14 +59,14 @@ class Config:
     base_dir: str = "out/base"
     pretrain_data: str = "data/pretrain.jsonl"
     tokenizer: str = "data/tokenizer"
-    pretrain_steps: int = 600
+    pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
     dim: int = 128
     n_layer: int = 4
     n_head: int = 4
     hidden_dim: int = 384
     # optimisation
-    steps: int = 500            # optimizer steps
+    steps: int = 1000           # optimizer steps
     stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
     batch_size: int = 32        # sequences per optimizer step, summed over ranks
     micro_batch_size: int = 16  # sequences per forward on one rank (gradient accumulation makes up the rest)
@@ -77,7 +77,7 @@ class Config:
     grad_clip: float = 1.0
     max_len: int = 256          # tokens per example; longer ones keep the end of the prompt
     max_response_len: int = 128
-    eval_every: int = 100
+    eval_every: int = 200
     save_every: int = 250       # 0: save only at the end
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,11 +169,14 @@ def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokeni
                               and cfg.dtype != "float32")
     if cfg.batch_size % d.world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
-    model.to(d.device)
     state_path = out_dir / "model" / "train_state.pt"
     resume_state = torch.load(state_path, weights_only=False) if cfg.resume and state_path.exists() else None
     full_model_state = model.state_dict() if resume_state else None  # full weights, before sharding
-    dist.shard(model, d)
+    # sharding moves only this rank's shards to the GPU; a single process moves the whole model
+    if d.enabled:
+        dist.shard(model, d)
+    else:
+        model.to(d.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

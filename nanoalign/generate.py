@@ -90,7 +90,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
 
-    attn = prompt_mask
+    # without padding the mask is all ones: pass None and let attention take its unmasked fast path
+    attn = prompt_mask if bool((prompt_mask == 0).any()) else None
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     logits = model(prompt_ids, attention_mask=attn, position_ids=positions, cache=cache, start_pos=0)[:, -1]
     next_pos = positions[:, -1:] + 1  # (B, 1)
@@ -114,7 +115,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         done |= hit
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        if attn is not None:
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         logits = model(tokens[:, t:t + 1], attention_mask=attn, position_ids=next_pos, cache=cache,
                        start_pos=P + t)[:, -1]
         next_pos = next_pos + 1

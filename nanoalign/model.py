@@ -72,10 +72,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # the statistics in float32 even under bf16: a bf16 mean of squares loses the small components
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps), the statistics in float32 even under bf16 (a bf16 mean of squares loses
+        # the small components); cast back before the gain, as the reference implementation does
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -95,10 +94,10 @@ def rope_cos_sin(position_ids, rotary_dim: int, base: float, dtype):
 def apply_rope(x, cos, sin):
     """Rotate the first R dims of each head of x (B, H, T, D); the remaining D - R pass through."""
     R = cos.shape[-1]
-    x_rot, x_pass = x[..., :R], x[..., R:]
+    x_rot = x[..., :R]
     x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+    out = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return out if R == x.shape[-1] else torch.cat([out, x[..., R:]], dim=-1)
 
 
 class KVCache:
@@ -139,9 +138,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start_pos, k, v)  # (B, KV, S, D), S = start_pos + T
-        # mask None means plain causal attention over a batch without left padding (the fast kernel)
+        # mask None: plain causal attention over unpadded rows (the fast kernel); a single new token
+        # needs no mask at all, it sees every cached position
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=KV != H
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=KV != H
         )  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
@@ -236,8 +236,8 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(start_pos, start_pos + T, device=input_ids.device).expand(B, T)
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than the context length {self.cfg.max_seq_len}")
-        mask = None  # plain causal attention: no pads before real tokens, no cached prefix
-        if attention_mask is not None or start_pos > 0:
+        mask = None  # plain causal attention: no pads, and no cached prefix unless one token is decoded
+        if attention_mask is not None or (start_pos > 0 and T > 1):
             if attention_mask is None:
                 attention_mask = torch.ones(B, start_pos + T, dtype=torch.long, device=input_ids.device)
             mask = attention_mask_4d(attention_mask, T, start_pos)

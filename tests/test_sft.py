@@ -145,3 +145,16 @@ def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, tmp_path):
     a, b = load_pretrained(tmp_path / "one" / "model"), load_pretrained(tmp_path / "two" / "model")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=n)
+
+
+def test_transformers_loads_the_sft_checkpoint(init_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=2"))
+    ours = load_pretrained(tmp_path / "run" / "model")
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    x = torch.randint(0, ours.cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (ref(x).logits - ours(x)).abs().max().item() <= 1e-4
+    assert (tmp_path / "run" / "model" / "tokenizer.json").exists()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "lr", "grad_norm", "tokens", "tok_per_s", "eval_loss"} <= set(record)
