@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoalign import dist
+from nanoalign import dist, world
 from nanoalign.checkpoint import load_pretrained, recover_interrupted_swap, resolve_dir, save_pretrained
 from nanoalign.cli import parse_config
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
@@ -96,11 +95,13 @@ def lr_at(step: int, cfg: Config, peak: float, total: int) -> float:
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     """The examples of a global step: a fresh seeded permutation every epoch, read in order."""
+    perms = {}
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[i]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(perms[epoch][i])
     return out
 
 
@@ -253,11 +254,9 @@ def tiny_model(cfg: Config, tok: Tokenizer) -> Transformer:
 
 @torch.no_grad()
 def sample_answers(model, tok, cfg, d):
-    """Greedy answers to held-out prompts; with the tiny world, the closed-ended accuracy by the oracle."""
+    """Greedy answers to held-out prompts; for tiny-world prompts, the closed-ended accuracy by the oracle."""
     if not cfg.eval_data or not Path(cfg.eval_data).exists():
         return None
-    from nanoalign import world
-
     model.eval()
     prompts = read_jsonl(cfg.eval_data, required=("prompt",))
     closed = [p for p in prompts if p.get("qtype") == "CONSTRAINED"]
@@ -267,11 +266,13 @@ def sample_answers(model, tok, cfg, d):
         gen = generate(model, [encode_prompt(tok, p["prompt"], cfg.template) for p in chunk], 48,
                        temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
         answers += [tok.decode(gen.tokens[j, :int(gen.mask[j].sum())].tolist()).strip() for j in range(len(chunk))]
+    for p, a in list(zip(prompts, answers))[:cfg.num_samples]:
+        dist.print0(d, f"\n> {p['prompt']}\n  {a}\n  (reference: {p.get('reference', '-')})")
+    if not all(world.is_world_prompt(p["prompt"]) for p in prompts):
+        return None  # the oracle judges only its own world's prompts
     by_prompt = dict(zip((p["prompt"] for p in prompts), answers))
     accuracy = sum(world.is_correct(p["prompt"], by_prompt[p["prompt"]]) for p in closed) / max(1, len(closed))
     mean_quality = sum(world.quality(p["prompt"], a) for p, a in zip(prompts, answers)) / len(prompts)
-    for p, a in list(zip(prompts, answers))[:cfg.num_samples]:
-        dist.print0(d, f"\n> {p['prompt']}\n  {a}\n  (reference: {p.get('reference', '-')})")
     dist.print0(d, f"\nclosed-ended accuracy (greedy, {len(closed)} held-out prompts): {accuracy:.1%}; "
                    f"mean oracle quality over all {len(prompts)}: {mean_quality:.3f}")
     return {"closed_accuracy": accuracy, "mean_quality": mean_quality, "n_closed": len(closed)}
@@ -280,17 +281,13 @@ def sample_answers(model, tok, cfg, d):
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     d = dist.init_dist(cfg.device)
-    if cfg.device == "cpu" and not d.enabled:
-        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     dist.seed_everything(cfg.seed)
 
     # --- models
     for run_dir in (cfg.base_dir, cfg.out_dir):
         recover_interrupted_swap(Path(run_dir) / "model")
-    base_ready = (Path(cfg.base_dir) / "model" / "config.json").exists()
     base_state = Path(cfg.base_dir) / "model" / "train_state.pt"
-    base_finished = base_ready and torch.load(base_state, weights_only=False)["step"] >= cfg.pretrain_steps \
-        if base_state.exists() else base_ready
+    base_finished = base_state.exists() and torch.load(base_state, weights_only=False)["step"] >= cfg.pretrain_steps
     if cfg.mode == "pretrain" or (cfg.mode == "auto" and not cfg.init and not base_finished):
         tok = Tokenizer.from_dir(cfg.tokenizer)
         resuming = cfg.resume and base_state.exists()

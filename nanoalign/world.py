@@ -255,6 +255,14 @@ def quality(prompt, response):
     return round(min(1.0, max(0.0, score - penalty)), 4)
 
 
+def is_world_prompt(prompt):
+    try:
+        parse_prompt(prompt)
+        return True
+    except ValueError:
+        return False
+
+
 def is_correct(prompt, response):
     """Did the response get the task right? Closed-ended: it states the right answer (the reference sentence or
     the bare answer) without copying the question. Open-ended: it states at least the n distinct true facts asked for."""

@@ -216,3 +216,11 @@ def test_is_correct_by_hand():
     assert not is_correct(q, q)  # the copy contains "Tom lives in Rome." but answers nothing
     assert is_correct("Sort the words: lemon, tiger, cloud.", "The sorted list is cloud, lemon, tiger.")
     assert not is_correct("Sort the words: lemon, tiger, cloud.", "The sorted list is lemon, tiger, cloud.")
+
+
+def test_is_world_prompt():
+    from nanoalign.world import is_world_prompt
+
+    assert is_world_prompt("What is 17 plus 25?")
+    assert is_world_prompt("Sort the words: lemon, tiger, cloud.")
+    assert not is_world_prompt("Name three primary colors.")
