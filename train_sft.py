@@ -52,7 +52,7 @@ class Config:
     data: str = "data/sft_train.jsonl"  # .jsonl {"prompt","response"}, an Alpaca/AlpacaFarm .json, or HH-RLHF (--format=hh)
     val_data: str = "data/sft_val.jsonl"
     format: str = "auto"        # auto (by name) / jsonl / alpaca / hh
-    template: str = "hh"        # prompt template: hh, alpaca, plain
+    template: str = "auto"      # prompt template: hh, alpaca, plain; auto: alpaca for Alpaca data, else hh
     eval_data: str = "data/prompts_test.jsonl"  # held-out tiny-world prompts for the closed-ended accuracy ("" to skip)
     # the tiny base model, pretrained from scratch when there is no --init
     base_dir: str = "out/base"
@@ -105,9 +105,14 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
+def data_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "jsonl" if path.endswith((".jsonl", ".jsonl.gz")) else "alpaca"
+
+
 def load_sft_examples(path: str, fmt: str) -> list[dict]:
-    if fmt == "auto":
-        fmt = "jsonl" if path.endswith((".jsonl", ".jsonl.gz")) else "alpaca"
+    fmt = data_format(path, fmt)
     if fmt == "jsonl":
         return read_jsonl(path, required=("prompt", "response"))
     if fmt == "alpaca":
@@ -312,6 +317,8 @@ def main(argv=None):
     model = load_pretrained(init_dir, device="cpu", dtype=torch.float32)
     tok = Tokenizer.from_dir(init_dir if (init_dir / "tokenizer.json").exists() else cfg.tokenizer)
     tok.check_vocab(model.cfg.vocab_size)
+    if cfg.template == "auto":
+        cfg.template = "alpaca" if data_format(cfg.data, cfg.format) == "alpaca" else "hh"
     dist.print0(d, f"SFT of {init} ({model.num_params() / 1e6:.2f}M parameters) on {cfg.data}, template {cfg.template!r}")
 
     # --- data

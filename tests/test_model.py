@@ -151,3 +151,19 @@ def test_filter_logits_top_k_and_top_p_by_hand():
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_are_after_the_final_norm(family):
+    model = tiny(family)
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        h = model(x, return_hidden=True)
+        assert h.shape == (2, 9, 64)
+        torch.testing.assert_close(model.lm_head(h), model(x))
+        # after the final norm: unit RMS (LLaMA) or zero mean (LayerNorm) before the gain
+        pre_gain = (h - (model.norm.bias if family == "pythia" else 0)) / model.norm.weight
+        if family == "pythia":
+            torch.testing.assert_close(pre_gain.mean(-1), torch.zeros(2, 9), atol=1e-4, rtol=0)
+        else:
+            torch.testing.assert_close(pre_gain.pow(2).mean(-1), torch.ones(2, 9), atol=1e-3, rtol=0)

@@ -158,3 +158,16 @@ def test_transformers_loads_the_sft_checkpoint(init_dir, tmp_path):
     assert (tmp_path / "run" / "model" / "tokenizer.json").exists()
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"loss", "lr", "grad_norm", "tokens", "tok_per_s", "eval_loss"} <= set(record)
+
+
+ALPACAFARM = ROOT.parent / "shared" / "data" / "alpacafarm_val_qtype.json"
+
+
+@pytest.mark.skipif(not ALPACAFARM.exists(), reason="shared/data not beside the checkout")
+def test_sft_on_real_alpacafarm_data_uses_the_alpaca_template(init_dir, tmp_path, capsys):
+    cmd = args(init_dir, tmp_path / "alpaca", "--steps=2")
+    cmd = [a for a in cmd if not a.startswith(("--data=", "--val_data="))]
+    train_sft.main(cmd + [f"--data={ALPACAFARM}", "--val_data=", "--num_samples=0"])
+    out = capsys.readouterr().out
+    assert "template 'alpaca'" in out and "truncated" in out  # long AlpacaFarm answers are cut to --max_len
+    assert len(losses(tmp_path / "alpaca")) == 2
