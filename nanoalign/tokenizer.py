@@ -9,10 +9,12 @@ Gotchas:
   learns to stop. A tokenizer without a pad token (LLaMA, Pythia) gets a distinct filler id (unk,
   else 0); it is never trained on because the collator masks it.
 - The response mask covers the response tokens AND the EOS that ends them.
-- Prompt and response are tokenized separately, so the boundary is exact. That matches generation
-  (the model continues the prompt's ids) for byte-level BPE (GPT-2, Pythia, LLaMA-3). SentencePiece
-  tokenizers that prepend "▁" to every encoded text (LLaMA-2) get one extra "▁" at the start of an
-  "hh" response; we accept that simplification.
+- Prompt and response are tokenized separately, so the boundary is exact, and the response is encoded
+  as a continuation (`encode_continuation`): SentencePiece-style tokenizers (LLaMA-2) prepend a "▁" to
+  every text they encode, which would put a token at the start of each response that the model never
+  sees after a prompt. Encoding after a newline anchor and dropping the anchor's ids gives the ids of
+  the response as they appear inside the full text, for byte-level BPE (GPT-2, Pythia, LLaMA-3) and
+  SentencePiece alike.
 """
 
 import json
@@ -74,6 +76,14 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """ids of `text` as it is tokenized when it follows other text (no dummy "▁" prefix)."""
+        anchor = self.encode("\n")
+        ids = self.encode("\n" + text)
+        if ids[:len(anchor)] == anchor:
+            return ids[len(anchor):]
+        return self.encode(text)  # the anchor merged with the text's first characters
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -191,7 +201,7 @@ def encode_response(tok: Tokenizer, response: str, template: str) -> list[int]:
     """The response's ids as the model must produce them: template prefix + response + EOS."""
     if not response.strip():
         raise ValueError("empty response: nothing to train on (drop the example instead)")
-    return tok.encode(_template(template).response_prefix + response) + [tok.eos_id]
+    return tok.encode_continuation(_template(template).response_prefix + response) + [tok.eos_id]
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str, template: str) -> tuple[list[int], list[int]]:

@@ -238,3 +238,36 @@ def test_empty_response_is_an_error(tok):
 
 def test_required_templates_exist():
     assert {"plain", "hh", "alpaca"} <= set(TEMPLATES)
+
+
+def _sentencepiece_style(kind: str) -> Tokenizer:
+    """A toy LLaMA-2-style tokenizer: every encoded text gets a dummy "▁" prefix."""
+    from tokenizers import normalizers
+
+    t = RustTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    if kind == "legacy":  # LLaMA-2's original tokenizer.json: a normalizer prepends "▁" and replaces spaces
+        t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        # sentencepiece pieces never span a "▁" in the middle; this split keeps the toy's merges the same way
+        t.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+    else:  # the newer Metaspace form
+        t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["Human: what is 12 plus 30?\n\nAssistant: 42 is the answer.", "Paris is the capital of France."] * 50
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    return Tokenizer(t, eos_id=t.token_to_id("</s>"), bos_id=t.token_to_id("<s>"), add_bos=True)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "metaspace"])
+@pytest.mark.parametrize("template,response", [("hh", "42 is the answer."), ("alpaca", "Paris."),
+                                               ("plain", " Paris is the capital.")])
+def test_response_ids_are_those_of_the_full_text_for_sentencepiece_style(kind, template, response):
+    tok = _sentencepiece_style(kind)
+    prompt = "what is 12 plus 30?"
+    ids, mask = encode_example(tok, prompt, response, template)
+    full_text = format_prompt(prompt, template) + TEMPLATES[template].response_prefix + response
+    full = [tok.bos_id] + tok.encode(full_text)
+    n_prompt = mask.index(1)
+    assert ids[:-1] == full  # the response ids are exactly those the model reads inside the full text
+    assert tok.decode(ids[n_prompt:-1]).strip() == response.strip()
