@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -164,7 +166,9 @@ def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
         recover_interrupted_swap(p)
     if p.exists():
         return p
-    if str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") > 1:
+    # "owner/name" whose owner is not a local directory is a hub id; "out/typo" is a missing local path
+    local = str(path_or_hub_id).startswith((".", "/", "~")) or (p.parent != Path(".") and p.parent.exists())
+    if local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path_or_hub_id)):
         raise FileNotFoundError(f"checkpoint directory {path_or_hub_id} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -253,11 +257,21 @@ def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transf
 
 def recover_interrupted_swap(dst: Path):
     """A crash between the two renames of atomic_write_dir leaves the previous complete checkpoint under
-    its hidden .old name and nothing at dst: put it back."""
-    if not dst.exists():
-        for old in sorted(dst.parent.glob(f".{dst.name}.old-*")):
-            os.replace(old, dst)
-            break
+    a hidden .old name and nothing at dst: put the newest one back (safe to call from several processes)."""
+    if dst.exists():
+        return
+    olds = sorted(dst.parent.glob(f".{dst.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        try:
+            os.replace(olds[-1], dst)
+        except FileNotFoundError:  # another process recovered it first
+            pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
@@ -267,15 +281,18 @@ def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_swap(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint gets the usual permissions
     try:
         write(tmp)
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old)
         else:
             os.replace(tmp, dst)
+        # the previous checkpoint, and any left behind by an earlier crash
+        for stale in dst.parent.glob(f".{dst.name}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -315,7 +332,10 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
         size += nbytes
 
     def write(tmp: Path):
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+        hf_config = config_to_hf(cfg, dtype)
+        if tokenizer is not None:  # without them transformers assumes its own defaults (LLaMA: eos 2)
+            hf_config.update(tokenizer.special_ids())
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
         else:

@@ -109,8 +109,12 @@ class Tokenizer:
             "add_bos_token": self.add_bos,
         }
         (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if len(self.stop_ids) > 1:
-            (dir / "generation_config.json").write_text(json.dumps({"eos_token_id": self.stop_ids}, indent=2) + "\n")
+        (dir / "generation_config.json").write_text(json.dumps(self.special_ids(), indent=2) + "\n")
+
+    def special_ids(self) -> dict:
+        """The ids as config.json / generation_config.json state them (what transformers' generate stops on)."""
+        eos = self.stop_ids if len(self.stop_ids) > 1 else self.eos_id
+        return {"bos_token_id": self.bos_id, "eos_token_id": eos, "pad_token_id": self.pad_id}
 
 
 def _read_json(path: Path) -> dict:

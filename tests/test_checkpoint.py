@@ -96,6 +96,9 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     before = {p.name: p.read_bytes() for p in d.iterdir()}
 
     class Boom:
+        def special_ids(self):
+            return {}
+
         def save(self, _dir):
             raise RuntimeError("disk full")
 
@@ -149,3 +152,43 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path):
     again = load_pretrained(d)
     assert torch.equal(again.tok_emb.weight, model.tok_emb.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_the_newest_aside_checkpoint_is_recovered_and_stale_ones_cleared(tmp_path):
+    import os
+    import time
+
+    model, d = saved(tmp_path)
+    older = tmp_path / ".ckpt.old-ffff"  # an older crash's leftover, sorting after the newer one by name
+    save_pretrained(model, older)
+    old_time = time.time() - 100
+    os.utime(older, (old_time, old_time))
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+    save_pretrained(model, d)
+    d.rename(tmp_path / ".ckpt.old-0000")  # the newest, moved aside by a crash mid-swap
+    assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)
+    save_pretrained(model, d)  # a later save clears what is left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_saved_checkpoint_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _, d = saved(tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+
+
+def test_a_mistyped_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    from nanoalign.checkpoint import resolve_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    for name in ("out/typo", "./typo", str(tmp_path / "typo")):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            resolve_dir(name)

@@ -6,6 +6,7 @@ nanoalign saves and transformers loads. A wrong rotary layout, a chunk(3) on Neo
 partial-rotary frequency computed over the full head or a swapped residual all fail here.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,26 @@ def test_bf16_load_is_close(pair):
     with torch.no_grad():
         diff = (model(x).float() - ref(x).logits).abs().max().item()
     assert diff < 0.25 * ref(x).logits.abs().max().item()
+
+
+def test_transformers_generate_stops_at_the_saved_eos(tmp_path):
+    from nanoalign.model import ModelConfig, Transformer
+    from nanoalign.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(Path(__file__).resolve().parents[1] / "data" / "tokenizer")
+    assert tok.eos_id != 2  # transformers' default eos for both families: the test would pass by accident
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=1, n_head=2, hidden_dim=64,
+                                    norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True, rotary_pct=0.25,
+                                    parallel_residual=True, model_type="gpt_neox"))
+    model.init_weights()
+    with torch.no_grad():  # the final LayerNorm outputs e_0 whatever the input, and e_0 points at EOS
+        model.norm.weight.zero_()
+        model.norm.bias.zero_()
+        model.norm.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.eos_id, 0] = 10.0
+    d = save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    ref = transformers.GPTNeoXForCausalLM.from_pretrained(d).eval()
+    out = ref.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, do_sample=False)
+    assert out[0, 3:].tolist() == [tok.eos_id]
+    assert ref.config.pad_token_id == tok.pad_id and ref.config.bos_token_id == tok.bos_id
