@@ -50,20 +50,20 @@ class Config:
     init: str = ""              # checkpoint dir or hub id to fine-tune; empty: the tiny base in base_dir
     out_dir: str = "out/sft"    # the run: model/ (HF checkpoint + train_state.pt) and metrics.jsonl
     data: str = "data/sft_train.jsonl"  # .jsonl {"prompt","response"}, an Alpaca/AlpacaFarm .json, or HH-RLHF (--format=hh)
-    val_data: str = "data/sft_val.jsonl"
+    val_data: str = "data/sft_val.jsonl"  # held-out examples for the eval loss ("" to skip)
     format: str = "auto"        # auto (by name) / jsonl / alpaca / hh
     template: str = "auto"      # prompt template: hh, alpaca, plain; auto: alpaca for Alpaca data, else hh
     eval_data: str = "data/prompts_test.jsonl"  # held-out tiny-world prompts for the closed-ended accuracy ("" to skip)
     # the tiny base model, pretrained from scratch when there is no --init
-    base_dir: str = "out/base"
-    pretrain_data: str = "data/pretrain.jsonl"
-    tokenizer: str = "data/tokenizer"
-    pretrain_steps: int = 300
-    pretrain_lr: float = 3e-3
-    dim: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    hidden_dim: int = 384
+    base_dir: str = "out/base"  # where the tiny base model is pretrained (model/, metrics.jsonl)
+    pretrain_data: str = "data/pretrain.jsonl"  # {"text"} documents, loss on every token
+    tokenizer: str = "data/tokenizer"  # tokenizer.json for the tiny base (an --init checkpoint brings its own)
+    pretrain_steps: int = 300  # optimizer steps of the pretraining stage
+    pretrain_lr: float = 3e-3  # its peak learning rate
+    dim: int = 128              # tiny base: width, layers, heads, MLP width (tied embeddings)
+    n_layer: int = 4            # transformer blocks
+    n_head: int = 4             # attention heads
+    hidden_dim: int = 384       # SwiGLU inner width
     # optimisation
     steps: int = 1000           # optimizer steps
     stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
@@ -71,25 +71,25 @@ class Config:
     micro_batch_size: int = 16  # sequences per forward on one rank (gradient accumulation makes up the rest)
     lr: float = 1e-3            # peak learning rate (use ~2e-5 for a real 7B model)
     min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 30      # linear warmup steps
+    weight_decay: float = 0.0   # AdamW decay on matrices (never on norms and biases)
+    grad_clip: float = 1.0      # max global gradient norm
     max_len: int = 256          # tokens per example; longer ones keep the end of the prompt
     max_response_len: int = 128
-    eval_every: int = 200
+    eval_every: int = 200       # steps between held-out evaluations
     save_every: int = 250       # 0: save only at the end
-    seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    seed: int = 0               # weights init and data order
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype for the forward on CUDA
-    resume: bool = False
+    resume: bool = False        # continue from out_dir/model/train_state.pt
     num_samples: int = 4        # greedy answers printed at the end
 
 
 def lr_at(step: int, cfg: Config, peak: float, total: int) -> float:
-    """Linear warmup to the peak, then cosine down to peak * min_lr_ratio at the last step."""
+    """Linear warmup to the peak, then cosine down to peak * min_lr_ratio at the last step (total - 1)."""
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, total - 1 - cfg.warmup_steps)  # 1.0 at the last step
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -159,7 +159,8 @@ def evaluate_loss(model, rows, cfg, d, pad_id, autocast) -> float:
     # every rank runs the same number of forwards (FSDP gathers weights collectively)
     n_batches = math.ceil(math.ceil(len(rows) / d.world_size) / cfg.micro_batch_size)
     for b in range(n_batches):
-        chunk = mine[b * cfg.micro_batch_size:(b + 1) * cfg.micro_batch_size] or mine[:1]
+        # a rank with fewer rows runs a dummy forward whose loss is not counted
+        chunk = mine[b * cfg.micro_batch_size:(b + 1) * cfg.micro_batch_size] or rows[:1]
         loss, n = token_loss_sum(model, collate_sft(chunk, pad_id), d.device, autocast)
         if b * cfg.micro_batch_size < len(mine):
             total += torch.stack([loss, n.float()])
@@ -197,8 +198,11 @@ def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokeni
         dist.print0(d, f"[{phase}] resumed from {state_path} at step {start}")
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    if d.is_main and not resume_state and metrics_path.exists():
-        metrics_path.unlink()
+    if d.is_main and metrics_path.exists():
+        # a fresh run starts a new log; a resumed one drops what was logged after its checkpoint
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if resume_state and json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(record):
         if d.is_main:
@@ -289,8 +293,10 @@ def main(argv=None):
     dist.seed_everything(cfg.seed)
 
     # --- models
-    for run_dir in (cfg.base_dir, cfg.out_dir):
-        recover_interrupted_swap(Path(run_dir) / "model")
+    if d.is_main:
+        for run_dir in (cfg.base_dir, cfg.out_dir):
+            recover_interrupted_swap(Path(run_dir) / "model")
+    dist.barrier(d)
     base_state = Path(cfg.base_dir) / "model" / "train_state.pt"
     base_finished = base_state.exists() and torch.load(base_state, weights_only=False)["step"] >= cfg.pretrain_steps
     if cfg.mode == "pretrain" or (cfg.mode == "auto" and not cfg.init and not base_finished):

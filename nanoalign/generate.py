@@ -63,6 +63,7 @@ def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -151,6 +151,7 @@ def test_filter_logits_top_k_and_top_p_by_hand():
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.0)).tolist() == [[False, True, True, True]]  # top token stays
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -80,10 +80,12 @@ def test_micro_batch_without_response_tokens_is_zero_not_nan(init_dir, rows, tok
 
 def test_lr_schedule_by_hand():
     cfg = train_sft.Config(warmup_steps=10, min_lr_ratio=0.1)
-    assert train_sft.lr_at(0, cfg, 1.0, 110) == pytest.approx(0.1)
-    assert train_sft.lr_at(9, cfg, 1.0, 110) == pytest.approx(1.0)
-    assert train_sft.lr_at(60, cfg, 1.0, 110) == pytest.approx(0.55)  # halfway down the cosine
-    assert train_sft.lr_at(110, cfg, 1.0, 110) == pytest.approx(0.1)
+    # 111 steps: 0..9 warm up, 10..110 decay, the last executed step (110) sits at the floor
+    assert train_sft.lr_at(0, cfg, 1.0, 111) == pytest.approx(0.1)
+    assert train_sft.lr_at(9, cfg, 1.0, 111) == pytest.approx(1.0)
+    assert train_sft.lr_at(10, cfg, 1.0, 111) == pytest.approx(1.0)
+    assert train_sft.lr_at(60, cfg, 1.0, 111) == pytest.approx(0.55)  # halfway down the cosine
+    assert train_sft.lr_at(110, cfg, 1.0, 111) == pytest.approx(0.1)
 
 
 def test_data_order_is_a_permutation_per_epoch():
@@ -94,6 +96,7 @@ def test_data_order_is_a_permutation_per_epoch():
 
 
 def args(init_dir, out, *extra):
+    """Small, fast flags; a flag repeated in extra wins (argparse keeps the last)."""
     return [f"--init={init_dir}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
             f"--val_data={ROOT}/data/sft_val.jsonl", "--eval_data=", "--batch_size=8", "--micro_batch_size=4",
             "--max_len=128", "--warmup_steps=2", "--eval_every=3", "--save_every=0", "--device=cpu",
@@ -119,6 +122,25 @@ def test_resume_continues_exactly(init_dir, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
 
 
+def test_resume_drops_metrics_logged_after_the_checkpoint(init_dir, tmp_path):
+    train_sft.main(args(init_dir, tmp_path / "full", "--steps=4"))
+    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=4", "--stop_at=2"))
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # step 3 logged, then killed before its save
+        f.write(json.dumps({"phase": "sft", "step": 3, "loss": 123.0}) + "\n")
+    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=4", "--resume"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "full"), losses(tmp_path / "cut"))) <= 1e-6
+
+
+def test_help_lists_each_flag_with_its_comment_and_default(capsys):
+    with pytest.raises(SystemExit):
+        train_sft.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--micro_batch_size MICRO_BATCH_SIZE sequences per forward on one rank" in out
+    assert "(default: 16)" in out and "--resume [RESUME] continue from" in out
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(init_dir, tmp_path):
     train_sft.main(args(init_dir, tmp_path / "run", "--steps=2"))
     before = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
@@ -133,15 +155,20 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(init_dir, tm
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, tmp_path):
-    train_sft.main(args(init_dir, tmp_path / "one", "--steps=3"))
+    one_val_row = tmp_path / "val1.jsonl"  # fewer held-out rows than ranks: rank 1 has none
+    one_val_row.write_text((ROOT / "data" / "sft_val.jsonl").read_text().splitlines()[0] + "\n")
+    extra = ["--steps=3", f"--val_data={one_val_row}"]
+    train_sft.main(args(init_dir, tmp_path / "one", *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_sft.py"),
-           *args(init_dir, tmp_path / "two", "--steps=3")]
+           *args(init_dir, tmp_path / "two", *extra)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
+    evals = [json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"] for r in ("one", "two")]
+    assert abs(evals[0] - evals[1]) <= 1e-4
     a, b = load_pretrained(tmp_path / "one" / "model"), load_pretrained(tmp_path / "two" / "model")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=n)
@@ -165,9 +192,8 @@ ALPACAFARM = ROOT.parent / "shared" / "data" / "alpacafarm_val_qtype.json"
 
 @pytest.mark.skipif(not ALPACAFARM.exists(), reason="shared/data not beside the checkout")
 def test_sft_on_real_alpacafarm_data_uses_the_alpaca_template(init_dir, tmp_path, capsys):
-    cmd = args(init_dir, tmp_path / "alpaca", "--steps=2")
-    cmd = [a for a in cmd if not a.startswith(("--data=", "--val_data="))]
-    train_sft.main(cmd + [f"--data={ALPACAFARM}", "--val_data=", "--num_samples=0"])
+    train_sft.main(args(init_dir, tmp_path / "alpaca", "--steps=2", f"--data={ALPACAFARM}", "--val_data=",
+                        "--num_samples=0"))
     out = capsys.readouterr().out
     assert "template 'alpaca'" in out and "truncated" in out  # long AlpacaFarm answers are cut to --max_len
     assert len(losses(tmp_path / "alpaca")) == 2
