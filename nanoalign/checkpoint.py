@@ -41,16 +41,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # --- config.json <-> ModelConfig
 
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 def _rope(hf: dict, key_base: str, key_pct: str | None = None):
-    """rope base (and partial-rotary fraction) from the classic keys or from transformers' newer rope_parameters."""
+    """(base, partial-rotary fraction, scaling) from the classic keys (rope_theta, rope_scaling) or from
+    transformers' newer rope_parameters."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise NotImplementedError(f"config.json asks for rope scaling {rope_type!r}; nanoalign implements plain RoPE only")
+    rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
+    if rope_type != "default" and rope_type not in ROPE_SCALING_KEYS:
+        raise NotImplementedError(f"config.json asks for rope scaling {rope_type!r}; nanoalign implements "
+                                  f"default, {', '.join(ROPE_SCALING_KEYS)}")
+    rope_scaling = None
+    if rope_type != "default":
+        rope_scaling = {"rope_type": rope_type, **{k: scaling[k] for k in ROPE_SCALING_KEYS[rope_type]}}
     base = hf.get(key_base, params.get("rope_theta", 10000.0))
     pct = hf.get(key_pct, params.get("partial_rotary_factor")) if key_pct else None
-    return float(base), pct
+    return float(base), pct, rope_scaling
 
 
 def config_from_hf(hf: dict, vocab_size: int) -> ModelConfig:
@@ -58,14 +67,14 @@ def config_from_hf(hf: dict, vocab_size: int) -> ModelConfig:
     if kind == "llama":
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"llama config with hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
-        base, _ = _rope(hf, "rope_theta")
+        base, _, scaling = _rope(hf, "rope_theta")
         return ModelConfig(
             vocab_size=vocab_size, dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
             n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             head_dim=hf.get("head_dim"), hidden_dim=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
             mlp="swiglu", attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-            rope_base=base, rotary_pct=1.0, parallel_residual=False,
+            rope_base=base, rope_scaling=scaling, rotary_pct=1.0, parallel_residual=False,
             tie_embeddings=hf.get("tie_word_embeddings", False), model_type="llama",
         )
     if kind == "gpt_neox":
@@ -73,13 +82,13 @@ def config_from_hf(hf: dict, vocab_size: int) -> ModelConfig:
         mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act)
         if mlp is None:
             raise ValueError(f"gpt_neox config with hidden_act={act!r} is not supported")
-        base, pct = _rope(hf, "rotary_emb_base", "rotary_pct")
+        base, pct, scaling = _rope(hf, "rotary_emb_base", "rotary_pct")
         return ModelConfig(
             vocab_size=vocab_size, dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
             n_head=hf["num_attention_heads"], hidden_dim=hf.get("intermediate_size") or 4 * hf["hidden_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048), norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5),
             mlp=mlp, attn_bias=hf.get("attention_bias", True), mlp_bias=True,
-            rope_base=base, rotary_pct=0.25 if pct is None else float(pct),
+            rope_base=base, rope_scaling=scaling, rotary_pct=0.25 if pct is None else float(pct),
             parallel_residual=hf.get("use_parallel_residual", True),
             tie_embeddings=hf.get("tie_word_embeddings", False), model_type="gpt_neox",
         )
@@ -92,6 +101,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "intermediate_size": cfg.hidden_dim, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if cfg.rope_scaling:
+        common["rope_scaling"] = cfg.rope_scaling
     if cfg.model_type == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
                 "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",

@@ -44,6 +44,7 @@ class ModelConfig:
     mlp_bias: bool = False        # biases on the MLP linears (GPT-NeoX: True)
     rope_base: float = 10000.0
     rotary_pct: float = 1.0       # fraction of each head's dims that rotate (Pythia: 0.25)
+    rope_scaling: dict | None = None  # None, {"rope_type": "linear", "factor"} or Llama-3.1's {"rope_type": "llama3", ...}
     parallel_residual: bool = False
     tie_embeddings: bool = False  # lm_head shares the token embedding matrix
     model_type: str = "llama"     # Hugging Face family, used when saving back ("llama" or "gpt_neox")
@@ -83,9 +84,26 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
 
-def rope_cos_sin(position_ids, rotary_dim: int, base: float, dtype):
+def scale_inv_freq(inv_freq, scaling: dict | None):
+    """Context-extension rescaling of the rotary frequencies.
+    linear: every frequency / factor. llama3 (Llama-3.1): long wavelengths (beyond the original context /
+    low_freq_factor) / factor, short ones (below original / high_freq_factor) kept, a linear blend between."""
+    if not scaling:
+        return inv_freq
+    kind, factor = scaling["rope_type"], scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    blend = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: long wavelength, 1: short
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rope_cos_sin(position_ids, rotary_dim: int, base: float, dtype, scaling: dict | None = None):
     """cos/sin tables for the given positions: (B, T) -> two (B, 1, T, R) tensors, R = rotary_dim."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim))
+    inv_freq = scale_inv_freq(inv_freq, scaling)
     angles = position_ids.float()[..., None] * inv_freq  # (B, T, R/2)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: dim i and i + R/2 share a frequency
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -243,7 +261,7 @@ class Transformer(nn.Module):
             mask = attention_mask_4d(attention_mask, T, start_pos)
 
         x = self.tok_emb(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rope_base, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rope_base, x.dtype, self.cfg.rope_scaling)
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, start_pos)
         x = self.norm(x)

@@ -168,3 +168,17 @@ def test_hidden_states_are_after_the_final_norm(family):
             torch.testing.assert_close(pre_gain.mean(-1), torch.zeros(2, 9), atol=1e-4, rtol=0)
         else:
             torch.testing.assert_close(pre_gain.pow(2).mean(-1), torch.ones(2, 9), atol=1e-3, rtol=0)
+
+
+def test_llama3_rope_scaling_by_hand():
+    from nanoalign.model import scale_inv_freq
+
+    # original context 64, low/high factors 1 and 4: wavelengths > 64 are divided by 8, < 16 kept,
+    # in between blended with weight (64 / wavelength - 1) / 3 on the unscaled frequency
+    inv = 2 * math.pi / torch.tensor([8.0, 32.0, 128.0])  # wavelengths 8, 32, 128
+    out = scale_inv_freq(inv, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    blend = (64 / 32 - 1) / 3
+    expected = torch.stack([inv[0], (1 - blend) * inv[1] / 8 + blend * inv[1], inv[2] / 8])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(scale_inv_freq(inv, {"rope_type": "linear", "factor": 2.0}), inv / 2)
