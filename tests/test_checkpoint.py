@@ -192,3 +192,20 @@ def test_a_mistyped_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
     for name in ("out/typo", "./typo", str(tmp_path / "typo")):
         with pytest.raises(FileNotFoundError, match="does not exist"):
             resolve_dir(name)
+
+
+def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    model, d = saved(tmp_path)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(d)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    again = load_pretrained("some-org/some-model")
+    assert calls and calls[0][0] == "some-org/some-model" and "*.safetensors" in calls[0][1]
+    assert torch.equal(again.tok_emb.weight, model.tok_emb.weight)
