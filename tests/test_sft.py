@@ -197,3 +197,23 @@ def test_sft_on_real_alpacafarm_data_uses_the_alpaca_template(init_dir, tmp_path
     out = capsys.readouterr().out
     assert "template 'alpaca'" in out and "truncated" in out  # long AlpacaFarm answers are cut to --max_len
     assert len(losses(tmp_path / "alpaca")) == 2
+
+
+def test_no_init_pretrains_a_base_then_fine_tunes_and_scores(tmp_path, capsys):
+    """The default flow on a miniature budget: pretrain (every token), SFT, greedy answers judged by the oracle."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join((ROOT / "data" / "prompts_test.jsonl").read_text().splitlines(True)[::15]))
+    common = [f"--base_dir={tmp_path}/base", f"--out_dir={tmp_path}/sft", "--dim=32", "--n_layer=1", "--n_head=2",
+              "--hidden_dim=64", "--max_len=96", "--batch_size=4", "--micro_batch_size=4", "--warmup_steps=1",
+              f"--data={ROOT}/data/sft_val.jsonl", f"--eval_data={prompts}", "--num_samples=1", "--device=cpu"]
+    train_sft.main(common + ["--pretrain_steps=2", "--steps=2"])
+    out = capsys.readouterr().out
+    assert "pretraining a" in out and "closed-ended accuracy" in out
+    pre = [json.loads(line) for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in pre] == ["pretrain"] * 2
+    assert pre[0]["tokens"] == 4 * 95  # every token of each 96-token block but the first is trained
+    result = json.loads((tmp_path / "sft" / "eval.json").read_text())
+    assert result["n_closed"] == sum('"CONSTRAINED"' in line for line in prompts.read_text().splitlines())
+    # a second call finds the finished base and goes straight to SFT
+    train_sft.main(common + ["--pretrain_steps=2", "--steps=2"])
+    assert "pretraining a" not in capsys.readouterr().out
