@@ -80,7 +80,7 @@ class Config:
     save_every: int = 250       # 0: save only at the end
     seed: int = 0               # weights init and data order
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
-    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype for the forward on CUDA
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA: bfloat16 or float32
     resume: bool = False        # continue from out_dir/model/train_state.pt
     num_samples: int = 4        # greedy answers printed at the end
 
@@ -289,6 +289,9 @@ def sample_answers(model, tok, cfg, d):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    if cfg.dtype not in ("float32", "bfloat16"):
+        # fp16 would need loss scaling (a GradScaler); bf16 has fp32's range and does not
+        raise ValueError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
 

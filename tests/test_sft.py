@@ -217,3 +217,9 @@ def test_no_init_pretrains_a_base_then_fine_tunes_and_scores(tmp_path, capsys):
     # a second call finds the finished base and goes straight to SFT
     train_sft.main(common + ["--pretrain_steps=2", "--steps=2"])
     assert "pretraining a" not in capsys.readouterr().out
+
+
+def test_fp16_training_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--dtype=float16: train in bfloat16 or float32"):
+        train_sft.main([f"--base_dir={tmp_path}/base", "--dtype=float16"])
+    assert not (tmp_path / "base").exists()
