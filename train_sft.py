@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoalign import dist, world
-from nanoalign.checkpoint import load_pretrained, recover_interrupted_swap, resolve_dir, save_pretrained
+from nanoalign.checkpoint import load_pretrained, model_config, recover_interrupted_swap, resolve_dir, save_pretrained
 from nanoalign.cli import parse_config
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
 from nanoalign.generate import generate
@@ -177,11 +177,17 @@ def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokeni
     if cfg.batch_size % d.world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
     state_path = out_dir / "model" / "train_state.pt"
-    resume_state = torch.load(state_path, weights_only=False) if cfg.resume and state_path.exists() else None
-    full_model_state = model.state_dict() if resume_state else None  # full weights, before sharding
-    # sharding moves only this rank's shards to the GPU; a single process moves the whole model
+    # mmap: ranks other than 0 read only the step and RNG, never the (large) optimizer state
+    resume_state = torch.load(state_path, weights_only=False, mmap=True) if cfg.resume and state_path.exists() else None
     if d.enabled:
+        # rank 0 holds the loaded weights, the other ranks an empty model on the meta device; after sharding,
+        # rank 0 broadcasts tensor by tensor and every rank keeps its shard (on its GPU under NCCL)
+        full_model_state = model.state_dict() if d.is_main else {}
         dist.shard(model, d)
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=d.device)
+        dist.load_full_model_state(model, full_model_state, d)
+        del full_model_state
     else:
         model.to(d.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -190,7 +196,7 @@ def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokeni
                             lr=peak_lr, betas=(0.9, 0.95), eps=1e-8)
     start = 0
     if resume_state:
-        dist.load_full_state(model, full_model_state, opt, resume_state["optimizer"])
+        dist.load_full_optimizer_state(model, opt, resume_state["optimizer"] if d.is_main else {}, d)
         start = resume_state["step"]
         random.setstate(resume_state["rng"]["python"])
         np.random.set_state(resume_state["rng"]["numpy"])
@@ -253,6 +259,15 @@ def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokeni
     return model, last == steps
 
 
+def load_model(path, d: dist.Dist) -> Transformer:
+    """The checkpoint's weights on rank 0 (CPU, fp32); an empty model on the meta device on the other
+    ranks, which receive their shards from rank 0 once sharded (see train)."""
+    if d.is_main:
+        return load_pretrained(path, device="cpu", dtype=torch.float32)
+    with torch.device("meta"):
+        return Transformer(model_config(path))
+
+
 def tiny_model(cfg: Config, tok: Tokenizer) -> Transformer:
     mcfg = ModelConfig(vocab_size=tok.vocab_size, dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head,
                        hidden_dim=cfg.hidden_dim, max_seq_len=cfg.max_len, tie_embeddings=True)
@@ -305,7 +320,7 @@ def main(argv=None):
     if cfg.mode == "pretrain" or (cfg.mode == "auto" and not cfg.init and not base_finished):
         tok = Tokenizer.from_dir(cfg.tokenizer)
         resuming = cfg.resume and base_state.exists()
-        model = load_pretrained(Path(cfg.base_dir) / "model") if resuming else tiny_model(cfg, tok)
+        model = load_model(Path(cfg.base_dir) / "model", d) if resuming else tiny_model(cfg, tok)
         dist.print0(d, f"pretraining a {model.num_params() / 1e6:.2f}M-parameter model on {cfg.pretrain_data}")
         # --- data
         texts = [r["text"] for r in read_jsonl(cfg.pretrain_data, required=("text",))]
@@ -323,7 +338,7 @@ def main(argv=None):
     if cfg.resume and sft_state.exists():
         init = str(Path(cfg.out_dir) / "model")
     init_dir = resolve_dir(init)
-    model = load_pretrained(init_dir, device="cpu", dtype=torch.float32)
+    model = load_model(init_dir, d)
     tok = Tokenizer.from_dir(init_dir if (init_dir / "tokenizer.json").exists() else cfg.tokenizer)
     tok.check_vocab(model.cfg.vocab_size)
     if cfg.template == "auto":

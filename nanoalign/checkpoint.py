@@ -216,8 +216,12 @@ def read_config(ckpt: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transformer:
-    ckpt = resolve_dir(path_or_hub_id)
+def model_config(path_or_hub_id) -> ModelConfig:
+    """The ModelConfig of a checkpoint without reading its weights (e.g. to build it on the meta device)."""
+    return _checked_config(resolve_dir(path_or_hub_id))[0]
+
+
+def _checked_config(ckpt: Path):
     hf_cfg = read_config(ckpt)
     if hf_cfg.get("model_type") not in SUPPORTED:
         raise ValueError(f"{ckpt / 'config.json'}: unknown model_type {hf_cfg.get('model_type')!r}; "
@@ -237,7 +241,12 @@ def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transf
         raise KeyError(f"checkpoint {ckpt} is missing tensors: {', '.join(missing)}")
     if unexpected:
         raise KeyError(f"checkpoint {ckpt} has unexpected tensors: {', '.join(unexpected)}")
+    return cfg, names, files
 
+
+def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transformer:
+    ckpt = resolve_dir(path_or_hub_id)
+    cfg, names, files = _checked_config(ckpt)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
     model.to_empty(device=device)

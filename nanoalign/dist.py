@@ -107,12 +107,17 @@ def full_state(model: torch.nn.Module, optimizer=None, d: Dist | None = None):
     return get_state_dict(model, optimizer, options=opts)
 
 
-def load_full_state(model: torch.nn.Module, model_state: dict, optimizer=None, optim_state=None):
-    """Inverse of full_state: every rank passes the full dicts; each keeps its own shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+def load_full_model_state(model: torch.nn.Module, state: dict, d: Dist):
+    """Inverse of full_state for the weights. Sharded: rank 0 passes the full dict, the other ranks an empty
+    one; each tensor is broadcast from rank 0 and cut into shards, so only rank 0 holds a full copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True)
-    if optimizer is None:
-        set_model_state_dict(model, model_state, options=opts)
-    else:
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=opts)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.enabled))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer, state: dict, d: Dist):
+    """The same for the optimizer state (keyed by parameter name, as full_state returns it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.enabled))

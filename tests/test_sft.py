@@ -153,17 +153,45 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(init_dir, tm
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == before
 
 
+@pytest.fixture(scope="module")
+def tied_init_dir(tmp_path_factory, tok):
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128, tie_embeddings=True))
+    model.init_weights()
+    return save_pretrained(model, tmp_path_factory.mktemp("tied") / "model", tokenizer=tok)
+
+
+def torchrun(tmp_path, *argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_sft.py"), *argv]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir, tmp_path):
+    """Rank 0 loads and broadcasts the shards (the others start from an empty meta model), then a run cut
+    at step 2 resumes under torchrun; all of it equals one process."""
+    train_sft.main(args(tied_init_dir, tmp_path / "one", "--steps=4"))
+    torchrun(tmp_path, *args(tied_init_dir, tmp_path / "two", "--steps=4", "--stop_at=2"))
+    torchrun(tmp_path, *args(tied_init_dir, tmp_path / "two", "--steps=4", "--resume"))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
+    a, b = load_pretrained(tmp_path / "one" / "model"), load_pretrained(tmp_path / "two" / "model")
+    assert b.lm_head.weight is b.tok_emb.weight
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=n)
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, tmp_path):
     one_val_row = tmp_path / "val1.jsonl"  # fewer held-out rows than ranks: rank 1 has none
     one_val_row.write_text((ROOT / "data" / "sft_val.jsonl").read_text().splitlines()[0] + "\n")
     extra = ["--steps=3", f"--val_data={one_val_row}"]
     train_sft.main(args(init_dir, tmp_path / "one", *extra))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_sft.py"),
-           *args(init_dir, tmp_path / "two", *extra)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(tmp_path, *args(init_dir, tmp_path / "two", *extra))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
