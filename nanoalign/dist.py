@@ -9,7 +9,9 @@ Gotchas:
 - FSDP averages gradients over ranks. Our losses are already divided by the token count of the whole
   global step, so the trainer multiplies the loss by world_size to undo that average.
 - A full state dict (to save an HF checkpoint) must be gathered collectively: every rank calls
-  full_state_dict(), only rank 0 receives the tensors (on CPU).
+  full_state(), only rank 0 receives the tensors (on CPU). Loading goes the other way: rank 0 alone reads
+  the checkpoint and broadcasts it into the other ranks' shards (load_full_model_state), so a node holds
+  one full copy of a large model in CPU memory, not one per rank.
 """
 from __future__ import annotations
 
