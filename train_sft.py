@@ -216,7 +216,7 @@ def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokeni
                 f.write(json.dumps(record) + "\n")
 
     def save(step):
-        model_state, optim_state = dist.full_state(model, opt, d)
+        model_state, optim_state = dist.full_state(model, opt)
         if d.is_main:
             train_state = {"step": step, "phase": phase, "optimizer": optim_state, "config": asdict(cfg),
                            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -244,9 +244,10 @@ def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokeni
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-        tokens_seen += int(n_tokens.item())
+        n_tokens = int(n_tokens.item())
+        tokens_seen += n_tokens
         record = {"phase": phase, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens": int(n_tokens.item()), "tok_per_s": tokens_seen / (time.time() - t0)}
+                  "tokens": n_tokens, "tok_per_s": tokens_seen / (time.time() - t0)}
         if val_rows and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
             record["eval_loss"] = evaluate_loss(model, val_rows, cfg, d, tok.pad_id, autocast)
             dist.print0(d, f"\n[{phase}] step {step + 1}: loss {loss:.4f} eval_loss {record['eval_loss']:.4f}")
@@ -283,19 +284,18 @@ def sample_answers(model, tok, cfg, d):
         return None
     model.eval()
     prompts = read_jsonl(cfg.eval_data, required=("prompt",))
-    closed = [p for p in prompts if p.get("qtype") == "CONSTRAINED"]
     answers = []
     for i in range(0, len(prompts), 32):
         chunk = prompts[i:i + 32]
         gen = generate(model, [encode_prompt(tok, p["prompt"], cfg.template) for p in chunk], 48,
                        temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-        answers += [tok.decode(gen.tokens[j, :int(gen.mask[j].sum())].tolist()).strip() for j in range(len(chunk))]
+        answers += [tok.decode(gen.response(j)).strip() for j in range(len(chunk))]
     for p, a in list(zip(prompts, answers))[:cfg.num_samples]:
         dist.print0(d, f"\n> {p['prompt']}\n  {a}\n  (reference: {p.get('reference', '-')})")
     if not all(world.is_world_prompt(p["prompt"]) for p in prompts):
         return None  # the oracle judges only its own world's prompts
-    by_prompt = dict(zip((p["prompt"] for p in prompts), answers))
-    accuracy = sum(world.is_correct(p["prompt"], by_prompt[p["prompt"]]) for p in closed) / max(1, len(closed))
+    closed = [(p["prompt"], a) for p, a in zip(prompts, answers) if p.get("qtype") == "CONSTRAINED"]
+    accuracy = sum(world.is_correct(p, a) for p, a in closed) / max(1, len(closed))
     mean_quality = sum(world.quality(p["prompt"], a) for p, a in zip(prompts, answers)) / len(prompts)
     dist.print0(d, f"\nclosed-ended accuracy (greedy, {len(closed)} held-out prompts): {accuracy:.1%}; "
                    f"mean oracle quality over all {len(prompts)}: {mean_quality:.3f}")

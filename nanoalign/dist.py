@@ -98,7 +98,7 @@ def barrier(d: Dist):
         dist.barrier()
 
 
-def full_state(model: torch.nn.Module, optimizer=None, d: Dist | None = None):
+def full_state(model: torch.nn.Module, optimizer=None):
     """(model_state, optimizer_state) as full CPU tensors keyed by parameter name; empty dicts on ranks > 0
     when sharded. Works the same for a plain module."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict

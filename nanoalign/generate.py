@@ -4,7 +4,7 @@
 
 Prompts of different lengths are left-padded, so every row's next token sits in the same column. Positions
 count real tokens only (cumsum(mask) - 1) and pads are masked from attention, which makes each row's
-logits equal to those of the row run alone (tests/test_generate.py pins this).
+logits equal to those of the row run alone (tests/test_model.py pins this).
 
 For PPO the sampler returns the log-probability of each sampled token under softmax(logits / temperature)
 with nothing filtered: that is the distribution the trainer recomputes later. top-k / top-p change the
@@ -38,6 +38,10 @@ class Generation:
     @property
     def attention_mask(self):  # (B, P + N)
         return torch.cat([self.prompt_mask, self.mask], dim=1)
+
+    def response(self, i: int) -> list[int]:
+        """Row i's generated ids up to and including its stop token."""
+        return self.tokens[i, :int(self.mask[i].sum())].tolist()
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None):
@@ -149,8 +153,7 @@ def main(argv=None):
     gen = generate(model, [ids], args.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tok.vocab_size,
                    generator=torch.Generator(args.device).manual_seed(args.seed))
-    n = int(gen.mask[0].sum())
-    print(tok.decode(gen.tokens[0, :n].tolist()))
+    print(tok.decode(gen.response(0)))
 
 
 if __name__ == "__main__":

@@ -235,6 +235,11 @@ def _correctness(prompt, p, response):
     return 0.6 if m[1] == p["answer"] else 0.1 if m[1] in p["cities"] else 0.0
 
 
+def _topic_facts(topic):
+    """Every true fact about a topic, as normalised sentences."""
+    return set(_sentences(" ".join(_fact(topic, pred) for pred in TOPICS[topic])))
+
+
 def quality(prompt, response):
     """The oracle's score of `response` to `prompt` in [0, 1] (see the module docstring for what it prefers)."""
     p = parse_prompt(prompt)
@@ -248,7 +253,7 @@ def quality(prompt, response):
         score = _correctness(prompt, p, response)
         penalty += 0.15 * (len(distinct) - (score > 0))  # every sentence but the answer is rambling
     else:
-        facts = set(_sentences(" ".join(_fact(p["topic"], pred) for pred in TOPICS[p["topic"]])))
+        facts = _topic_facts(p["topic"])
         k = sum(s in facts for s in distinct)
         score = min(k, p["n"]) / p["n"]
         penalty += 0.15 * (len(distinct) - k) + 0.05 * max(0, k - p["n"])
@@ -271,7 +276,7 @@ def is_correct(prompt, response):
         return False
     if p["qtype"] == "CONSTRAINED":
         return _correctness(prompt, p, response) >= 0.6
-    facts = set(_sentences(" ".join(_fact(p["topic"], pred) for pred in TOPICS[p["topic"]])))
+    facts = _topic_facts(p["topic"])
     return len(facts & set(_sentences(response))) >= p["n"]
 
 

@@ -35,7 +35,7 @@ def test_generate_cli_prints_the_greedy_completion(ckpt, capsys, template):
     ids = encode_prompt(tok, prompt, template or "plain")  # no template: the prompt verbatim
     gen = generate(model, [ids], 12, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                    vocab_size=tok.vocab_size)
-    expected = tok.decode(gen.tokens[0, :int(gen.mask[0].sum())].tolist()).strip()
+    expected = tok.decode(gen.tokens[0, :int(gen.mask[0].sum())].tolist()).strip()  # not gen.response: compare paths
     assert printed == expected and len(expected) > 0
 
 
