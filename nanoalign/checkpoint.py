@@ -331,12 +331,13 @@ def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
-def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 1024**3,
-                    state_dict: dict[str, torch.Tensor] | None = None, extra=None) -> Path:
-    """Write config.json and safetensors (sharded above max_shard_bytes) that transformers loads as is.
+def write_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 1024**3,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json and safetensors (sharded above max_shard_bytes) into the existing directory out_dir,
+    in the layout transformers loads as is. Not atomic: save_pretrained (or train.save_checkpoint) wraps it.
 
-    state_dict: the model's full state to write instead of model.state_dict() (e.g. gathered from FSDP).
-    extra(tmp_dir): writes more files (training state) into the same atomically renamed directory."""
+    state_dict: the model's full state to write instead of model.state_dict() (e.g. gathered from FSDP)."""
+    out_dir = Path(out_dir)
     cfg = model.cfg
     state = hf_state_dict(cfg, state_dict if state_dict is not None else model.state_dict())
     dtype = next(iter(state.values())).dtype
@@ -351,24 +352,33 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
         shards[-1][k] = t
         size += nbytes
 
+    hf_config = config_to_hf(cfg, dtype)
+    if tokenizer is not None:  # without them transformers assumes its own defaults (LLaMA: eos 2)
+        hf_config.update(tokenizer.special_ids())
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out_dir / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+    return out_dir
+
+
+def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 1024**3,
+                    state_dict: dict[str, torch.Tensor] | None = None, extra=None) -> Path:
+    """write_pretrained into a temporary directory renamed into place (atomic).
+
+    extra(tmp_dir): writes more files (training state) into the same atomically renamed directory."""
     def write(tmp: Path):
-        hf_config = config_to_hf(cfg, dtype)
-        if tokenizer is not None:  # without them transformers assumes its own defaults (LLaMA: eos 2)
-            hf_config.update(tokenizer.special_ids())
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        write_pretrained(model, tmp, tokenizer, max_shard_bytes, state_dict)
         if extra is not None:
             extra(tmp)
 
