@@ -39,3 +39,48 @@ def parse_config(cls, argv=None, description: str | None = None):
         else:
             ap.add_argument(f"--{f.name}", type=kind, default=default, help=doc)
     return cls(**vars(ap.parse_args(argv)))
+
+
+class InputError(ValueError):
+    """A problem with what the user gave (a flag, a file, a checkpoint), reported as one line naming it."""
+
+
+def check_choice(cfg, name: str, allowed) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise InputError(f"--{name}={value}: choose one of {', '.join(map(str, allowed))}")
+
+
+def check_range(cfg, name: str, low=None, high=None, *, low_open=False, high_open=False) -> None:
+    """value within [low, high] ('(' / ')' when open); the error names the flag and the allowed range."""
+    value = getattr(cfg, name)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise InputError(f"--{name}={value}: must be in {interval}")
+
+
+def check_positive(cfg, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise InputError(f"--{name}={getattr(cfg, name)}: must be positive")
+
+
+def check_non_negative(cfg, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise InputError(f"--{name}={getattr(cfg, name)}: must be >= 0")
+
+
+def run(main, argv=None) -> None:
+    """Entry point of a script: input errors and a stopped run print one line (no traceback) and exit non-zero."""
+    import sys
+
+    try:
+        main(argv if argv is not None else sys.argv[1:])
+    except (InputError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, (InputError, FileNotFoundError)) else 1)
