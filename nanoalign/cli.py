@@ -76,11 +76,17 @@ def check_non_negative(cfg, *names: str) -> None:
 
 
 def run(main, argv=None) -> None:
-    """Entry point of a script: input errors and a stopped run print one line (no traceback) and exit non-zero."""
+    """Entry point of a script: a bad input (a flag, a data file, a checkpoint: ValueError, KeyError,
+    FileNotFoundError, all of which name the culprit) or a stopped run (FloatingPointError) prints one line
+    and exits non-zero, without a traceback. NANOALIGN_DEBUG=1 shows the traceback."""
+    import os
     import sys
 
     try:
         main(argv if argv is not None else sys.argv[1:])
-    except (InputError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, (InputError, FileNotFoundError)) else 1)
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("NANOALIGN_DEBUG") == "1":
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1 if isinstance(e, FloatingPointError) else 2)
