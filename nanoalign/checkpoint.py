@@ -25,10 +25,11 @@ import re
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer
@@ -186,15 +187,44 @@ def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
     return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from path; an error names the file (and the line and column of a syntax error)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+@contextmanager
+def open_tensors(file: Path):
+    """safe_open, with an error naming the file: safetensors' own says only e.g. 'incomplete metadata'."""
+    try:
+        f = safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    with f:
+        yield f
+
+
 def tensor_files(ckpt: Path) -> dict[str, Path]:
     """Every tensor name in the checkpoint -> the safetensors file holding it."""
     index = ckpt / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object (tensor name -> shard file)")
+        for shard in sorted(set(weight_map.values())):
+            if not (ckpt / shard).is_file():
+                raise FileNotFoundError(f"{index} lists shard {shard}, which is not in {ckpt}")
         return {k: ckpt / f for k, f in weight_map.items()}
     single = ckpt / "model.safetensors"
     if single.exists():
-        with safe_open(single, framework="pt") as f:
+        with open_tensors(single) as f:
             return {k: single for k in f.keys()}
     if any(ckpt.glob("*.bin")):
         raise FileNotFoundError(f"{ckpt} holds only PyTorch .bin weights; nanoalign reads safetensors "
@@ -203,17 +233,30 @@ def tensor_files(ckpt: Path) -> dict[str, Path]:
 
 
 def _shape(file: Path, name: str) -> list[int]:
-    with safe_open(file, framework="pt") as f:
+    with open_tensors(file) as f:
         if name not in f.keys():
             raise KeyError(f"tensor {name} is listed in the index but missing from {file}")
         return list(f.get_slice(name).get_shape())
+
+
+# config.json keys nanoalign cannot guess
+REQUIRED_KEYS = {"llama": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+                 "gpt_neox": ("hidden_size", "num_hidden_layers", "num_attention_heads")}
 
 
 def read_config(ckpt: Path) -> dict:
     path = ckpt / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"no config.json in {ckpt}")
-    return json.loads(path.read_text())
+    hf = read_json(path)
+    if hf.get("model_type") not in SUPPORTED:
+        raise ValueError(f"{path}: unknown model_type {hf.get('model_type')!r}; nanoalign loads {', '.join(SUPPORTED)}")
+    for key in REQUIRED_KEYS[hf["model_type"]]:
+        if key not in hf:
+            raise ValueError(f"{path}: missing key {key!r} (required for model_type {hf['model_type']!r})")
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
+            raise ValueError(f"{path}: key {key!r} must be a positive integer, got {hf[key]!r}")
+    return hf
 
 
 def model_config(path_or_hub_id) -> ModelConfig:
@@ -223,14 +266,17 @@ def model_config(path_or_hub_id) -> ModelConfig:
 
 def _checked_config(ckpt: Path):
     hf_cfg = read_config(ckpt)
-    if hf_cfg.get("model_type") not in SUPPORTED:
-        raise ValueError(f"{ckpt / 'config.json'}: unknown model_type {hf_cfg.get('model_type')!r}; "
-                         f"nanoalign loads {', '.join(SUPPORTED)}")
     files = tensor_files(ckpt)
     emb_name = "model.embed_tokens.weight" if hf_cfg["model_type"] == "llama" else "gpt_neox.embed_in.weight"
     if emb_name not in files:
         raise KeyError(f"missing tensor {emb_name} in {ckpt}")
-    cfg = config_from_hf(hf_cfg, vocab_size=_shape(files[emb_name], emb_name)[0])
+    rows = _shape(files[emb_name], emb_name)[0]
+    # the tensor decides (Pythia pads it past its tokenizer, and says so in config.json); a config that
+    # disagrees with it belongs to another checkpoint or was edited by hand
+    if hf_cfg.get("vocab_size") is not None and hf_cfg["vocab_size"] != rows:
+        raise ValueError(f"{ckpt / 'config.json'}: vocab_size {hf_cfg['vocab_size']} disagrees with the {rows} rows "
+                         f"of {emb_name} in {files[emb_name]}")
+    cfg = config_from_hf(hf_cfg, vocab_size=rows)
 
     names = hf_names(cfg)
     optional = {"lm_head.weight", "embed_out.weight"} if cfg.tie_embeddings else set()
@@ -258,7 +304,7 @@ def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transf
         by_file.setdefault(files[k], []).append(k)
     with torch.no_grad():
         for file, keys in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with open_tensors(file) as f:
                 for k in keys:
                     t = f.get_tensor(k)
                     targets = names[k] if isinstance(names[k], tuple) else (names[k],)
@@ -294,6 +340,15 @@ def _umask() -> int:
     return mask
 
 
+def _usual_permissions(root: Path):
+    """mkdtemp makes a private directory, and safetensors writes through a private temporary file (0600):
+    give the checkpoint the permissions the umask gives any new file, so others can read it."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
     """Call write(tmp_dir), then move tmp_dir to dst. An existing dst is replaced only after the new one
     is complete, so a crash at any point leaves either the old or the new directory, never a half one."""
@@ -301,9 +356,9 @@ def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_swap(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint gets the usual permissions
     try:
         write(tmp)
+        _usual_permissions(tmp)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
             os.replace(dst, old)

@@ -1,5 +1,6 @@
 """Strict loading and safe saving: each malformed checkpoint raises an error naming what is wrong."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,16 +173,122 @@ def test_the_newest_aside_checkpoint_is_recovered_and_stale_ones_cleared(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_saved_checkpoint_follows_the_umask(tmp_path):
+@pytest.mark.parametrize("shard_bytes", [10**9, 5_000])
+def test_saved_checkpoint_follows_the_umask(tmp_path, shard_bytes):
     import os
     import stat
 
+    from nanoalign.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(Path(__file__).resolve().parents[1] / "data" / "tokenizer")
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layer=2, n_head=2, hidden_dim=32))
     old = os.umask(0o022)
     try:
-        _, d = saved(tmp_path)
+        # extra: a file the training loop adds (torch.save, like train_state.pt)
+        d = save_pretrained(model, tmp_path / "ckpt", tokenizer=tok, max_shard_bytes=shard_bytes,
+                            extra=lambda tmp: torch.save({"step": 1}, tmp / "train_state.pt"))
     finally:
         os.umask(old)
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in d.iterdir()}
+    assert "train_state.pt" in modes and "tokenizer.json" in modes
+    assert any(name.endswith(".safetensors") for name in modes)  # safetensors writes 0600 on its own
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+# --- every malformed input: a one-line error naming the file and what is wrong
+
+
+def one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_names_the_file(tmp_path, damage):
+    _, d = saved(tmp_path)
+    path = d / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"<html>404 Not Found</html>", "empty": b""}[damage])
+    with pytest.raises(ValueError) as err:
+        load_pretrained(d)
+    assert f"{path}: not a readable safetensors file, truncated or corrupt" in one_line(err)
+
+
+def test_corrupt_shard_names_the_shard(tmp_path):
+    model, _ = saved(tmp_path)
+    d = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=5_000)
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{shard}: not a readable safetensors file"):
+        load_pretrained(d)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"lists shard {shard.name}, which is not in"):
+        load_pretrained(d)
+
+
+def test_invalid_config_json_names_file_line_and_column(tmp_path):
+    _, d = saved(tmp_path)
+    path = d / "config.json"
+    lines = path.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if '"hidden_size"' in line)
+    lines[i] = lines[i].rstrip(",")  # a missing comma: the parser stops on the next line
+    path.write_text("\n".join(lines))
+    with pytest.raises(ValueError) as err:
+        load_pretrained(d)
+    assert f"{path}: invalid JSON at line {i + 2} column 3 (Expecting ',' delimiter)" in one_line(err)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{path}: expected a JSON object, got a list"):
+        load_pretrained(d)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"])
+def test_config_missing_a_required_key_names_it(tmp_path, key):
+    _, d = saved(tmp_path)
+    path = d / "config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if k != key}))
+    with pytest.raises(ValueError) as err:
+        load_pretrained(d)
+    assert f"{path}: missing key {key!r}" in one_line(err)
+    path.write_text(json.dumps({**cfg, key: "32"}))
+    with pytest.raises(ValueError, match=f"key {key!r} must be a positive integer, got '32'"):
+        load_pretrained(d)
+
+
+def test_config_vocab_size_must_match_the_embedding(tmp_path):
+    model, d = saved(tmp_path)
+    path = d / "config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "vocab_size": 64}))
+    with pytest.raises(ValueError) as err:
+        load_pretrained(d)
+    assert (f"{path}: vocab_size 64 disagrees with the 50 rows of model.embed_tokens.weight in "
+            f"{d / 'model.safetensors'}") in one_line(err)
+    # no vocab_size at all: the tensor decides
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "vocab_size"}))
+    assert load_pretrained(d).cfg.vocab_size == 50
+
+
+def test_padded_embedding_with_matching_config_loads(tmp_path):
+    """Pythia: embedding rows (and config vocab_size) past the tokenizer's vocabulary are accepted."""
+    model, d = saved(tmp_path, vocab_size=128, norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True,
+                     rotary_pct=0.25, parallel_residual=True, model_type="gpt_neox")
+    assert json.loads((d / "config.json").read_text())["vocab_size"] == 128
+    assert load_pretrained(d).tok_emb.weight.shape[0] == 128
+
+
+def test_invalid_index_json_names_the_file(tmp_path):
+    model, _ = saved(tmp_path)
+    d = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=5_000)
+    index = d / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:-10])
+    with pytest.raises(ValueError, match=f"{index}: invalid JSON at line"):
+        load_pretrained(d)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=f"{index}: expected a 'weight_map' object"):
+        load_pretrained(d)
 
 
 def test_a_mistyped_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
