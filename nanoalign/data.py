@@ -33,8 +33,20 @@ IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 # --- reading
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _lines(path: Path):
+    """(line number, text) for each line of a UTF-8 file (.gz allowed). Bytes are decoded line by line, so
+    a file in another encoding (Latin-1, UTF-16) fails naming the line instead of a bare UnicodeDecodeError."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:  # utf-8-sig: drop the byte-order mark some editors put first
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at byte "
+                                     f"{e.start + 1} of the line); convert the file to UTF-8") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a complete gzip file ({e})") from None
 
 
 def _is_number(x) -> bool:
@@ -67,16 +79,15 @@ def _check_record(record, required, where: str) -> None:
         raise ValueError(f"{where}: {len(record['responses'])} responses but {len(record['scores'])} scores")
 
 
-def _iter_jsonl(path: Path):
+def _iter_jsonl(path: Path, lines=None):
     """(location, record) for each non-blank line; location is 'file:line' for error messages."""
-    with _open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for lineno, line in _lines(path) if lines is None else lines:
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -90,12 +101,31 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
 
 def _read_json_or_jsonl(path: Path) -> list[tuple[str, dict]]:
     """(location, record) pairs from a JSON list ('file[index]') or a JSONL file ('file:line')."""
-    with _open(path) as f:
-        is_list = f.read(4096).lstrip().startswith("[")
-    if not is_list:
-        return list(_iter_jsonl(path))
-    with _open(path) as f:
-        return [(f"{path}[{i}]", r) for i, r in enumerate(json.load(f))]
+    lines = list(_lines(path))
+    text = "".join(line for _, line in lines)
+    if not text.lstrip().startswith("["):
+        try:
+            return list(_iter_jsonl(path, lines))
+        except ValueError:
+            if isinstance(_json_or_none(text), dict):  # a pretty-printed object, not JSONL: say so
+                raise ValueError(f"{path}: holds a single JSON object; expected a JSON list of objects "
+                                 "or JSONL (one object a line)") from None
+            raise
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}[{i}]: expected a JSON object, got {type(r).__name__} {r!r:.80}")
+    return [(f"{path}[{i}]", r) for i, r in enumerate(records)]
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def _report_skipped(reader: str, kept: int, skipped: dict[str, int]) -> None:

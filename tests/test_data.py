@@ -14,7 +14,8 @@ from nanoalign.tokenizer import Tokenizer, encode_prompt, encode_response, forma
 from test_tokenizer import STANDARD_CONFIG, make_tokenizer_dir
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ALPACAFARM = Path("/work/shared/data/alpacafarm_val_qtype.json")
+# AlpacaFarm's validation set is not in the repository: it sits in a "shared" folder beside the checkout
+ALPACAFARM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpacafarm_val_qtype.json"
 
 
 @pytest.fixture
@@ -58,6 +59,28 @@ def test_read_jsonl_errors_name_file_line_and_key(tmp_path, bad_line, message):
         read_jsonl(path, required=("prompt", "response"))
     assert f"{path}:3: " in str(err.value)
     assert message in str(err.value)
+
+
+def test_read_jsonl_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "ok", "response": "ok"}\n\n{"prompt": "café", "response": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        read_jsonl(path)
+    assert str(err.value) == (f"{path}:3: not UTF-8 text (byte 0xe9 at byte 16 of the line); "
+                              "convert the file to UTF-8")
+    gz = tmp_path / "latin1.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(ValueError, match=f"{gz}:3: not UTF-8 text"):
+        read_jsonl(gz)
+    gz.write_bytes(gzip.compress(b'{"a": 1}\n' * 100)[:-20])  # cut short, as by a failed download
+    with pytest.raises(ValueError, match=f"{gz}: not a complete gzip file"):
+        read_jsonl(gz)
+
+
+def test_read_jsonl_ignores_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "response": "b"}\n')
+    assert read_jsonl(path, required=("prompt", "response")) == [{"prompt": "a", "response": "b"}]
 
 
 def test_read_jsonl_multi_response_checks(tmp_path):
@@ -109,6 +132,7 @@ def test_read_hh_tokens_match_the_transcript(tok):
 # --- Alpaca / AlpacaFarm
 
 
+@pytest.mark.skipif(not ALPACAFARM.is_file(), reason=f"AlpacaFarm validation file not found at {ALPACAFARM}")
 def test_read_alpacafarm_file(capsys):
     records = read_alpaca(ALPACAFARM)
     # record 730 has an empty output
@@ -138,6 +162,30 @@ def test_read_alpaca_classic_json_list(tmp_path):
 def test_read_alpaca_classic_jsonl(tmp_path):
     path = write_lines(tmp_path / "alpaca.jsonl", [json.dumps(r) for r in CLASSIC])
     assert read_alpaca(path) == CLASSIC_EXPECTED
+
+
+def test_read_alpaca_malformed_json_list_names_file_line_and_column(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(CLASSIC, indent=2).replace('"Red."', '"Red.",', 1))  # trailing comma, line 5
+    with pytest.raises(ValueError) as err:
+        read_alpaca(path)
+    assert str(err.value) == f"{path}: malformed JSON at line 6 column 3 (Expecting property name enclosed in double quotes)"
+
+
+def test_read_alpaca_json_that_is_not_a_list_of_objects(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([CLASSIC[0], "Red.", CLASSIC[1]]))
+    with pytest.raises(ValueError, match=r"alpaca_data\.json\[1\]: expected a JSON object, got str 'Red\.'"):
+        read_alpaca(path)
+    path.write_text(json.dumps([CLASSIC[0], 7]))
+    with pytest.raises(ValueError, match=r"alpaca_data\.json\[1\]: expected a JSON object, got int 7"):
+        read_alpaca(path)
+    path.write_text(json.dumps({"data": CLASSIC}, indent=2))  # an object holding the list, pretty-printed
+    with pytest.raises(ValueError, match=r"alpaca_data\.json: holds a single JSON object; expected a JSON list"):
+        read_alpaca(path)
+    path.write_bytes(json.dumps(CLASSIC, indent=2).replace("Red.", "Rød.").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"alpaca_data\.json:5: not UTF-8 text \(byte 0xf8"):
+        read_alpaca(path)
 
 
 def test_read_alpaca_errors_name_record(tmp_path):
