@@ -11,36 +11,30 @@ prompts and print the accuracy on the closed-ended ones.
     torchrun --nproc_per_node=8 train_sft.py --init=meta-llama/Llama-2-7b-hf --device=cuda \\
         --data=alpaca_data.json --template=alpaca --lr=2e-5 --batch_size=64 --micro_batch_size=4 --max_len=1024
 
-Details that matter (METHODS.md section 1, PITFALLS.md):
+Details that matter (docs/methods.md section 1, docs/correctness.md):
 - The loss is a sum over response tokens divided by the response-token count of the WHOLE optimizer step
   (all micro-batches, all ranks), so gradient accumulation and data parallelism give the same update as one
   big batch. A micro-batch with no response tokens adds zero, never NaN.
-- The data order, the learning rate and the RNG are pure functions of the step, and the checkpoint holds
-  the optimizer state: --resume continues exactly where the run stopped.
-- Checkpoints are written to a temporary directory and renamed: killing the run mid-save keeps the last one.
+- Schedule, data order, placement, the guarded optimizer step, checkpoints and resume are nanoalign/train.py's.
 """
 from __future__ import annotations
 
 import json
-import math
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from nanoalign import dist, world
-from nanoalign.checkpoint import load_pretrained, model_config, recover_interrupted_swap, resolve_dir, save_pretrained
-from nanoalign.cli import parse_config
+from nanoalign import dist, train, world
+from nanoalign.checkpoint import resolve_dir
+from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
 from nanoalign.generate import generate
 from nanoalign.model import ModelConfig, Transformer
-from nanoalign.tokenizer import Tokenizer, encode_prompt
+from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt
 
 
 # --- config
@@ -85,26 +79,6 @@ class Config:
     num_samples: int = 4        # greedy answers printed at the end
 
 
-def lr_at(step: int, cfg: Config, peak: float, total: int) -> float:
-    """Linear warmup to the peak, then cosine down to peak * min_lr_ratio at the last step (total - 1)."""
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - 1 - cfg.warmup_steps)  # 1.0 at the last step
-    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """The examples of a global step: a fresh seeded permutation every epoch, read in order."""
-    perms = {}
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        out.append(perms[epoch][i])
-    return out
-
-
 def data_format(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -119,13 +93,14 @@ def load_sft_examples(path: str, fmt: str) -> list[dict]:
         return read_alpaca(path)
     if fmt == "hh":  # SFT on the chosen transcripts
         return [{"prompt": r["prompt"], "response": r["chosen"]} for r in read_hh(path)]
-    raise ValueError(f"unknown --format {fmt!r}")
+    raise InputError(f"--format={fmt}: choose auto, jsonl, alpaca or hh")
 
 
-def token_loss_sum(model, batch, device, autocast):
+def sft_loss_sum(model, batch, amp):
     """Sum of next-token cross-entropies over the labelled positions, and their count."""
+    device = next(model.parameters()).device
     input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-    with autocast:
+    with amp:
         logits = model(input_ids)  # (B, T, V); right padding needs no attention mask
     # logits at position t predict the token at t + 1
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
@@ -133,140 +108,81 @@ def token_loss_sum(model, batch, device, autocast):
     return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def accumulate_gradients(model, mine, micro_batch_size, d, pad_id, autocast):
-    """Forward/backward this rank's share of a step in micro-batches; the gradients sum to those of
-    sum(token losses of the whole global step) / (its number of labelled tokens).
-    Returns (this rank's loss sum, the global token count)."""
-    micro = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+def sft_gradients(model, mine, micro_batch_size, d, pad_id, amp):
+    """Backward over this rank's rows of a step; the gradients are those of the token mean over the WHOLE
+    global step. Returns (this rank's loss sum, the step's labelled-token count over all ranks)."""
     local_tokens = torch.tensor(float(sum(sum(r["mask"][1:]) for r in mine)), device=d.device)
     n_tokens = dist.all_reduce_sum(local_tokens, d).clamp(min=1)  # labelled tokens in the whole step
-    loss_sum = torch.zeros((), device=d.device)
-    for j, mb in enumerate(micro):
-        if d.enabled:  # reduce-scatter gradients only after the last micro-batch
-            model.set_requires_gradient_sync(j == len(micro) - 1)
-        loss, _ = token_loss_sum(model, collate_sft(mb, pad_id), d.device, autocast)
-        # FSDP averages gradients over ranks; the loss is already normalised by the global count
-        (loss / n_tokens * d.world_size).backward()
-        loss_sum += loss.detach()
+    loss_sum = train.accumulate_gradients(model, train.micro_batches(mine, micro_batch_size),
+                                          lambda mb: sft_loss_sum(model, collate_sft(mb, pad_id), amp)[0], n_tokens, d)
     return loss_sum, n_tokens
 
 
-@torch.no_grad()
-def evaluate_loss(model, rows, cfg, d, pad_id, autocast) -> float:
-    model.eval()
-    total = torch.zeros(2, device=d.device)
-    mine = rows[d.rank::d.world_size]
-    # every rank runs the same number of forwards (FSDP gathers weights collectively)
-    n_batches = math.ceil(math.ceil(len(rows) / d.world_size) / cfg.micro_batch_size)
-    for b in range(n_batches):
-        # a rank with fewer rows runs a dummy forward whose loss is not counted
-        chunk = mine[b * cfg.micro_batch_size:(b + 1) * cfg.micro_batch_size] or rows[:1]
-        loss, n = token_loss_sum(model, collate_sft(chunk, pad_id), d.device, autocast)
-        if b * cfg.micro_batch_size < len(mine):
-            total += torch.stack([loss, n.float()])
-    total = dist.all_reduce_sum(total, d)
-    model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+def check_config(cfg: Config) -> None:
+    """Every flag checked before any work starts; each error names the flag and what is allowed."""
+    check_choice(cfg, "mode", ("auto", "pretrain", "sft"))
+    check_choice(cfg, "format", ("auto", "jsonl", "alpaca", "hh"))
+    check_choice(cfg, "template", ("auto", *TEMPLATES))
+    if cfg.dtype not in ("float32", "bfloat16"):
+        # fp16 would need loss scaling (a GradScaler); bf16 has fp32's range and does not
+        raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
+    check_positive(cfg, "steps", "batch_size", "micro_batch_size", "max_len", "max_response_len", "lr",
+                   "pretrain_steps", "pretrain_lr", "dim", "n_layer", "n_head", "hidden_dim", "eval_every")
+    check_non_negative(cfg, "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at", "num_samples")
+    check_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
+        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    train.check_files(cfg, "data", "val_data", "eval_data")
 
 
 # --- the training loop (used for both pretraining and SFT)
-def train(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokenizer, rows, val_rows, out_dir: Path,
-          steps: int, peak_lr: float):
-    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype), enabled=d.device.type == "cuda"
-                              and cfg.dtype != "float32")
+def fit(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokenizer, rows, val_rows, run_dir: Path,
+        state: dict | None, steps: int, peak_lr: float):
     if cfg.batch_size % d.world_size:
-        raise ValueError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
-    state_path = out_dir / "model" / "train_state.pt"
-    # mmap: ranks other than 0 read only the step and RNG, never the (large) optimizer state
-    resume_state = torch.load(state_path, weights_only=False, mmap=True) if cfg.resume and state_path.exists() else None
-    if d.enabled:
-        # rank 0 holds the loaded weights, the other ranks an empty model on the meta device; after sharding,
-        # rank 0 broadcasts tensor by tensor and every rank keeps its shard (on its GPU under NCCL)
-        full_model_state = model.state_dict() if d.is_main else {}
-        dist.shard(model, d)
-        if any(p.is_meta for p in model.parameters()):
-            model.to_empty(device=d.device)
-        dist.load_full_model_state(model, full_model_state, d)
-        del full_model_state
-    else:
-        model.to(d.device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=peak_lr, betas=(0.9, 0.95), eps=1e-8)
-    start = 0
-    if resume_state:
-        dist.load_full_optimizer_state(model, opt, resume_state["optimizer"] if d.is_main else {}, d)
-        start = resume_state["step"]
-        random.setstate(resume_state["rng"]["python"])
-        np.random.set_state(resume_state["rng"]["numpy"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        dist.print0(d, f"[{phase}] resumed from {state_path} at step {start}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
-    if d.is_main and metrics_path.exists():
-        # a fresh run starts a new log; a resumed one drops what was logged after its checkpoint
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if resume_state and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-
-    def log(record):
-        if d.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save(step):
-        model_state, optim_state = dist.full_state(model, opt)
-        if d.is_main:
-            train_state = {"step": step, "phase": phase, "optimizer": optim_state, "config": asdict(cfg),
-                           "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                   "torch": torch.get_rng_state()}}
-            save_pretrained(model, out_dir / "model", tokenizer=tok, state_dict=model_state,
-                            extra=lambda tmp: torch.save(train_state, tmp / "train_state.pt"))
-        dist.barrier(d)
-
-    model.train()
+        raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
+    if not rows:
+        raise InputError(f"[{phase}] no training examples left after tokenizing (see the counts above)")
+    ckpt = run_dir / "model"
+    model = train.place(model, d)
+    opt = train.adamw(model, peak_lr, cfg.weight_decay)
+    start = train.restore(state, {"model": (model, opt)}, d)
+    if state:
+        dist.print0(d, f"[{phase}] resumed from {ckpt} at step {start}")
+    log = train.MetricsLog(run_dir / "metrics.jsonl", d, start)
+    amp = train.autocast(d, cfg.dtype)
     last = min(steps, cfg.stop_at) if cfg.stop_at else steps
-    bar = tqdm(range(start, last), desc=phase, disable=not d.is_main, dynamic_ncols=True)
+    bar = train.progress(range(start, last), phase, d)
     t0, tokens_seen = time.time(), 0
     for step in bar:
-        lr = lr_at(step, cfg, peak_lr, steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        mine = [rows[i] for i in batch_indices(step, len(rows), cfg.batch_size, cfg.seed)][d.rank::d.world_size]
-        loss_sum, n_tokens = accumulate_gradients(model, mine, cfg.micro_batch_size, d, tok.pad_id, autocast)
+        lr = train.lr_at(step, steps, peak_lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        train.set_lr(opt, lr)
+        mine = train.rank_share([rows[i] for i in train.batch_indices(step, len(rows), cfg.batch_size, cfg.seed)], d)
+        loss_sum, n_tokens = sft_gradients(model, mine, cfg.micro_batch_size, d, tok.pad_id, amp)
         loss = (dist.all_reduce_sum(loss_sum, d) / n_tokens).item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"[{phase}] loss is {loss} at step {step} (lr {lr:.2e}); "
-                                     f"no checkpoint written for this step")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = train.optimizer_step(model, opt, step=step + 1, loss=loss, grad_clip=cfg.grad_clip, d=d, what=phase)
 
-        n_tokens = int(n_tokens.item())
-        tokens_seen += n_tokens
-        record = {"phase": phase, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens": n_tokens, "tok_per_s": tokens_seen / (time.time() - t0)}
+        tokens_seen += int(n_tokens.item())
+        record = {"phase": phase, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": int(n_tokens.item()), "tok_per_s": tokens_seen / (time.time() - t0)}
         if val_rows and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
-            record["eval_loss"] = evaluate_loss(model, val_rows, cfg, d, tok.pad_id, autocast)
+            record["eval_loss"] = eval_loss(model, val_rows, cfg, d, tok.pad_id, amp)
             dist.print0(d, f"\n[{phase}] step {step + 1}: loss {loss:.4f} eval_loss {record['eval_loss']:.4f}")
-        log(record)
+        log.log(record)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == last:
-            save(step + 1)
+        if train.should_save(step + 1, cfg.save_every, last):
+            train.save_checkpoint(ckpt, d, step + 1, {"model": (model, opt)}, tokenizer=tok, extra={"phase": phase},
+                                  config=cfg)
     bar.close()
-    dist.print0(d, f"[{phase}] saved {out_dir / 'model'} (step {last}/{steps}); metrics in {metrics_path}")
+    dist.print0(d, f"[{phase}] saved {ckpt} (step {last}/{steps}); metrics in {log.path}")
     return model, last == steps
 
 
-def load_model(path, d: dist.Dist) -> Transformer:
-    """The checkpoint's weights on rank 0 (CPU, fp32); an empty model on the meta device on the other
-    ranks, which receive their shards from rank 0 once sharded (see train)."""
-    if d.is_main:
-        return load_pretrained(path, device="cpu", dtype=torch.float32)
-    with torch.device("meta"):
-        return Transformer(model_config(path))
+def eval_loss(model, rows, cfg, d, pad_id, amp) -> float:
+    model.eval()
+    sums = train.eval_sums(rows, cfg.micro_batch_size, d,
+                           lambda chunk: torch.stack([t.float() for t in sft_loss_sum(model, collate_sft(chunk, pad_id), amp)]))
+    model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
 
 
 def tiny_model(cfg: Config, tok: Tokenizer) -> Transformer:
@@ -304,46 +220,52 @@ def sample_answers(model, tok, cfg, d):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
-    if cfg.dtype not in ("float32", "bfloat16"):
-        # fp16 would need loss scaling (a GradScaler); bf16 has fp32's range and does not
-        raise ValueError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
+    check_config(cfg)
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
 
     # --- models
-    if d.is_main:
-        for run_dir in (cfg.base_dir, cfg.out_dir):
-            recover_interrupted_swap(Path(run_dir) / "model")
-    dist.barrier(d)
-    base_state = Path(cfg.base_dir) / "model" / "train_state.pt"
-    base_finished = base_state.exists() and torch.load(base_state, weights_only=False)["step"] >= cfg.pretrain_steps
-    if cfg.mode == "pretrain" or (cfg.mode == "auto" and not cfg.init and not base_finished):
+    base_ckpt, sft_ckpt = Path(cfg.base_dir) / "model", Path(cfg.out_dir) / "model"
+    for ckpt in (base_ckpt, sft_ckpt):
+        train.clean_stale(ckpt, d)
+    base_state = train.find_checkpoint(base_ckpt, True, required=False)
+    base_finished = base_state is not None and base_state["step"] >= cfg.pretrain_steps
+    pretraining = cfg.mode == "pretrain" or (cfg.mode == "auto" and not cfg.init and not base_finished)
+    if cfg.resume:  # something of this run must be on disk
+        looked = [base_ckpt] if cfg.mode == "pretrain" else [sft_ckpt] if cfg.init or cfg.mode == "sft" else [base_ckpt, sft_ckpt]
+        if not any((c / train.STATE_FILE).exists() for c in looked):
+            raise InputError(f"--resume: no checkpoint to resume from (looked for "
+                             f"{' and '.join(str(c / train.STATE_FILE) for c in looked)})")
+    if pretraining:
+        train.check_files(cfg, "pretrain_data", "tokenizer")
         tok = Tokenizer.from_dir(cfg.tokenizer)
-        resuming = cfg.resume and base_state.exists()
-        model = load_model(Path(cfg.base_dir) / "model", d) if resuming else tiny_model(cfg, tok)
+        state = train.find_checkpoint(base_ckpt, cfg.resume, required=False)
+        model = train.load_model(base_ckpt, d) if state else tiny_model(cfg, tok)
         dist.print0(d, f"pretraining a {model.num_params() / 1e6:.2f}M-parameter model on {cfg.pretrain_data}")
         # --- data
         texts = [r["text"] for r in read_jsonl(cfg.pretrain_data, required=("text",))]
         blocks = tokenize_pretrain(texts, tok, cfg.max_len)
         n_val = max(1, len(blocks) // 50)
-        _, finished = train(cfg, d, "pretrain", model, tok, blocks[n_val:], blocks[:n_val], Path(cfg.base_dir),
-                            cfg.pretrain_steps, cfg.pretrain_lr)
+        # --- loop
+        _, finished = fit(cfg, d, "pretrain", model, tok, blocks[n_val:], blocks[:n_val], Path(cfg.base_dir), state,
+                          cfg.pretrain_steps, cfg.pretrain_lr)
         if cfg.mode == "pretrain" or not finished:
             dist.close(d)
             return
         cfg.resume = False  # the SFT stage starts fresh from the new base
 
-    init = cfg.init or str(Path(cfg.base_dir) / "model")
-    sft_state = Path(cfg.out_dir) / "model" / "train_state.pt"
-    if cfg.resume and sft_state.exists():
-        init = str(Path(cfg.out_dir) / "model")
-    init_dir = resolve_dir(init)
-    model = load_model(init_dir, d)
+    state = train.find_checkpoint(sft_ckpt, cfg.resume, required=False)
+    init_dir = sft_ckpt if state else resolve_dir(cfg.init or base_ckpt)
+    model = train.load_model(init_dir, d)
+    if not (init_dir / "tokenizer.json").exists():
+        train.check_files(cfg, "tokenizer")
     tok = Tokenizer.from_dir(init_dir if (init_dir / "tokenizer.json").exists() else cfg.tokenizer)
     tok.check_vocab(model.cfg.vocab_size)
     if cfg.template == "auto":
         cfg.template = "alpaca" if data_format(cfg.data, cfg.format) == "alpaca" else "hh"
-    dist.print0(d, f"SFT of {init} ({model.num_params() / 1e6:.2f}M parameters) on {cfg.data}, template {cfg.template!r}")
+    tok.template = cfg.template  # saved with the checkpoint: the generate CLI uses it
+    dist.print0(d, f"SFT of {init_dir} ({model.num_params() / 1e6:.2f}M parameters) on {cfg.data}, "
+                   f"template {cfg.template!r}")
 
     # --- data
     train_rows = tokenize_sft(load_sft_examples(cfg.data, cfg.format), tok, cfg.template, cfg.max_len,
@@ -353,7 +275,7 @@ def main(argv=None):
     dist.print0(d, f"{len(train_rows)} training examples, {len(val_rows)} held out")
 
     # --- loop
-    model, finished = train(cfg, d, "sft", model, tok, train_rows, val_rows, Path(cfg.out_dir), cfg.steps, cfg.lr)
+    model, finished = fit(cfg, d, "sft", model, tok, train_rows, val_rows, Path(cfg.out_dir), state, cfg.steps, cfg.lr)
 
     # --- save (done in the loop); sample answers from the final model
     if finished:
@@ -364,4 +286,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])

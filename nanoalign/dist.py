@@ -74,13 +74,16 @@ def seed_everything(seed: int, d: Dist | None = None):
     torch.manual_seed(seed)
 
 
-def shard(model: torch.nn.Module, d: Dist, blocks_attr: str = "layers"):
-    """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
+def shard(model: torch.nn.Module, d: Dist):
+    """FSDP2: shard each transformer block (wherever it sits: a causal LM, or the trunk of a reward model),
+    then the root (embeddings, final norm, heads)."""
     if not d.enabled:
         return model
     from torch.distributed.fsdp import fully_shard
 
-    for block in getattr(model, blocks_attr):
+    from .model import Block
+
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block)
     fully_shard(model)
     return model
@@ -91,6 +94,15 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_gather_object(obj, d: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one without torchrun)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(d: Dist):
