@@ -1,0 +1,230 @@
+"""Metrics: ROUGE-L against rouge-score, BLEU against NLTK, and hand-worked numbers for every metric."""
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import reference
+from nanoalign import world
+from nanoalign.evaluate import (copies_prompt, lcs_length, mean_self_bleu, oracle_score, reward_accuracy, rouge_l,
+                                rouge_tokens, self_bleu, sentence_bleu, win_rate)
+
+DATA = Path(__file__).parent.parent / "data"
+
+# --- ROUGE-L
+
+
+def _varied_strings() -> list[str]:
+    """Hand-picked edge cases (case, punctuation, digits, non-ASCII, blanks) and seeded random word strings."""
+    strings = [
+        "", "   ", "...!?", "The cat sat on the mat.", "the CAT sat on the MAT", "The cat is on the mat!",
+        "don't stop-believing", "Don t stop believing", "e-mail me at foo@bar.com", "Café déjà vu, naïve résumé",
+        "3.14 is pi; 2+2=4", "What is 17 plus 25?", "17 plus 25 is 42.",
+        "tabs\tand\nnewlines  and   spaces",
+        "Ünïcödé ÄÖÜ ß straße", "x", "a a a a a", "a b a b a b", "ÉCOLE école", "Hello, world! Hello, world!",
+        "İstanbul KELVIN sign: \u212a", "under_score and hyphen-ated", "1st 2nd 3rd", "Mia lives in Oslo.",
+    ]
+    rng = random.Random(0)
+    vocab = "the a cat dog sat on mat is 42 Bees make honey . , ! ? ran and".split()
+    while len(strings) < 60:
+        strings.append(" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12))))
+    return strings
+
+
+def test_rouge_tokens_match_rouge_score_tokenizer():
+    tokenize = reference("rouge_score.tokenize")
+    for s in _varied_strings():
+        assert rouge_tokens(s) == tokenize.tokenize(s, None), s
+
+
+def test_rouge_l_matches_rouge_score():
+    rouge_scorer = reference("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    strings = _varied_strings()
+    rng = random.Random(1)
+    pairs = list(zip(strings, strings[1:] + strings[:1]))
+    pairs += [(rng.choice(strings), rng.choice(strings)) for _ in range(40)]
+    for candidate, ref in pairs:
+        # rouge-score's argument order is (target, prediction)
+        expected = scorer.score(ref, candidate)["rougeL"].fmeasure
+        assert rouge_l(candidate, ref) == pytest.approx(expected, abs=1e-12), (candidate, ref)
+
+
+def test_rouge_l_hand_worked():
+    # LCS "the cat on the mat" = 5 of 6 tokens on both sides: P = R = F1 = 5/6
+    assert rouge_l("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(5 / 6)
+    # LCS "b d" = 2: P = 2/4, R = 2/2, F1 = 2 * 0.5 * 1 / 1.5 = 2/3
+    assert rouge_l("a b c d", "b d") == pytest.approx(2 / 3)
+    assert rouge_l("a b c", "a b c") == 1.0
+    assert rouge_l("a b c", "d e f") == 0.0
+
+
+def test_rouge_l_empty_side_is_zero():
+    assert rouge_l("", "the cat") == 0.0
+    assert rouge_l("the cat", "") == 0.0
+    assert rouge_l("?!", "...") == 0.0  # no tokens left after tokenising
+
+
+def test_lcs_length_is_not_contiguous():
+    assert lcs_length("abcbdab", "bdcaba") == 4  # CLRS's example: "bcba"
+    assert lcs_length([], [1, 2]) == 0
+
+
+# --- win rate and reward accuracy
+
+
+def test_win_rate_counts_ties_as_half():
+    judge = lambda prompt, answer: len(answer)  # noqa: E731
+    prompts = ["p1", "p2", "p3", "p4"]
+    a = ["long answer", "xx", "same", "a"]
+    b = ["short", "x", "same", "longer"]  # a wins, a wins, tie, a loses
+    assert win_rate(judge, prompts, a, b) == pytest.approx((2 + 0.5) / 4)
+    assert win_rate(judge, prompts, b, a) == pytest.approx(1 - 0.625)
+
+
+def test_win_rate_passes_the_prompt_to_the_judge():
+    judge = lambda prompt, answer: float(answer == prompt.upper())  # noqa: E731
+    assert win_rate(judge, ["a", "b"], ["A", "B"], ["x", "y"]) == 1.0
+
+
+def test_win_rate_rejects_mismatched_or_empty_inputs():
+    with pytest.raises(ValueError, match="3 prompts, 2 answers_a, 3 answers_b"):
+        win_rate(oracle_score, ["a", "b", "c"], ["x", "y"], ["x", "y", "z"])
+    with pytest.raises(ValueError, match="zero prompts"):
+        win_rate(oracle_score, [], [], [])
+
+
+def test_win_rate_with_the_oracle():
+    prompts = [r["prompt"] for r in map(json.loads, (DATA / "prompts_test.jsonl").read_text().splitlines()[:20])]
+    references = [world.reference(p) for p in prompts]
+    assert win_rate(oracle_score, prompts, references, prompts) == 1.0  # answering beats copying the prompt
+    assert win_rate(oracle_score, prompts, references, references) == 0.5
+
+
+def test_reward_accuracy_ties_are_wrong():
+    # 1 > 0 right, 2 = 2 tie (wrong), 3 < 5 wrong, 4 > 1 right
+    assert reward_accuracy([1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 5.0, 1.0]) == 0.5
+    assert reward_accuracy(torch.zeros(8), torch.zeros(8)) == 0.0  # constant rewards predict nothing
+    assert reward_accuracy(torch.tensor([[0.3], [0.1]]), torch.tensor([0.2, 0.0])) == 1.0
+
+
+def test_reward_accuracy_rejects_mismatched_or_empty_inputs():
+    with pytest.raises(ValueError, match="3 chosen rewards but 2 rejected"):
+        reward_accuracy([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="zero pairs"):
+        reward_accuracy([], [])
+
+
+def test_oracle_score_is_world_quality():
+    prompt = "What is 17 plus 25?"
+    assert oracle_score(prompt, "17 plus 25 is 42.") == 1.0
+    for response in ["42.", "17 plus 25 is 41.", prompt]:
+        assert oracle_score(prompt, response) == world.quality(prompt, response) < 1.0
+
+
+# --- BLEU and self-BLEU
+
+
+def test_sentence_bleu_hand_worked():
+    hyp, ref = "the cat sat on the mat".split(), "the cat is on the mat".split()
+    # unigrams 5/6; bigrams 3/5 -> (3+1)/(5+1); trigrams 1/4 -> 2/5; 4-grams 0/3 -> 1/4; equal lengths: BP = 1
+    expected = (5 / 6 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
+    assert sentence_bleu(hyp, [ref]) == pytest.approx(expected)
+    assert expected == pytest.approx((1 / 18) ** 0.25)
+
+
+def test_sentence_bleu_brevity_penalty_and_short_hypothesis():
+    # "the cat" has only orders 1 and 2: p1 = 2/2, p2 = (1+1)/(1+1); BP = exp(1 - 6/2)
+    assert sentence_bleu("the cat".split(), ["the cat sat on the mat".split()]) == pytest.approx(math.exp(1 - 6 / 2))
+    assert sentence_bleu([], ["the cat".split()]) == 0.0
+
+
+def test_sentence_bleu_clips_by_the_best_reference():
+    # "the the the" (orders 1..3): each reference holds "the" at most twice -> clipped unigram precision 2/3;
+    # no bigram or trigram matches: (0+1)/(2+1), (0+1)/(1+1); closest reference length 3: BP = 1
+    hyp = "the the the".split()
+    refs = ["the cat the".split(), "the dog".split()]
+    assert sentence_bleu(hyp, refs) == pytest.approx((2 / 3 * 1 / 3 * 1 / 2) ** (1 / 3))
+
+
+def test_sentence_bleu_closest_reference_length_prefers_the_shorter():
+    # hypothesis of 5 words, references of 4 and 6: both 1 away, r = 4 < c -> BP = 1 (r = 6 would penalise)
+    hyp = "a b c d e".split()
+    assert sentence_bleu(hyp, ["a b c d".split(), "x x x x x x".split()]) == pytest.approx(
+        (4 / 5 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25)
+
+
+def test_sentence_bleu_matches_nltk_method2():
+    bleu = reference("nltk.translate.bleu_score")
+    smoothing = bleu.SmoothingFunction().method2
+    rng = random.Random(0)
+    vocab = "a b c d e f g".split()
+    for _ in range(300):
+        hyp = [rng.choice(vocab) for _ in range(rng.randint(0, 9))]
+        refs = [[rng.choice(vocab) for _ in range(rng.randint(1, 9))] for _ in range(rng.randint(1, 4))]
+        expected = bleu.sentence_bleu(refs, hyp, smoothing_function=smoothing, auto_reweigh=True)
+        assert sentence_bleu(hyp, refs) == pytest.approx(expected, abs=1e-12), (hyp, refs)
+
+
+def test_self_bleu_identical_disjoint_and_partial():
+    assert self_bleu(["Bees make honey.", "bees make honey", "Bees, make honey!"]) == pytest.approx(1.0)
+    assert self_bleu(["cats purr", "dogs bark", "birds sing"]) == 0.0
+    # both directions are the hand-worked case of test_sentence_bleu_hand_worked
+    assert self_bleu(["the cat sat on the mat", "the cat is on the mat"]) == pytest.approx((1 / 18) ** 0.25)
+
+
+def test_self_bleu_needs_two_samples():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        self_bleu(["only one"])
+
+
+def test_mean_self_bleu_averages_prompts():
+    groups = [["a b c d", "a b c d"], ["x y", "z w"]]
+    assert mean_self_bleu(groups) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        mean_self_bleu([])
+
+
+# --- copying the prompt
+
+
+@pytest.mark.parametrize("prompt, answer", [
+    ("What is 17 plus 25?", "17 plus 25 is 42."),
+    ("Reverse the list: lemon, tiger, cloud.", "The reversed list is cloud, tiger, lemon."),
+    ("Sort the words: lemon, tiger, cloud.", "The sorted list is cloud, lemon, tiger."),
+    ("Mia lives in Oslo. Tom lives in Rome. Where does Tom live?", "Tom lives in Rome."),
+    ("Tell me two facts about bees.", "Bees make honey. Bees visit flowers."),
+])
+def test_copies_prompt_on_constructed_responses(prompt, answer):
+    assert copies_prompt(prompt, prompt)  # verbatim copy
+    assert copies_prompt(prompt, prompt + " " + answer)  # copy, then the answer
+    assert copies_prompt(prompt, answer + " " + prompt.lower())  # answer, then a copy (case ignored)
+    # the right answer echoes words of the question (ROUGE-L recall up to 0.6) but is not a copy
+    assert not copies_prompt(prompt, answer)
+
+
+def test_copies_prompt_catches_a_reasked_question_inside_a_long_prompt():
+    prompt = "Mia lives in Oslo. Tom lives in Rome. Ana lives in Lima. Where does Tom live?"
+    # the response holds 2 of the prompt's 13 word 4-grams: rule 1 alone would miss it
+    assert copies_prompt(prompt, "Where does Tom live? Tom lives in Rome.")
+    assert not copies_prompt(prompt, "Tom lives in Rome.")
+
+
+def test_copies_prompt_ignores_short_questions_and_respects_the_threshold():
+    prompt = "My cat keeps scratching the sofa every single night. Why?"
+    assert not copies_prompt(prompt, "That is why cats scratch: they sharpen their claws.")
+    # 4 of the prompt's 7 distinct 4-grams: "my cat keeps scratching the sofa every"
+    half = "My cat keeps scratching the sofa every day, I know."
+    assert copies_prompt(prompt, half, threshold=0.5)
+    assert not copies_prompt(prompt, half, threshold=0.6)
+    assert not copies_prompt("", "anything")
+
+
+def test_copies_prompt_flags_exactly_the_worlds_copy_candidates():
+    rng = random.Random(0)
+    for row in map(json.loads, (DATA / "prompts_test.jsonl").read_text().splitlines()):
+        for kind, response in world.candidates(row["prompt"], rng):
+            assert copies_prompt(row["prompt"], response) == (kind == "copy"), (kind, row["prompt"], response)
