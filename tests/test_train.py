@@ -1,0 +1,282 @@
+"""nanoalign/train.py: schedule, data order, the non-finite guard, multi-model checkpoints, resume, and the
+input checks of the scripts built on it (train_sft.py here)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_sft
+from nanoalign import dist, train
+from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.cli import InputError
+from nanoalign.model import ModelConfig, Transformer
+from nanoalign.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(ROOT / "data" / "tokenizer")
+
+
+def tiny(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128, **kw))
+    model.init_weights()
+    return model
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory, tok):
+    return save_pretrained(tiny(tok), tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
+
+
+def args(init_dir, out, *extra):
+    return [f"--init={init_dir}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
+            f"--val_data={ROOT}/data/sft_val.jsonl", "--eval_data=", "--batch_size=8", "--micro_batch_size=4",
+            "--max_len=128", "--warmup_steps=2", "--eval_every=3", "--save_every=1", "--device=cpu",
+            "--dtype=float32", *extra]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- schedule and order
+
+def test_lr_schedule_by_hand():
+    # 111 steps: 0..9 warm up, 10..110 decay, the last executed step (110) sits at the floor
+    lr = lambda s: train.lr_at(s, 111, 1.0, warmup_steps=10, min_lr_ratio=0.1)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)  # halfway down the cosine: 0.1 + 0.9 * 0.5
+    assert lr(110) == pytest.approx(0.1)
+
+
+def test_data_order_is_a_permutation_per_epoch():
+    seen = [i for s in range(5) for i in train.batch_indices(s, 10, 4, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert seen[:10] != seen[10:20]  # a new order every epoch
+    assert train.batch_indices(3, 10, 4, seed=3) == seen[12:16]
+    with pytest.raises(InputError, match="no training examples"):
+        train.batch_indices(0, 0, 4, seed=3)
+
+
+def test_adamw_decays_matrices_only_and_skips_frozen(tok):
+    model = tiny(tok)
+    model.layers[0].attn.wq.weight.requires_grad_(False)
+    opt = train.adamw(model, 1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert not any(p is model.layers[0].attn.wq.weight for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len([p for p in model.parameters() if p.requires_grad])
+
+
+# --- the non-finite guard
+
+def test_guard_stops_on_a_nonfinite_gradient_with_a_finite_loss(tok):
+    model = tiny(tok)
+    opt = train.adamw(model, 1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = model(torch.randint(0, 100, (2, 8))).float().logsumexp(-1).mean()
+    loss.backward()
+    model.layers[1].mlp.down.weight.grad[0, 0] = float("inf")
+    with pytest.raises(train.NonFiniteError) as e:
+        train.optimizer_step(model, opt, step=7, loss=loss.item(), grad_clip=1.0, d=dist.Dist(), what="sft")
+    msg = str(e.value)
+    assert msg.startswith("sft step 7: loss ") and "gradient norm inf" in msg
+    assert "non-finite gradients in layers.1.mlp.down.weight;" in msg and "\n" not in msg
+    for n, p in model.named_parameters():  # nothing stepped
+        assert torch.equal(p, before[n]), n
+
+
+def test_guard_clips_and_returns_the_unclipped_norm(tok):
+    model = tiny(tok)
+    opt = train.adamw(model, 0.0)
+    model(torch.randint(0, 100, (2, 8))).float().pow(2).sum().backward()
+    expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    clipped = {}
+    orig_step = opt.step
+    opt.step = lambda: clipped.update({n: p.grad.clone() for n, p in model.named_parameters()}) or orig_step()
+    norm = train.optimizer_step(model, opt, step=1, loss=1.0, grad_clip=0.5, d=dist.Dist())
+    assert norm == pytest.approx(expected, rel=1e-5) and expected > 0.5
+    for n in grads:
+        torch.testing.assert_close(clipped[n], grads[n] * 0.5 / expected, rtol=1e-4, atol=1e-8)
+    assert all(p.grad is None for p in model.parameters())  # zeroed
+
+
+def _poison_gradient_at(step, micro_per_step=2):
+    """A global forward hook: on the first training forward of `step`, the next backward writes NaN into
+    layers.0.mlp.up.weight's gradient (the loss stays finite)."""
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        if isinstance(module, Transformer) and module.training:
+            calls["n"] += 1
+            if calls["n"] == (step - 1) * micro_per_step + 1:
+                module.layers[0].mlp.up.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    return torch.nn.modules.module.register_module_forward_hook(hook)
+
+
+def test_nan_gradient_at_step_k_stops_the_run_and_keeps_the_last_good_checkpoint(init_dir, tmp_path):
+    handle = _poison_gradient_at(3)
+    try:
+        with pytest.raises(train.NonFiniteError) as e:
+            train_sft.main(args(init_dir, tmp_path / "run", "--steps=5"))
+    finally:
+        handle.remove()
+    msg = str(e.value)
+    assert msg.startswith("sft step 3: loss ") and "loss nan" not in msg  # a finite loss
+    assert "gradient norm nan" in msg and "non-finite gradients in layers.0.mlp.up.weight;" in msg
+    state = torch.load(tmp_path / "run" / "model" / "train_state.pt", weights_only=False)
+    assert state["step"] == 2
+    model = load_pretrained(tmp_path / "run" / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # and the run resumes from it, identical to a run that never met the NaN
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=5", "--resume"))
+    train_sft.main(args(init_dir, tmp_path / "clean", "--steps=5"))
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "run"), losses(tmp_path / "clean"))) <= 1e-6
+
+
+# --- checkpoints
+
+def test_checkpoint_holds_several_models_optimizers_rng_and_extra_state(tok, tmp_path):
+    d = dist.Dist()
+    policy, critic = tiny(tok, 0), tiny(tok, 1)
+    opts = {}
+    for name, m in (("policy", policy), ("critic", critic)):
+        opts[name] = train.adamw(m, 1e-2)
+        m(torch.randint(0, 100, (2, 8))).float().pow(2).mean().backward()
+        train.optimizer_step(m, opts[name], step=1, loss=0.0, grad_clip=1.0, d=d)
+    extra = {"kl_coef": 0.123, "reward_stats": {"mean": 1.5, "var": 2.0, "count": 7}, "stage": 3,
+             "anchor": {"w": torch.arange(4.0)}}
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    train.save_checkpoint(tmp_path / "ckpt", d, 11, {"policy": (policy, opts["policy"]), "critic": (critic, opts["critic"])},
+                          tokenizer=tok, extra=extra, config={"lr": 1e-2})
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    # the layout: the policy at the root (loadable as is), the critic below it, one train_state
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (tmp_path / "ckpt" / "critic" / "model.safetensors").exists()
+    state = train.find_checkpoint(tmp_path / "ckpt", resume=True)
+    assert state["step"] == 11 and state["models"] == ["policy", "critic"] and state["config"] == {"lr": 1e-2}
+    assert state["extra"]["reward_stats"] == extra["reward_stats"] and torch.equal(state["extra"]["anchor"]["w"], torch.arange(4.0))
+
+    torch.manual_seed(99)
+    new = {name: load_pretrained(train.model_dir(tmp_path / "ckpt", name, state["models"])) for name in ("policy", "critic")}
+    new_opts = {name: train.adamw(m, 1e-2) for name, m in new.items()}
+    step = train.restore(state, {name: (new[name], new_opts[name]) for name in ("policy", "critic")}, d)
+    assert step == 11
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected_draws
+    for name, old in (("policy", policy), ("critic", critic)):
+        for (n, p), q in zip(old.named_parameters(), new[name].parameters()):
+            assert torch.equal(p, q), (name, n)
+        old_state, new_state = opts[name].state_dict()["state"], new_opts[name].state_dict()["state"]
+        for k in old_state:
+            assert torch.equal(old_state[k]["exp_avg"], new_state[k]["exp_avg"]), (name, k)
+            assert torch.equal(old_state[k]["exp_avg_sq"], new_state[k]["exp_avg_sq"]), (name, k)
+
+
+def test_resume_without_a_checkpoint_says_where_it_looked(init_dir, tmp_path):
+    with pytest.raises(InputError, match=f"--resume: no checkpoint to resume from \\(looked for {tmp_path}/none/model/train_state.pt\\)"):
+        train_sft.main(args(init_dir, tmp_path / "none", "--steps=2", "--resume"))
+
+
+def test_metrics_log_keeps_only_what_the_checkpoint_covers(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in (1, 2, 3, 4)))
+    log = train.MetricsLog(path, dist.Dist(), resume_step=2)
+    log.log({"step": 3, "loss": 30})
+    assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [1, 2, 30]
+    train.MetricsLog(path, dist.Dist(), resume_step=0)  # a fresh run starts a new log
+    assert path.read_text() == ""
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {root!r})
+    import train_sft
+    real_save = torch.save
+    def dying_save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("step") == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)  # the weights of this step are written, its train_state not
+        return real_save(obj, f, *a, **k)
+    torch.save = dying_save
+    train_sft.main({argv!r})
+""")
+
+
+def test_a_run_killed_mid_save_resumes_to_the_uninterrupted_result(init_dir, tmp_path, capsys):
+    argv = args(init_dir, tmp_path / "cut", "--steps=4")
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(root=str(ROOT), kill_at=3, argv=argv)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    leftovers = list((tmp_path / "cut").glob(".model.tmp-*"))
+    assert leftovers, "the kill should have left the half-written save behind"
+    assert torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)["step"] == 2
+    train_sft.main(argv + ["--resume"])
+    assert f"removed {leftovers[0]}" in capsys.readouterr().out
+    assert not list((tmp_path / "cut").glob(".model.tmp-*"))
+    train_sft.main(args(init_dir, tmp_path / "full", "--steps=4"))
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(full) == len(cut) == 4 and max(abs(a - b) for a, b in zip(full, cut)) <= 1e-6
+    a, b = load_pretrained(tmp_path / "full" / "model"), load_pretrained(tmp_path / "cut" / "model")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+# --- every bad input gets one line naming it, before any work
+
+@pytest.mark.parametrize("flag, message", [
+    ("--mode=sfft", "--mode=sfft: choose one of auto, pretrain, sft"),
+    ("--batch_size=0", "--batch_size=0: must be positive"),
+    ("--micro_batch_size=0", "--micro_batch_size=0: must be positive"),
+    ("--steps=0", "--steps=0: must be positive"),
+    ("--max_response_len=0", "--max_response_len=0: must be positive"),
+    ("--min_lr_ratio=1.5", "--min_lr_ratio=1.5: must be in [0.0, 1.0]"),
+    ("--template=chatml", "--template=chatml: choose one of auto, "),
+    ("--dtype=float16", "--dtype=float16: train in bfloat16 or float32"),
+    ("--device=tpu", "--device=tpu: choose cpu, or cuda"),
+    ("--warmup_steps=-1", "--warmup_steps=-1: must be >= 0"),
+])
+def test_bad_flags_are_refused_before_any_work(init_dir, tmp_path, flag, message):
+    with pytest.raises(InputError) as e:
+        train_sft.main(args(init_dir, tmp_path / "run", flag))
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_training_set_is_named(init_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match="no training examples"):
+        train_sft.main(args(init_dir, tmp_path / "run", f"--data={empty}", "--val_data="))
+
+
+def test_run_from_another_directory_explains_the_relative_default_paths(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--steps=1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert lines[0].startswith("error: --data=data/sft_train.jsonl: not found")
+    assert f"the default data/ paths are relative to the repository: run from {ROOT}" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--batch_size=0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "error: --batch_size=0: must be positive\n"
