@@ -9,6 +9,9 @@ Gotchas:
   learns to stop. A tokenizer without a pad token (LLaMA, Pythia) gets a distinct filler id (unk,
   else 0); it is never trained on because the collator masks it.
 - The response mask covers the response tokens AND the EOS that ends them.
+- A model answers well only in the template it was trained with. `tok.template` (a TEMPLATES name, or
+  None) is saved as "nanoalign_template" in tokenizer_config.json (transformers ignores the key) and
+  read back by from_dir, so `python -m nanoalign.generate` formats prompts the way training did.
 - Prompt and response are tokenized separately, so the boundary is exact, and the response is encoded
   as a continuation (`encode_continuation`): SentencePiece-style tokenizers (LLaMA-2) prepend a "▁" to
   every text they encode, which would put a token at the start of each response that the model never
@@ -31,7 +34,8 @@ _ID_FILES = ("generation_config.json", "config.json")
 
 class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, eos_id: int, bos_id: int | None = None,
-                 pad_id: int | None = None, add_bos: bool = False, stop_ids: list[int] | None = None):
+                 pad_id: int | None = None, add_bos: bool = False, stop_ids: list[int] | None = None,
+                 template: str | None = None):
         self.tok = tok
         self.eos_id = eos_id
         self.bos_id = bos_id
@@ -39,6 +43,7 @@ class Tokenizer:
         self.pad_id = pad_id if pad_id is not None and pad_id != eos_id else self._filler_pad_id()
         # eos first, then extra stop ids (LLaMA-3 instruct stops on <|eot_id|> as well)
         self.stop_ids = list(dict.fromkeys([eos_id] + list(stop_ids or [])))
+        self.template = template  # the prompt template the model was trained with (saved with it), or None
 
     def _filler_pad_id(self) -> int:
         """A pad id that is neither EOS nor BOS: the unk token if there is one, else the lowest id."""
@@ -56,7 +61,10 @@ class Tokenizer:
         if not tok_file.is_file():
             raise FileNotFoundError(f"{tok_file} not found: nanoalign needs a fast-tokenizer tokenizer.json "
                                     "(convert a sentencepiece model once with transformers and save it)")
-        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust library raises a bare Exception that does not name the file
+            raise ValueError(f"{tok_file}: not a readable tokenizer.json ({e})") from None
         configs = {name: _read_json(path / name) for name in _TOKEN_FILES + _ID_FILES}
         ids = {}
         for kind in ("bos", "eos", "pad"):
@@ -68,7 +76,11 @@ class Tokenizer:
             # LLaMA-3 has no add_bos_token flag: its tokenizer.json post-processor prepends BOS instead
             add_bos = _post_processor_adds_bos(json.loads(tok_file.read_text()), ids["bos"], tok)
         stop_ids = [i for name in _ID_FILES for i in _as_list(configs[name].get("eos_token_id"))]
-        return cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids)
+        template = configs["tokenizer_config.json"].get("nanoalign_template")
+        if template is not None and template not in TEMPLATES:
+            raise ValueError(f"{path / 'tokenizer_config.json'}: nanoalign_template {template!r} is not a template; "
+                             f"choose one of {sorted(TEMPLATES)}")
+        return cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids, template)
 
     @property
     def vocab_size(self) -> int:
@@ -108,6 +120,9 @@ class Tokenizer:
             "pad_token": name(self.pad_id),
             "add_bos_token": self.add_bos,
         }
+        if self.template is not None:
+            _template(self.template)  # an unknown name fails now, not when the checkpoint is read back
+            config["nanoalign_template"] = self.template
         (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (dir / "generation_config.json").write_text(json.dumps(self.special_ids(), indent=2) + "\n")
 
@@ -118,7 +133,18 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A config file's JSON object, {} when the file is absent; an error names the file, line and column."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
 
 
 def _as_list(x) -> list:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import reference
 from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_example, encode_prompt, format_prompt
@@ -17,7 +18,7 @@ CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "### Instruction:\nName a color.\n\n### Response:\nBlue.",
 ]
-TEXTS = ["Paris is the capital.", "  two spaces, tabs\tand\nnewlines\n\n", "héllo wörld ✓ 123", ""]
+TEXTS = ["Paris is the capital.", "  two spaces, tabs\tand\nnewlines\n\n", "héllo wörld ✓ 123"]
 
 
 def make_tokenizer_dir(path: Path, specials=("<s>", "</s>", "<pad>"), config=None, bos_post_processor=False,
@@ -54,7 +55,8 @@ def test_tokenizer_config_string_form(tok):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
     assert tok.stop_ids == [1]
     assert tok.add_bos is False
-    assert tok.vocab_size == tok.tok.get_vocab_size(with_added_tokens=True) > 3
+    assert tok.vocab_size == len(tok.tok.get_vocab(with_added_tokens=True)) > 3
+    assert tok.template is None  # no nanoalign_template in the config
 
 
 def test_tokenizer_config_content_form(tmp_path):
@@ -175,6 +177,40 @@ def test_save_round_trip(tok, tmp_path):
         assert again.encode(text) == tok.encode(text)
 
 
+@pytest.mark.parametrize("template", [None, "plain", "hh", "alpaca"])
+def test_save_records_the_template(tok, tmp_path, template):
+    tok.template = template
+    tok.save(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config.get("nanoalign_template") == template and ("nanoalign_template" in config) == (template is not None)
+    assert Tokenizer.from_dir(tmp_path / "saved").template == template
+
+
+def test_unknown_template_is_refused_on_save_and_on_load(tok, tmp_path):
+    tok.template = "chatml"
+    with pytest.raises(ValueError, match="unknown template 'chatml'"):
+        tok.save(tmp_path / "a")
+    d = make_tokenizer_dir(tmp_path / "b", config={**STANDARD_CONFIG, "nanoalign_template": "chatml"})
+    with pytest.raises(ValueError, match=rf"{d / 'tokenizer_config.json'}: nanoalign_template 'chatml' is not a template"):
+        Tokenizer.from_dir(d)
+
+
+def test_malformed_tokenizer_files_name_the_file(tmp_path):
+    d = make_tokenizer_dir(tmp_path / "a")
+    (d / "tokenizer_config.json").write_text('{"eos_token": "</s>",\n "pad_token": }')
+    with pytest.raises(ValueError) as err:
+        Tokenizer.from_dir(d)
+    assert str(err.value) == f"{d / 'tokenizer_config.json'}: invalid JSON at line 2 column 15 (Expecting value)"
+    (d / "tokenizer_config.json").write_text('["</s>"]')
+    with pytest.raises(ValueError, match="tokenizer_config.json: expected a JSON object, got a list"):
+        Tokenizer.from_dir(d)
+    (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text()[:500])  # a download cut short
+    with pytest.raises(ValueError) as err:
+        Tokenizer.from_dir(d)
+    assert str(err.value).startswith(f"{d / 'tokenizer.json'}: not a readable tokenizer.json (")
+    assert "\n" not in str(err.value)
+
+
 def test_save_round_trip_keeps_filler_pad(tmp_path):
     d = make_tokenizer_dir(tmp_path / "a", specials=("<s>", "</s>"), config={"bos_token": "<s>", "eos_token": "</s>"})
     tok = Tokenizer.from_dir(d)
@@ -183,7 +219,8 @@ def test_save_round_trip_keeps_filler_pad(tmp_path):
 
 
 def test_transformers_loads_saved_tokenizer(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
+    tok.template = "hh"  # the extra nanoalign_template key must not disturb transformers
     tok.save(tmp_path / "saved")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "saved" / "tokenizer.json"))
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
@@ -234,10 +271,6 @@ def test_empty_response_is_an_error(tok):
     for response in ("", "  \n"):
         with pytest.raises(ValueError, match="empty response"):
             encode_example(tok, "Hi", response, "hh")
-
-
-def test_required_templates_exist():
-    assert {"plain", "hh", "alpaca"} <= set(TEMPLATES)
 
 
 def _sentencepiece_style(kind: str) -> Tokenizer:
