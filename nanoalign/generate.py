@@ -2,14 +2,17 @@
 
     python -m nanoalign.generate --init=DIR_OR_HUB_ID --prompt="The capital of France is" --temperature=0
 
+The command line formats the prompt with the template saved with the checkpoint (tokenizer_config.json's
+"nanoalign_template", written by training), else passes it verbatim; --template overrides both.
+
 Prompts of different lengths are left-padded, so every row's next token sits in the same column. Positions
 count real tokens only (cumsum(mask) - 1) and pads are masked from attention, which makes each row's
 logits equal to those of the row run alone (tests/test_model.py pins this).
 
 For PPO the sampler returns the log-probability of each sampled token under softmax(logits / temperature)
 with nothing filtered: that is the distribution the trainer recomputes later. top-k / top-p change the
-sampling distribution, so a rollout that uses them no longer matches those log-probs (PITFALLS.md):
-leave them off for PPO rollouts.
+sampling distribution, so a rollout that uses them no longer matches those log-probs
+(docs/correctness.md, "Log-probabilities"): leave them off for PPO rollouts.
 """
 from __future__ import annotations
 
@@ -73,6 +76,19 @@ def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
     return logits
 
 
+def sampling_error(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> str | None:
+    """What is wrong with these sampling settings, naming the argument, or None when they are valid."""
+    if max_new_tokens < 1:
+        return f"max_new_tokens must be at least 1, got {max_new_tokens}"
+    if not temperature >= 0:
+        return f"temperature must be >= 0 (0 = greedy), got {temperature}"
+    if top_k is not None and top_k < 0:
+        return f"top_k must be >= 0 (0 = off), got {top_k}"
+    if top_p is not None and not 0 < top_p <= 1:
+        return f"top_p must be in (0, 1] (1 = off), got {top_p}"
+    return None
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, stop_ids=(),
              pad_id: int = 0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -80,6 +96,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """Sample up to max_new_tokens for each prompt (lists of token ids); temperature 0 means greedy.
 
     vocab_size: ids >= vocab_size are never sampled (Pythia's embedding is padded past its tokenizer)."""
+    if problem := sampling_error(max_new_tokens, temperature, top_k, top_p):
+        raise ValueError(problem)
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     B, P = prompt_ids.shape
@@ -130,26 +148,29 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 def main(argv=None):
     from .checkpoint import load_pretrained, resolve_dir
-    from .tokenizer import Tokenizer, encode_prompt
+    from .tokenizer import TEMPLATES, Tokenizer, encode_prompt
 
     ap = argparse.ArgumentParser(description="Sample a completion from a checkpoint (local dir or hub id).")
     ap.add_argument("--init", required=True, help="checkpoint directory or Hugging Face hub id")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--template", default=None, help="prompt template (plain, hh, alpaca); default: verbatim")
+    ap.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                    help="prompt template; default: the checkpoint's own (saved by training), else plain (verbatim)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top_k", type=int, default=None)
-    ap.add_argument("--top_p", type=float, default=None)
+    ap.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
+    if problem := sampling_error(args.max_new_tokens, args.temperature, args.top_k, args.top_p):
+        ap.error("--" + problem)  # before loading a model that may take minutes
 
     ckpt = resolve_dir(args.init)
     model = load_pretrained(ckpt, device=args.device, dtype=getattr(torch, args.dtype))
     tok = Tokenizer.from_dir(ckpt)
     tok.check_vocab(model.cfg.vocab_size)
-    ids = encode_prompt(tok, args.prompt, args.template or "plain")
+    ids = encode_prompt(tok, args.prompt, args.template or tok.template or "plain")
     gen = generate(model, [ids], args.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tok.vocab_size,
                    generator=torch.Generator(args.device).manual_seed(args.seed))

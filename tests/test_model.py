@@ -98,7 +98,8 @@ def test_partial_rotary_leaves_the_tail_alone():
 def test_tied_embeddings_share_one_parameter():
     model = tiny("llama_gqa", tie_embeddings=True)
     assert model.lm_head.weight is model.tok_emb.weight
-    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+    # counted once: the untied model has exactly one more vocab x dim matrix
+    assert tiny("llama_gqa").num_params() - model.num_params() == 97 * 64
 
 
 def test_context_length_is_enforced():
@@ -107,6 +108,22 @@ def test_context_length_is_enforced():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="context length"):
         generate(model, [[1] * 60], 10)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be at least 1, got 0"),
+    (dict(temperature=-1.0), r"temperature must be >= 0 \(0 = greedy\), got -1.0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\] \(1 = off\), got 1.5"),
+])
+def test_generate_refuses_bad_sampling_settings(kw, message):
+    # without the check a negative temperature silently decodes greedily, max_new_tokens=0 returns nothing
+    model = tiny("llama_gqa")
+    with pytest.raises(ValueError, match=message):
+        generate(model, [[1, 2, 3]], **{"max_new_tokens": 4, **kw})
+    generate(model, [[1, 2, 3]], 4, top_k=0, top_p=1.0)  # the edges that mean "off" are fine
 
 
 def test_generation_stops_per_row_and_masks_after_stop():

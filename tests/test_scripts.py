@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference
 
+import nanoalign.generate
 from nanoalign.checkpoint import save_pretrained
 from nanoalign.generate import generate, main as generate_main
 from nanoalign.model import ModelConfig, Transformer
@@ -39,6 +41,42 @@ def test_generate_cli_prints_the_greedy_completion(ckpt, capsys, template):
     assert printed == expected and len(expected) > 0
 
 
+@pytest.mark.parametrize("saved,flag,used", [(None, None, "plain"), ("hh", None, "hh"), ("alpaca", None, "alpaca"),
+                                             ("hh", "plain", "plain"), (None, "alpaca", "alpaca")])
+def test_generate_cli_uses_the_checkpoints_template_unless_told(ckpt, tmp_path, monkeypatch, saved, flag, used):
+    model, _, _ = ckpt
+    tok = Tokenizer.from_dir(ROOT / "data" / "tokenizer")
+    tok.template = saved  # what a training script sets before saving
+    d = save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    prompts = []
+
+    def spy(model, prompts_ids, *args, **kw):
+        prompts.extend(prompts_ids)
+        return generate(model, prompts_ids, *args, **kw)
+
+    monkeypatch.setattr(nanoalign.generate, "generate", spy)
+    argv = [f"--init={d}", "--prompt=What is 12 plus 9?", "--max_new_tokens=2", "--device=cpu"]
+    generate_main(argv + ([f"--template={flag}"] if flag else []))
+    assert prompts == [encode_prompt(tok, "What is 12 plus 9?", used)]
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--temperature=-0.5", "--temperature must be >= 0 (0 = greedy), got -0.5"),
+    ("--top_p=0", "--top_p must be in (0, 1] (1 = off), got 0.0"),
+    ("--top_p=1.5", "--top_p must be in (0, 1] (1 = off), got 1.5"),
+    ("--top_k=-1", "--top_k must be >= 0 (0 = off), got -1"),
+    ("--max_new_tokens=0", "--max_new_tokens must be at least 1, got 0"),
+    ("--template=chatml", "argument --template: invalid choice: 'chatml'"),
+])
+def test_generate_cli_refuses_bad_sampling_flags(capsys, flag, message):
+    # refused before the checkpoint is read: the --init path does not even exist
+    with pytest.raises(SystemExit) as exit_:
+        generate_main(["--init=/nonexistent/ckpt", "--prompt=hi", flag])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]  # argparse's one error line after the usage
+
+
 def test_generate_cli_refuses_a_tokenizer_larger_than_the_model(tmp_path):
     tok = Tokenizer.from_dir(ROOT / "data" / "tokenizer")
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size - 24, dim=32, n_layer=1, n_head=2, hidden_dim=64))
@@ -57,6 +95,5 @@ def test_tiny_world_sft_run_answers_held_out_questions(tmp_path):
     # chance is ~0: an answer must state the exact number, list or city; the measured rate is in the README
     assert result["closed_accuracy"] >= 0.4
     assert "closed-ended accuracy" in proc.stdout
-    from transformers import LlamaForCausalLM
-
-    LlamaForCausalLM.from_pretrained(tmp_path / "sft" / "model")
+    transformers = reference("transformers")
+    transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sft" / "model")
