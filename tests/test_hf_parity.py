@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference
 
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.generate import generate
-
-transformers = pytest.importorskip("transformers")
 
 V = 113
 CASES = {
@@ -32,7 +31,12 @@ CASES = {
 }
 
 
-def hf_model(kind, kw):
+@pytest.fixture(scope="module")
+def transformers():
+    return reference("transformers")  # skipped when missing, a failure under NANOALIGN_REQUIRE_REFERENCE=1
+
+
+def hf_model(transformers, kind, kw):
     torch.manual_seed(0)
     common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=V,
                   max_position_embeddings=128)
@@ -53,9 +57,9 @@ def hf_model(kind, kw):
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, transformers):
     kind, kw = CASES[request.param]
-    ref = hf_model(kind, kw)
+    ref = hf_model(transformers, kind, kw)
     d = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(d, max_shard_size="24KB")
     return ref, d
@@ -125,7 +129,7 @@ def test_bf16_load_is_close(pair):
     assert diff < 0.25 * ref(x).logits.abs().max().item()
 
 
-def test_transformers_generate_stops_at_the_saved_eos(tmp_path):
+def test_transformers_generate_stops_at_the_saved_eos(tmp_path, transformers):
     from nanoalign.model import ModelConfig, Transformer
     from nanoalign.tokenizer import Tokenizer
 

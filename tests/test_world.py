@@ -197,8 +197,9 @@ def test_tokenizer_round_trips_the_world(built):
 
 
 def test_nanoalign_tokenizer_loads_the_world(built):
-    tokenizer = pytest.importorskip("nanoalign.tokenizer")
-    tok = tokenizer.Tokenizer.from_dir(built / "tokenizer")
+    from nanoalign.tokenizer import Tokenizer as NanoTokenizer  # our own module: never skipped
+
+    tok = NanoTokenizer.from_dir(built / "tokenizer")
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (0, 1, 2, False)
     text = "Tell me about cats."
     assert tok.decode(tok.encode(text)) == text
