@@ -266,8 +266,9 @@ def test_tokenize_sft_capped_response_loses_eos(tok, capsys):
 
 
 def test_tokenize_sft_untouched_prints_nothing(tok, capsys):
-    tokenize_sft([{"prompt": "Hi", "response": "Yo"}], tok, "hh", max_len=100)
+    [ex] = tokenize_sft([{"prompt": "Hi", "response": "Yo"}], tok, "hh", max_len=100)
     assert capsys.readouterr().out == ""
+    assert ex["ids"] == encode_prompt(tok, "Hi", "hh") + encode_response(tok, "Yo", "hh")  # kept whole
 
 
 def test_tokenize_pairs_shares_the_prompt(tok, capsys):
