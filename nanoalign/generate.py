@@ -178,4 +178,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)  # a bad checkpoint or prompt: one line naming it, no traceback

@@ -77,6 +77,17 @@ def test_generate_cli_refuses_bad_sampling_flags(capsys, flag, message):
     assert message in err[-1]  # argparse's one error line after the usage
 
 
+def test_generate_command_reports_a_corrupt_checkpoint_in_one_line(ckpt, tmp_path):
+    model, tok, _ = ckpt
+    d = save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])  # a copy cut short
+    proc = subprocess.run([sys.executable, "-m", "nanoalign.generate", f"--init={d}", "--prompt=hi", "--device=cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {d / 'model.safetensors'}: not a readable safetensors file")
+    assert proc.stderr.count("\n") == 1  # one line, no traceback
+
+
 def test_generate_cli_refuses_a_tokenizer_larger_than_the_model(tmp_path):
     tok = Tokenizer.from_dir(ROOT / "data" / "tokenizer")
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size - 24, dim=32, n_layer=1, n_head=2, hidden_dim=64))
