@@ -80,6 +80,17 @@ def test_wrong_shape(tmp_path):
         load_pretrained(d)
 
 
+def test_norm_eps_and_rope_base_come_from_config_json(tmp_path):
+    model, d = saved(tmp_path)
+    path = d / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rms_norm_eps": 0.5, "rope_theta": 37.0}))
+    again = load_pretrained(d)
+    assert (again.cfg.norm_eps, again.cfg.rope_base) == (0.5, 37.0)
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        assert not torch.allclose(again(x), model(x), atol=1e-3)  # and the model uses them
+
+
 def test_no_weights(tmp_path):
     _, d = saved(tmp_path)
     (d / "model.safetensors").rename(d / "pytorch_model.bin")

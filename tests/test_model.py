@@ -187,6 +187,18 @@ def test_hidden_states_are_after_the_final_norm(family):
             torch.testing.assert_close(pre_gain.pow(2).mean(-1), torch.ones(2, 9), atol=1e-3, rtol=0)
 
 
+def test_rmsnorm_statistics_are_computed_in_float32():
+    from nanoalign.model import RMSNorm
+
+    # in float16, 300^2 = 90000 overflows (max 65504): a half-precision mean of squares gives inf, and x / inf = 0
+    x = 300.0 + 10.0 * torch.randn(2, 3, 64)
+    norm = RMSNorm(64, eps=1e-6)
+    expected = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    out = norm.half()(x.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+
+
 def test_llama3_rope_scaling_by_hand():
     from nanoalign.model import scale_inv_freq
 
