@@ -6,6 +6,8 @@
 A checkpoint directory is config.json + model.safetensors, or + model.safetensors.index.json and shards
 (tensors of one layer may sit in different shards). Loading is strict: every expected tensor must be
 found exactly once with the expected shape, and anything else is an error naming the tensor and its file.
+A corrupt or truncated safetensors file, invalid JSON, a missing config key or a config vocab_size that
+disagrees with the embedding is a one-line ValueError naming the file (and the line, key or tensor).
 
 Gotchas:
 - GPT-NeoX fuses q, k, v into one `query_key_value` matrix whose rows are interleaved per head
