@@ -30,7 +30,6 @@ Gotchas:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from .checkpoint import resolve_dir, tensor_files
+from .checkpoint import read_json, resolve_dir, tensor_files
 
 MINILM = "minilm"  # the packaged sentence-transformers/all-MiniLM-L6-v2
 UNUSED_PREFIXES = ("pooler.", "cls.")  # BERT's pooler and its pretraining heads (MLM, next sentence)
@@ -155,7 +154,7 @@ class Encoder(nn.Module):
         ckpt = packaged_minilm() if path_or_hub_id in ("", MINILM) else resolve_dir(path_or_hub_id)
         if not (ckpt / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {ckpt}")
-        cfg = EncoderConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+        cfg = EncoderConfig.from_hf(read_json(ckpt / "config.json"))
         with torch.device("meta"):
             model = cls(cfg, *load_tokenizer(ckpt))
         model.to_empty(device="cpu")
@@ -187,7 +186,7 @@ def load_tokenizer(ckpt: Path):
     special = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (ckpt / name).is_file():
-            declared = json.loads((ckpt / name).read_text())
+            declared = read_json(ckpt / name)
             special.update({k: v.get("content") if isinstance(v, dict) else v
                             for k, v in declared.items() if k in special and v})
     ids = [tok.token_to_id(special[k]) for k in ("cls_token", "sep_token")]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_sft
+from conftest import reference
 from nanoalign import dist
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.data import collate_sft, read_jsonl, tokenize_sft
@@ -186,7 +187,7 @@ def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, tmp_path):
 
 
 def test_transformers_loads_the_sft_checkpoint(init_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
     train_sft.main(args(init_dir, tmp_path / "run", "--steps=2"))
     ours = load_pretrained(tmp_path / "run" / "model")
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
