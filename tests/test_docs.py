@@ -38,3 +38,10 @@ def test_no_reference_to_notes_outside_the_repository():
         text = path.read_text()
         for outside in ("PITFALLS.md", "METHODS.md", "shared/docs"):
             assert outside not in text, f"{path.relative_to(ROOT)} mentions {outside}, which is not in the repository"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("pip install")]
+    assert len(command) == 1 and f"```bash\n{command[0]}\n```" in readme
+    assert "NANOALIGN_REQUIRE_REFERENCE=1" in command[0]
