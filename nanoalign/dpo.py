@@ -1,0 +1,188 @@
+"""DPO's pieces around the loss (losses.dpo_loss): response log-probs of pairs, the reference log-prob cache,
+and greedy answers for the win rate.
+
+    response_logps(model, batch)        log p(response | prompt) of each row of a right-padded batch, (B,)
+    reference_logps(ref_dir, splits)    the frozen reference's log-probs of every pair: computed once, cached
+    with_reference(rows, logps)         the pairs with their reference log-probs attached, as the loss uses them
+    sample_answers(model, tok, prompts) greedy answers (generic: belongs in evaluate.py)
+
+Why the reference log-probs can be computed before training: DPO's reference pi_ref is frozen, so
+log pi_ref(y | x) of a pair never changes while the policy trains. Each pair needs two numbers (chosen,
+rejected), computed in one pass over the data before training; the reference model is then freed, and
+training holds one model, like SFT. This is exact only while the reference is frozen: a method whose
+reference moves (Hbat's DPO stages use the model at the start of each stage) must recompute per stage.
+
+The cache (out_dir/ref_logps.pt) is keyed by a fingerprint of everything the numbers depend on: the
+tokenized pairs of every split (ids and response masks, in order), the reference checkpoint (the bytes of
+its config.json and of every weight file) and the autocast dtype. Changing the data, the tokenizer, the
+template, the truncation or the reference gives another fingerprint and the log-probs are recomputed;
+otherwise they are reused. Hashing the weights reads the checkpoint once; the policy is loaded from the same
+files right after, so they are then read from the page cache.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist, train
+from .checkpoint import tensor_files
+from .data import IGNORE_INDEX, collate_pairs
+from .generate import generate
+from .losses import sequence_logps, shift_mask, token_logprobs
+from .tokenizer import encode_prompt
+
+CACHE_VERSION = "nanoalign-ref-logps-v1"
+
+
+# --- log-probs of responses
+
+
+def response_logps(model, batch: dict, average: bool = False, amp=None) -> torch.Tensor:
+    """A right-padded batch (collate_sft / collate_pairs) -> log p(response | prompt) per row, float32 (B,).
+
+    Summed over the response tokens and their EOS; average=True divides by their count (IPO)."""
+    device = next(model.parameters()).device
+    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    with amp or nullcontext():
+        # right padding: a real token never attends to the pads after it, so no attention mask is needed
+        # (and attention keeps its fast causal path); the entries that predict pads are masked below
+        token_logps = token_logprobs(model, input_ids)  # (B, T - 1)
+    return sequence_logps(token_logps, shift_mask(labels != IGNORE_INDEX), average)
+
+
+def response_lengths(rows: list[dict]) -> torch.Tensor:
+    """(N, 2) number of scored tokens of (chosen, rejected) of each pair: the count sequence_logps divides by."""
+    return torch.tensor([[sum(r["chosen_mask"][1:]), sum(r["rejected_mask"][1:])] for r in rows])
+
+
+def with_reference(rows: list[dict], logps: torch.Tensor, average: bool = False) -> list[dict]:
+    """Copies of the pairs with "ref_chosen" / "ref_rejected" attached: the summed reference log-probs (N, 2),
+    or their per-token average for IPO, computed exactly as sequence_logps(average=True) would."""
+    values = logps / response_lengths(rows).clamp(min=1) if average else logps
+    return [{**row, "ref_chosen": c, "ref_rejected": r} for row, (c, r) in zip(rows, values.tolist())]
+
+
+# --- the reference cache
+
+
+def _hash_file(h, path: Path) -> None:
+    h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+
+
+def fingerprint(splits: dict[str, list[dict]], ref_dir, dtype: str) -> str:
+    """sha256 of the tokenized pairs of every split, the reference checkpoint's config and weights, the dtype."""
+    h = hashlib.sha256(f"{CACHE_VERSION}\0{dtype}\0".encode())
+    for name, rows in splits.items():
+        h.update(f"split {name} {len(rows)}\0".encode())
+        for r in rows:
+            for key in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"):
+                values = np.asarray(r[key], dtype=np.int64)
+                h.update(len(values).to_bytes(8, "little") + values.tobytes())
+    ref_dir = Path(ref_dir)
+    weights = sorted(set(tensor_files(ref_dir).values()))
+    index = [ref_dir / "model.safetensors.index.json"] if (ref_dir / "model.safetensors.index.json").exists() else []
+    for path in [ref_dir / "config.json", *index, *weights]:
+        _hash_file(h, path)
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, key: str, splits: dict) -> tuple[dict | None, str]:
+    """(the cached log-probs, "") when path holds this fingerprint's, else (None, why not)."""
+    if not path.exists():
+        return None, "no cache yet"
+    try:
+        cache = torch.load(path, weights_only=True)
+    except Exception as e:  # an unreadable file is recomputed, not fatal
+        return None, f"{path} is unreadable ({type(e).__name__})"
+    if cache.get("fingerprint") != key:
+        return None, f"{path} was computed for other data or another reference"
+    logps = cache["logps"]
+    if set(logps) != set(splits) or any(len(logps[k]) != len(rows) for k, rows in splits.items()):
+        return None, f"{path} holds other splits"
+    return logps, ""
+
+
+@torch.no_grad()
+def _split_logps(model, rows: list[dict], pad_id: int, micro_batch_size: int, d: dist.Dist, amp) -> torch.Tensor:
+    """(N, 2) summed log-probs of (chosen, rejected), the rows split over the ranks. Each micro-batch writes its
+    rows into a zero (N, 2) tensor and train.eval_sums adds them up over batches and ranks: every row is
+    written by exactly one of them, so the sum is exact."""
+    indexed = list(enumerate(rows))
+
+    def fn(chunk):
+        out = torch.zeros(len(rows), 2, device=d.device)
+        logps = response_logps(model, collate_pairs([r for _, r in chunk], pad_id), amp=amp)  # (2B,)
+        out[[i for i, _ in chunk]] = torch.stack(logps.chunk(2), dim=1)
+        return out
+
+    return train.eval_sums(indexed, micro_batch_size, d, fn).cpu()
+
+
+def reference_logps(ref_dir, splits: dict[str, list[dict]], pad_id: int, cache_path, d: dist.Dist,
+                    micro_batch_size: int = 16, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """{split: (N, 2) summed log-probs of (chosen, rejected) under the frozen reference} for tokenized pairs
+    (data.tokenize_pairs). Reused from cache_path when its fingerprint matches; otherwise the reference is
+    loaded (sharded under torchrun), run over every split, freed, and the cache written atomically.
+    Collective under torchrun; every rank gets the full tensors."""
+    cache_path = Path(cache_path)
+    cached, why = None, ""
+    if d.is_main:
+        key = fingerprint(splits, ref_dir, dtype)
+        cached, why = _read_cache(cache_path, key, splits)
+    cached = dist.all_gather_object(cached, d)[0]  # rank 0's answer
+    sizes = " + ".join(f"{len(rows)} {name}" for name, rows in splits.items())
+    if cached is not None:
+        dist.print0(d, f"reference log-probs: reused {cache_path} ({sizes} pairs; same data and reference)")
+        return cached
+    dist.print0(d, f"reference log-probs: computing {sizes} pairs with the frozen {ref_dir} ({why})")
+    model = train.place(train.load_model(ref_dir, d), d, trainable=False)
+    amp = train.autocast(d, dtype)
+    logps = {name: _split_logps(model, rows, pad_id, micro_batch_size, d, amp) for name, rows in splits.items()}
+    del model  # no reference model in memory while the policy trains
+    gc.collect()
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if d.is_main:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
+        torch.save({"fingerprint": key, "logps": logps, "reference": str(ref_dir), "dtype": dtype}, tmp)
+        os.replace(tmp, cache_path)  # a crash mid-write never leaves a half-written cache
+        print(f"reference log-probs: saved {cache_path}; reference model freed", flush=True)
+    dist.barrier(d)
+    return logps
+
+
+# --- greedy answers (generic: to move to nanoalign/evaluate.py)
+
+
+@torch.no_grad()
+def sample_answers(model, tok, prompts: list[str], template: str, max_new_tokens: int = 48, d: dist.Dist | None = None,
+                   batch_size: int = 32) -> list[str]:
+    """Greedy answers (temperature 0) to raw prompts formatted with the template, each decoded up to its stop
+    token. A prompt too long for the context keeps its end (the question) and its BOS. Runs on the model's
+    device, unsharded; d only silences the progress bar on ranks other than 0."""
+    if max_new_tokens >= model.cfg.max_seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{model.cfg.max_seq_len} tokens")
+    was_training = model.training
+    model.eval()
+    room = model.cfg.max_seq_len - max_new_tokens
+    answers = []
+    for i in train.progress(range(0, len(prompts), batch_size), "answers", d or dist.Dist()):
+        ids = [encode_prompt(tok, p, template) for p in prompts[i:i + batch_size]]
+        bos = 1 if tok.add_bos else 0
+        ids = [x if len(x) <= room else x[:bos] + x[len(x) - room + bos:] for x in ids]
+        gen = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                       vocab_size=tok.vocab_size)
+        answers += [tok.decode(gen.response(j)).strip() for j in range(len(ids))]
+    model.train(was_training)
+    return answers

@@ -1,0 +1,292 @@
+"""train_dpo.py and nanoalign/dpo.py: the reference log-prob cache, the step-0 values of each loss, resume,
+the flag checks, data parallelism (torchrun + FSDP2), and (slow) the default tiny-world run."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_dpo
+from nanoalign import dist, dpo, train
+from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.cli import InputError
+from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs
+from nanoalign.generate import generate
+from nanoalign.model import ModelConfig, Transformer
+from nanoalign.tokenizer import Tokenizer, encode_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFS = ROOT / "data" / "prefs_val.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(ROOT / "data" / "tokenizer")
+
+
+def tiny(tok, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    return model
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory, tok):
+    return save_pretrained(tiny(tok), tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    lines = PREFS.read_text().splitlines(True)
+    (d / "train.jsonl").write_text("".join(lines[:24]))
+    (d / "val.jsonl").write_text("".join(lines[24:34]))
+    (d / "prompts.jsonl").write_text("".join((ROOT / "data" / "prompts_test.jsonl").read_text().splitlines(True)[::60]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def rows(tok):
+    return tokenize_pairs(read_jsonl(PREFS)[:12], tok, "hh", max_len=128)
+
+
+def args(init_dir, out, files, *extra):
+    """Small, fast flags; a flag repeated in extra wins (argparse keeps the last)."""
+    return [f"--init={init_dir}", f"--out_dir={out}", f"--data={files}/train.jsonl", f"--val_data={files}/val.jsonl",
+            f"--eval_prompts={files}/prompts.jsonl", "--batch_size=8", "--micro_batch_size=4", "--max_len=128",
+            "--warmup_steps=2", "--eval_every=2", "--save_every=0", "--max_new_tokens=6", "--num_samples=0",
+            "--device=cpu", "--dtype=float32", "--lr=1e-3", *extra]
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- the reference log-prob cache
+
+
+def alone(model, ids, mask):
+    """log p(response | prompt) of one sequence run alone: no padding, no batch."""
+    return dpo.response_logps(model, collate_sft([{"ids": ids, "mask": mask}], pad_id=0)).item()
+
+
+def test_cached_reference_logps_equal_those_of_each_sequence_alone(init_dir, rows, tok, tmp_path, capsys):
+    cache = tmp_path / "ref_logps.pt"
+    computed = dpo.reference_logps(init_dir, {"train": rows[:7], "val": rows[7:]}, tok.pad_id, cache, dist.Dist(), 3)
+    assert "computing 7 train + 5 val pairs" in capsys.readouterr().out
+    model = load_pretrained(init_dir)
+    for split, part in (("train", rows[:7]), ("val", rows[7:])):
+        expected = torch.tensor([[alone(model, r["chosen_ids"], r["chosen_mask"]),
+                                  alone(model, r["rejected_ids"], r["rejected_mask"])] for r in part])
+        # float32 sums of ~100 nats are resolved to ~1e-5 (one ulp): within 1e-6 relative, and 1e-6 per token
+        assert ((computed[split] - expected).abs() <= 1e-6 * expected.abs()).all()
+        n_tokens = dpo.response_lengths(part)
+        assert (computed[split] / n_tokens - expected / n_tokens).abs().max().item() <= 1e-6
+    reused = dpo.reference_logps(init_dir, {"train": rows[:7], "val": rows[7:]}, tok.pad_id, cache, dist.Dist(), 3)
+    assert "reused" in capsys.readouterr().out
+    assert all(torch.equal(reused[k], computed[k]) for k in computed)
+
+
+def test_ipo_reference_values_are_the_per_token_average(rows, tok):
+    logps = torch.tensor([[-6.0, -3.0]] * len(rows))
+    out = dpo.with_reference(rows, logps, average=True)
+    n_chosen, n_rejected = sum(rows[0]["chosen_mask"]), sum(rows[0]["rejected_mask"])  # response tokens + EOS
+    assert out[0]["ref_chosen"] == pytest.approx(-6.0 / n_chosen) and out[0]["ref_rejected"] == pytest.approx(-3.0 / n_rejected)
+    assert dpo.with_reference(rows, logps)[0]["ref_chosen"] == -6.0 and "ref_chosen" not in rows[0]
+
+
+def test_changing_the_data_or_the_reference_recomputes_the_cache(init_dir, rows, tok, tmp_path, capsys):
+    cache, d = tmp_path / "ref_logps.pt", dist.Dist()
+    ref = tmp_path / "ref"
+    shutil.copytree(init_dir, ref)
+
+    def logps(splits):
+        out = dpo.reference_logps(ref, splits, tok.pad_id, cache, d, 4)
+        return out, "computing" in capsys.readouterr().out
+
+    _, computed = logps({"train": rows})
+    assert computed and not logps({"train": rows})[1]
+    # the data: one token of one response, then the same pairs under another split name
+    edited = [dict(r) for r in rows]
+    edited[3] = {**rows[3], "rejected_ids": rows[3]["rejected_ids"][:-2] + [rows[3]["rejected_ids"][-1]],
+                 "rejected_mask": rows[3]["rejected_mask"][:-1]}
+    assert logps({"train": edited})[1]
+    assert logps({"val": edited})[1]
+    before, computed = logps({"val": edited})
+    assert not computed
+    # the reference: one weight changed in place (same file size), then only its config
+    model = load_pretrained(ref)
+    with torch.no_grad():
+        model.layers[1].mlp.down.weight[0, 0] += 0.5
+    save_pretrained(model, ref, tokenizer=tok)
+    changed, computed = logps({"val": edited})
+    assert computed and not torch.equal(changed["val"], before["val"])
+    config = json.loads((ref / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (ref / "config.json").write_text(json.dumps(config))
+    assert logps({"val": edited})[1]
+    assert not logps({"val": edited})[1]
+
+
+# --- the script
+
+
+@pytest.mark.parametrize("loss,extra,step0_loss", [
+    ("dpo", [], math.log(2)),                          # -log sigmoid(0)
+    ("cdpo", ["--label_smoothing=0.2"], math.log(2)),  # -(0.8 + 0.2) log sigmoid(0)
+    ("ipo", ["--beta=0.5"], 1.0),                      # (0 - 1 / (2 * 0.5))^2
+])
+def test_each_loss_runs_and_starts_from_the_reference(init_dir, files, tmp_path, capsys, loss, extra, step0_loss):
+    train_dpo.main(args(init_dir, tmp_path / "run", files, "--steps=3", f"--loss={loss}", *extra))
+    out = capsys.readouterr().out
+    log = records(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    names = {"loss", "lr", "grad_norm", *train_dpo.STATS}
+    assert names <= set(log[0]) and {f"eval/{k}" for k in train_dpo.STATS} <= set(log[1]) <= set(log[2])
+    # step 1 is computed before any update: the policy is the reference, every reward and margin is 0
+    first = log[0]
+    assert abs(first["loss"] - step0_loss) <= 1e-5
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "margins/unscaled"):
+        assert abs(first[key]) <= 1e-6, key
+    # the policy's log-probs at step 1 are the cached reference ones of the step's pairs (IPO: per token)
+    rows = tokenize_pairs(read_jsonl(files / "train.jsonl"), Tokenizer.from_dir(init_dir), "hh", 128, 128)
+    ref = torch.load(tmp_path / "run" / "ref_logps.pt")["logps"]["train"]
+    with_ref = dpo.with_reference(rows, ref, average=loss == "ipo")
+    batch = [with_ref[i] for i in train.batch_indices(0, len(rows), 8, 0)]
+    assert abs(first["logps/chosen"] - sum(r["ref_chosen"] for r in batch) / 8) <= 1e-4
+    assert abs(first["logps/rejected"] - sum(r["ref_rejected"] for r in batch) / 8) <= 1e-4
+    # training widens the margin on the pairs it sees
+    assert log[-1]["rewards/margins"] > 0 and log[-1]["loss"] < first["loss"]
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert 0 <= result["win_rate_vs_sft"] <= 1 and result["n_prompts"] == 5
+    assert result["eval/loss"] == log[-1]["eval/loss"]
+    assert f"{loss.upper()} (beta" in out and "win rate of DPO vs SFT" in out
+
+
+def test_resume_continues_exactly(init_dir, files, tmp_path, capsys):
+    train_dpo.main(args(init_dir, tmp_path / "full", files, "--steps=4"))
+    train_dpo.main(args(init_dir, tmp_path / "cut", files, "--steps=4", "--stop_at=2", "--eval_prompts="))
+    capsys.readouterr()
+    train_dpo.main(args(init_dir, tmp_path / "cut", files, "--steps=4", "--resume"))
+    out = capsys.readouterr().out
+    assert "reference log-probs: reused" in out and "resumed from" in out
+    full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    for a, b in zip(full, cut):
+        for k, v in a.items():
+            if k != "pairs_per_s":
+                assert abs(v - b[k]) <= 1e-6, (a["step"], k)
+    a, b = load_pretrained(tmp_path / "full" / "model"), load_pretrained(tmp_path / "cut" / "model")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def test_an_unchanged_policy_ties_with_the_reference_on_every_prompt(init_dir, files, tmp_path, tok):
+    # an update of 1e-12 is below float32 resolution for these weights: the DPO model answers like its reference
+    train_dpo.main(args(init_dir, tmp_path / "run", files, "--steps=1", "--lr=1e-12", "--warmup_steps=0", "--val_data="))
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["win_rate_vs_sft"] == 0.5 and result["mean_quality/dpo"] == result["mean_quality/sft"]
+    # sample_answers is generate() with the template, greedy, decoded to the stop token
+    prompts = [r["prompt"] for r in read_jsonl(files / "prompts.jsonl")]
+    model = load_pretrained(init_dir)
+    gen = generate(model, [encode_prompt(tok, prompts[0], "hh")], 6, temperature=0.0, stop_ids=tok.stop_ids,
+                   pad_id=tok.pad_id)
+    expected = tok.decode(gen.tokens[0, :int(gen.mask[0].sum())].tolist()).strip()
+    assert dpo.sample_answers(model, tok, prompts, "hh", 6, batch_size=2)[0] == expected
+
+
+def test_hh_transcripts_and_the_template_saved_with_the_init(init_dir, tok, tmp_path, capsys):
+    hh = tmp_path / "hh.jsonl"
+    pairs = read_jsonl(PREFS)[:8]
+    hh.write_text("".join(json.dumps({"chosen": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['chosen']}",
+                                      "rejected": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['rejected']}"}) + "\n"
+                          for p in pairs))
+    flags = args(init_dir, tmp_path / "run", tmp_path, f"--data={hh}", "--val_data=", "--eval_prompts=", "--steps=1")
+    with pytest.raises(ValueError, match="missing key 'prompt'.*pass --format=hh"):
+        train_dpo.main(flags)
+    train_dpo.main(flags + ["--format=hh"])
+    assert "8 pairs" in capsys.readouterr().out
+    # the same pairs in the internal format give the same reference log-probs: read_hh splits them exactly
+    (tmp_path / "pairs.jsonl").write_text("".join(PREFS.read_text().splitlines(True)[:8]))
+    train_dpo.main(flags + [f"--data={tmp_path}/pairs.jsonl", f"--out_dir={tmp_path}/run2"])
+    hh_ref, ref = (torch.load(tmp_path / r / "ref_logps.pt")["logps"]["train"] for r in ("run", "run2"))
+    assert torch.equal(hh_ref, ref)
+    # no --template: the one saved with the init checkpoint
+    tok.template = "plain"
+    plain = save_pretrained(load_pretrained(init_dir), tmp_path / "plain", tokenizer=tok)
+    tok.template = None
+    capsys.readouterr()
+    train_dpo.main(flags + [f"--data={tmp_path}/pairs.jsonl", f"--init={plain}", f"--out_dir={tmp_path}/run3"])
+    assert "template 'plain'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--loss=kto"], "--loss=kto: choose one of dpo, cdpo, ipo"),
+    (["--beta=0"], "--beta=0.0: must be positive"),
+    (["--loss=cdpo"], "--label_smoothing=0.0: --loss=cdpo needs a label smoothing in (0, 0.5]"),
+    (["--loss=cdpo", "--label_smoothing=0.7"], "--label_smoothing=0.7: --loss=cdpo needs a label smoothing in (0, 0.5]"),
+    (["--label_smoothing=0.1"], "--label_smoothing=0.1: applies to --loss=cdpo only"),
+    (["--loss=ipo", "--label_smoothing=0.1"], "--label_smoothing=0.1: applies to --loss=cdpo only"),
+    (["--format=shp"], "--format=shp: choose one of jsonl, hh"),
+    (["--format=hh", "--template=alpaca"], "--template=alpaca: HH-RLHF transcripts (--format=hh) use the hh template"),
+    (["--steps=0"], "--steps=0: must be positive"),
+    (["--min_lr_ratio=2"], "--min_lr_ratio=2.0: must be in [0.0, 1.0]"),
+    (["--dtype=float16"], "--dtype=float16: train in bfloat16 or float32"),
+    (["--eval_prompts=nope.jsonl"], "--eval_prompts=nope.jsonl: not found"),
+])
+def test_bad_flags_are_refused_before_any_work(init_dir, files, tmp_path, flag, message):
+    with pytest.raises(InputError) as e:
+        train_dpo.main(args(init_dir, tmp_path / "run", files, *flag))
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), "--loss=kto"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "error: --loss=kto: choose one of dpo, cdpo, ipo\n"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, files, tmp_path):
+    """The reference log-probs split over the ranks, the batch split over the ranks, the held-out pairs
+    (10: 5 a rank in batches of 4, so rank 1 runs a dummy forward), the answers on rank 0: all equal one process."""
+    flags = ["--steps=3", "--loss=ipo", "--beta=0.5"]
+    train_dpo.main(args(init_dir, tmp_path / "one", files, *flags))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_dpo.py"),
+           *args(init_dir, tmp_path / "two", files, *flags)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for k, v in a.items():
+            if k != "pairs_per_s":
+                assert abs(v - b[k]) <= 1e-4, (a["step"], k)
+    ref_one, ref_two = (torch.load(tmp_path / r / "ref_logps.pt")["logps"] for r in ("one", "two"))
+    assert all(((ref_one[k] - ref_two[k]).abs() <= 1e-6 * ref_one[k].abs()).all() for k in ("train", "val"))
+    eval_one, eval_two = (json.loads((tmp_path / r / "eval.json").read_text()) for r in ("one", "two"))
+    assert eval_one["win_rate_vs_sft"] == eval_two["win_rate_vs_sft"]
+    a, b = load_pretrained(tmp_path / "one" / "model"), load_pretrained(tmp_path / "two" / "model")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=n)
+
+
+@pytest.mark.slow
+def test_default_tiny_world_run_beats_the_sft_model(tmp_path):
+    """The README's command end to end from the tiny SFT model (trained first if out/sft/model is missing)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), f"--out_dir={tmp_path}/dpo"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "dpo" / "eval.json").read_text())
+    assert result["eval/rewards/accuracies"] > 0.5 and result["eval/rewards/margins"] > 0
+    assert result["win_rate_vs_sft"] > 0.5
+    assert result["mean_quality/dpo"] > result["mean_quality/sft"]

@@ -1,0 +1,266 @@
+"""Direct preference optimisation: DPO (Rafailov et al. 2023), cDPO and IPO (Azar et al. 2023).
+
+DPO fits the policy to preference pairs (prompt x, chosen y_w, rejected y_l) with no reward model and no
+sampling. With h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)), the policy's
+log-ratio margin over the frozen reference pi_ref (the SFT model it starts from):
+    --loss=dpo   L = -log sigmoid(beta h): the Bradley-Terry likelihood of the implicit reward beta log pi/pi_ref
+    --loss=cdpo  L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), eps = --label_smoothing: the
+                 labels are assumed flipped with probability eps, so the margin stops growing at a finite value
+    --loss=ipo   L = (h - 1/(2 beta))^2 with per-token averaged log-probs: pulls h to a target instead of to
+                 infinity, so it does not overfit pairs whose preference is (nearly) deterministic
+With no arguments: DPO from the tiny SFT model (out/sft/model, trained first if missing) on
+data/prefs_train.jsonl, held-out metrics on data/prefs_val.jsonl, then greedy answers of the DPO and the SFT
+model to data/prompts_test.jsonl judged by the world's oracle: win rate and mean quality (out/dpo/eval.json).
+
+    python train_dpo.py                                   # the tiny world, a few minutes on a laptop CPU
+    python train_dpo.py --loss=ipo --beta=0.5             # a variant
+    python train_dpo.py --resume                          # continue from out/dpo/model
+    torchrun --nproc_per_node=2 train_dpo.py              # data-parallel with FSDP2 (gloo on CPU)
+    torchrun --nproc_per_node=8 train_dpo.py --init=out/sft-7b/model --device=cuda --format=hh \\
+        --data=hh-rlhf/helpful-base/train.jsonl.gz --val_data=hh-rlhf/helpful-base/test.jsonl.gz \\
+        --eval_prompts= --lr=5e-7 --warmup_steps=150 --batch_size=64 --micro_batch_size=4 --max_len=512
+
+Details that matter (docs/methods.md "## 4. DPO", docs/correctness.md):
+- The reference is frozen, so log pi_ref of every pair is a constant of the data: it is computed ONCE before
+  training, in batches, and cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and of the
+  reference checkpoint's files (reused while neither changes). The reference model is freed before the
+  policy is loaded: training holds one model, like SFT (nanoalign/dpo.py).
+- Log-probs are summed over the response tokens and the EOS (dpo, cdpo), averaged per token for ipo.
+- The loss is a sum over pairs divided by the pairs of the whole optimizer step (all micro-batches, ranks).
+- Both logps/chosen and logps/rejected usually FALL during DPO, and rewards/chosen often turns negative:
+  expected, not a bug. The loss sees only the margin, and it widens fastest by pushing the rejected
+  response down harder than the chosen one (both share most of their tokens' probability mass); the
+  probability goes to responses outside the pair. Watch rewards/margins and rewards/accuracies rise.
+- Logged (TRL's names): rewards/chosen and rewards/rejected = beta * log-ratio (the implicit rewards),
+  rewards/margins (their difference), rewards/accuracies (fraction with margin > 0, a tie is wrong),
+  logps/chosen, logps/rejected (the policy's, as the loss uses them), margins/unscaled = h without beta (as
+  the REAL paper reports margins), loss, lr, grad_norm; the same on held-out pairs prefixed eval/.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoalign import dist, dpo, train, world
+from nanoalign.checkpoint import load_pretrained, model_config, resolve_dir
+from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
+from nanoalign.data import collate_pairs, read_hh, read_jsonl, tokenize_pairs
+from nanoalign.evaluate import oracle_score, win_rate
+from nanoalign.losses import dpo_loss
+from nanoalign.tokenizer import TEMPLATES, Tokenizer
+
+DEFAULT_INIT = "out/sft/model"
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+         "logps/rejected", "margins/unscaled")
+
+
+# --- config
+@dataclass
+class Config:
+    init: str = DEFAULT_INIT    # the SFT checkpoint (dir or hub id): the policy starts from it, and it is the frozen reference
+    out_dir: str = "out/dpo"    # the run: model/ (HF checkpoint + train_state.pt), ref_logps.pt, metrics.jsonl, eval.json
+    data: str = "data/prefs_train.jsonl"  # {"prompt","chosen","rejected"} JSONL, or HH-RLHF transcripts with --format=hh
+    val_data: str = "data/prefs_val.jsonl"  # held-out pairs for the eval/ metrics ("" to skip)
+    format: str = "jsonl"       # jsonl ({"prompt","chosen","rejected"}) or hh (Anthropic HH-RLHF {"chosen","rejected"})
+    template: str = "auto"      # prompt template: hh, alpaca, plain; auto: the one saved with --init, else hh
+    eval_prompts: str = "data/prompts_test.jsonl"  # tiny-world prompts: greedy answers, win rate vs --init ("" to skip)
+    loss: str = "dpo"           # dpo (sigmoid), cdpo (DPO with --label_smoothing) or ipo
+    beta: float = 0.1           # strength of the pull toward the reference (the KL coefficient of the implicit reward)
+    label_smoothing: float = 0.0  # cdpo only: the assumed probability that a label is flipped, in (0, 0.5]
+    # optimisation
+    steps: int = 200            # optimizer steps
+    stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
+    batch_size: int = 32        # pairs per optimizer step, summed over ranks
+    micro_batch_size: int = 16  # pairs per forward on one rank (each pair is two sequences)
+    lr: float = 1e-4            # peak learning rate (use ~5e-7 for a real 7B model)
+    min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10      # linear warmup steps
+    weight_decay: float = 0.0   # AdamW decay on matrices (never on norms and biases)
+    grad_clip: float = 1.0      # max global gradient norm
+    max_len: int = 256          # tokens per sequence; longer pairs keep the end of the prompt
+    max_response_len: int = 128  # tokens per response (both responses of a pair get the same cap)
+    eval_every: int = 50        # steps between held-out evaluations (and at the end)
+    save_every: int = 100       # 0: save only at the end
+    seed: int = 0               # data order
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA: bfloat16 or float32
+    resume: bool = False        # continue from out_dir/model/train_state.pt
+    max_new_tokens: int = 48    # length cap of the greedy answers to --eval_prompts
+    num_samples: int = 4        # answers of both models printed at the end
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag checked before any work starts; each error names the flag and what is allowed."""
+    check_choice(cfg, "loss", ("dpo", "cdpo", "ipo"))
+    check_choice(cfg, "format", ("jsonl", "hh"))
+    check_choice(cfg, "template", ("auto", *TEMPLATES))
+    if cfg.format == "hh" and cfg.template not in ("auto", "hh"):
+        raise InputError(f"--template={cfg.template}: HH-RLHF transcripts (--format=hh) use the hh template")
+    check_positive(cfg, "beta", "steps", "batch_size", "micro_batch_size", "lr", "max_len", "max_response_len",
+                   "eval_every", "max_new_tokens")
+    if cfg.loss == "cdpo" and not 0 < cfg.label_smoothing <= 0.5:
+        raise InputError(f"--label_smoothing={cfg.label_smoothing}: --loss=cdpo needs a label smoothing in (0, 0.5]")
+    if cfg.loss != "cdpo" and cfg.label_smoothing != 0:
+        raise InputError(f"--label_smoothing={cfg.label_smoothing}: applies to --loss=cdpo only (got --loss={cfg.loss})")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
+    check_non_negative(cfg, "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at", "num_samples")
+    check_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
+        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    train.check_files(cfg, "data", "val_data", "eval_prompts")
+
+
+def load_pairs(path: str, fmt: str) -> list[dict]:
+    if fmt == "hh":
+        return read_hh(path)
+    try:
+        return read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    except ValueError as e:
+        hint = "; HH-RLHF transcripts? pass --format=hh" if "missing key 'prompt'" in str(e) else ""
+        raise ValueError(f"{e}{hint}") from None
+
+
+def pair_sums(model, pairs: list[dict], cfg: Config, pad_id: int, amp) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-pair losses, the STATS summed over the pairs) of pairs carrying their reference log-probs."""
+    logps = dpo.response_logps(model, collate_pairs(pairs, pad_id), average=cfg.loss == "ipo", amp=amp)  # (2B,)
+    chosen, rejected = logps.chunk(2)  # collate_pairs puts the chosen rows first
+    ref_chosen = torch.tensor([p["ref_chosen"] for p in pairs], device=chosen.device)
+    ref_rejected = torch.tensor([p["ref_rejected"] for p in pairs], device=chosen.device)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                        cfg.label_smoothing, "ipo" if cfg.loss == "ipo" else "sigmoid")
+    margins = chosen_rewards - rejected_rewards
+    unscaled = ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()  # h, the margin without beta
+    stats = torch.stack([losses.detach(), chosen_rewards, rejected_rewards, margins, (margins > 0).float(),
+                         chosen.detach(), rejected.detach(), unscaled]).sum(-1)
+    return losses.sum(), stats
+
+
+def evaluate_pairs(model, rows, cfg, d, pad_id, amp) -> dict:
+    model.eval()
+    sums = train.eval_sums(rows, cfg.micro_batch_size, d, lambda chunk: torch.cat(
+        [pair_sums(model, chunk, cfg, pad_id, amp)[1], torch.tensor([float(len(chunk))], device=d.device)]))
+    model.train()
+    return {f"eval/{k}": v for k, v in zip(STATS, (sums[:-1] / sums[-1]).tolist())}
+
+
+def compare_answers(cfg, d, policy, init_dir, tok, template) -> dict | None:
+    """Greedy answers of the DPO model and of the reference (SFT) model, judged by the tiny world's oracle."""
+    prompts = [r["prompt"] for r in read_jsonl(cfg.eval_prompts, required=("prompt",))]
+    answers = {}
+    for name in ("dpo", "sft"):
+        model = policy if name == "dpo" else load_pretrained(init_dir, device=d.device)
+        answers[name] = dpo.sample_answers(model, tok, prompts, template, cfg.max_new_tokens, d)
+        del model
+    for p, a, b in list(zip(prompts, answers["dpo"], answers["sft"]))[:cfg.num_samples]:
+        print(f"\n> {p}\n  dpo: {a}\n  sft: {b}")
+    if not all(world.is_world_prompt(p) for p in prompts):
+        return None  # the oracle judges only its own world's prompts
+    result = {"n_prompts": len(prompts), "win_rate_vs_sft": win_rate(oracle_score, prompts, answers["dpo"], answers["sft"])}
+    for name, ans in answers.items():
+        result[f"mean_quality/{name}"] = sum(map(world.quality, prompts, ans)) / len(prompts)
+        result[f"correct/{name}"] = sum(map(world.is_correct, prompts, ans)) / len(prompts)
+    print(f"\noracle on {len(prompts)} held-out prompts: win rate of DPO vs SFT {result['win_rate_vs_sft']:.3f}; "
+          f"mean quality {result['mean_quality/dpo']:.3f} (SFT {result['mean_quality/sft']:.3f}); "
+          f"correct {result['correct/dpo']:.1%} (SFT {result['correct/sft']:.1%})")
+    return result
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    check_config(cfg)
+    if cfg.init == DEFAULT_INIT and not (Path(cfg.init) / "config.json").exists():
+        print(f"{cfg.init} not found: training the tiny SFT model first (python train_sft.py)", flush=True)
+        import train_sft
+        train_sft.main([f"--device={cfg.device}"])
+    d = dist.init_dist(cfg.device)
+    dist.seed_everything(cfg.seed)
+    if cfg.batch_size % d.world_size:
+        raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
+    t_start = time.time()
+    run_dir, ckpt = Path(cfg.out_dir), Path(cfg.out_dir) / "model"
+    train.clean_stale(ckpt, d)
+    state = train.find_checkpoint(ckpt, cfg.resume)
+    init_dir = resolve_dir(cfg.init)
+    tok = Tokenizer.from_dir(init_dir)
+    tok.check_vocab(model_config(init_dir).vocab_size)
+    template = "hh" if cfg.format == "hh" else cfg.template if cfg.template != "auto" else tok.template or "hh"
+    tok.template = template  # saved with the checkpoint: the generate CLI uses it
+
+    # --- data
+    train_rows = tokenize_pairs(load_pairs(cfg.data, cfg.format), tok, template, cfg.max_len, cfg.max_response_len)
+    val_rows = tokenize_pairs(load_pairs(cfg.val_data, cfg.format), tok, template, cfg.max_len,
+                              cfg.max_response_len) if cfg.val_data else []
+    if not train_rows:
+        raise InputError(f"--data={cfg.data}: no preference pairs left after tokenizing")
+    dist.print0(d, f"{cfg.loss.upper()} (beta {cfg.beta}) from {init_dir} on {cfg.data}: {len(train_rows)} pairs, "
+                   f"{len(val_rows)} held out, template {template!r}")
+
+    # --- models: the frozen reference runs once over the data and is freed; then the policy is loaded
+    splits = {"train": train_rows, **({"val": val_rows} if val_rows else {})}
+    ref = dpo.reference_logps(init_dir, splits, tok.pad_id, run_dir / "ref_logps.pt", d, cfg.micro_batch_size, cfg.dtype)
+    average = cfg.loss == "ipo"
+    train_rows = dpo.with_reference(train_rows, ref["train"], average)
+    val_rows = dpo.with_reference(val_rows, ref["val"], average) if val_rows else []
+    model = train.place(train.load_model(ckpt if state else init_dir, d), d)
+    opt = train.adamw(model, cfg.lr, cfg.weight_decay)
+    start = train.restore(state, {"model": (model, opt)}, d)
+    if state:
+        dist.print0(d, f"resumed from {ckpt} at step {start}")
+
+    # --- loop
+    log = train.MetricsLog(run_dir / "metrics.jsonl", d, start)
+    amp = train.autocast(d, cfg.dtype)
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    bar = train.progress(range(start, last), cfg.loss, d)
+    t0, pairs_seen, record = time.time(), 0, {}
+    for step in bar:
+        lr = train.lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        train.set_lr(opt, lr)
+        mine = train.rank_share([train_rows[i] for i in train.batch_indices(step, len(train_rows), cfg.batch_size,
+                                                                            cfg.seed)], d)
+        stats = []
+
+        def loss_fn(pairs):
+            loss_sum, s = pair_sums(model, pairs, cfg, tok.pad_id, amp)
+            stats.append(s)
+            return loss_sum
+
+        # the normaliser is the number of pairs in the global step, so every pair weighs the same
+        train.accumulate_gradients(model, train.micro_batches(mine, cfg.micro_batch_size), loss_fn, cfg.batch_size, d)
+        means = dist.all_reduce_sum(torch.stack(stats).sum(0), d) / cfg.batch_size
+        record = {"step": step + 1, **dict(zip(STATS, means.tolist())), "lr": lr}
+        record["grad_norm"] = train.optimizer_step(model, opt, step=step + 1, loss=record["loss"],
+                                                   grad_clip=cfg.grad_clip, d=d, what=cfg.loss)
+        pairs_seen += cfg.batch_size
+        record["pairs_per_s"] = pairs_seen / (time.time() - t0)
+        if val_rows and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            record.update(evaluate_pairs(model, val_rows, cfg, d, tok.pad_id, amp))
+            dist.print0(d, f"\n[{cfg.loss}] step {step + 1}: loss {record['loss']:.4f} eval/loss "
+                           f"{record['eval/loss']:.4f} eval/rewards/accuracies {record['eval/rewards/accuracies']:.3f} "
+                           f"eval/rewards/margins {record['eval/rewards/margins']:.3f}")
+        log.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['rewards/margins']:.2f}", lr=f"{lr:.1e}")
+        if train.should_save(step + 1, cfg.save_every, last):
+            train.save_checkpoint(ckpt, d, step + 1, {"model": (model, opt)}, tokenizer=tok, config=cfg)
+    bar.close()
+    dist.print0(d, f"[{cfg.loss}] saved {ckpt} (step {last}/{cfg.steps}); metrics in {log.path}")
+
+    # --- save (done in the loop); greedy answers of the final model against the reference, on rank 0 alone
+    if last == cfg.steps and cfg.eval_prompts and d.is_main:
+        policy = load_pretrained(ckpt, device=d.device) if d.enabled else model  # unsharded for generate()
+        result = compare_answers(cfg, d, policy, init_dir, tok, template) or {}
+        result.update({k: v for k, v in record.items() if k.startswith("eval/")})
+        result["wall_s"] = round(time.time() - t_start, 1)
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wall time {result['wall_s']:.0f} s; results in {run_dir / 'eval.json'}")
+    dist.close(d)
+
+
+if __name__ == "__main__":
+    run(main, sys.argv[1:])
