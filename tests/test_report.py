@@ -1,0 +1,248 @@
+"""python -m nanoalign.report: figures and report.md from run directories (tests/fixtures/report_run: an SFT-like
+run, a PPO-like run, an experiment with two arms x two seeds), with and without matplotlib; the tables by hand."""
+import json
+import math
+import re
+import shutil
+import statistics
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import reference
+from nanoalign import report
+from nanoalign.cli import InputError, run
+
+FIXTURE = Path(__file__).parent / "fixtures" / "report_run"
+RUNS = [FIXTURE / "sft", FIXTURE / "ppo", FIXTURE / "exp"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def last_values(run_dir: Path) -> dict:
+    """{metric: (step, value)} of the last record holding each metric, read here independently of the module."""
+    last = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            last.update({k: (record["step"], v) for k, v in record.items() if k not in ("step", "phase")})
+    return last
+
+
+def section(text: str, heading: str) -> str:
+    """The part of report.md under `## heading`, up to the next `## `."""
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def check_tables(text: str) -> None:
+    for name in ("sft", "ppo"):
+        part = section(text, name)
+        last = last_values(FIXTURE / name)
+        assert len(last) >= 6
+        for metric, (step, value) in last.items():
+            assert f"| {metric} | {step} | {value if isinstance(value, int) else format(value, '.6g')} |" in part
+        for key, value in json.loads((FIXTURE / name / "eval.json").read_text()).items():
+            assert f"| {key} | {value} |" in part
+    # the fixture's last values, written out: the final row, not the best or the first
+    assert "| loss | 20 | 0.8125 |" in section(text, "sft") and "| eval_loss | 20 | 0.9375 |" in section(text, "sft")
+    assert "| eval/win_rate | 30 | 0.6875 |" in section(text, "ppo") and "| tokens | 20 | 4032 |" in text
+    # results.json by hand: two_stage win rate [0.6, 0.7] -> 0.65 ± sqrt(0.005) = 0.0707 (ddof=1; ddof=0: 0.05),
+    # closed accuracy [0.5, 0.8] -> 0.65 ± 0.212; joint [0.55, 0.5] -> 0.525 ± 0.0354, [0.75, 0.75] -> 0.75 ± 0
+    exp = section(text, "Toy experiment: two stages vs joint")
+    assert "| arm | seeds | eval/win_rate | closed_accuracy |" in exp
+    assert "| two_stage | 2 | 0.650 ± 0.071 | 0.65 ± 0.21 |" in exp
+    assert "| joint | 2 | 0.525 ± 0.035 | 0.75 ± 0 |" in exp
+
+
+def test_report_draws_every_run_and_embeds_the_figures(tmp_path):
+    reference("matplotlib")  # optional extra: skipped without it, but required in CI (NANOALIGN_REQUIRE_REFERENCE=1)
+    from PIL import Image  # a dependency of matplotlib
+
+    md = report.build_report(RUNS, tmp_path / "out", smooth=0.6)
+    text = md.read_text()
+    check_tables(text)
+    assert report.PLOT_HINT not in text
+    embedded = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    pngs = sorted((tmp_path / "out").rglob("*.png"))
+    assert {p.relative_to(md.parent).as_posix() for p in pngs} == set(embedded)
+    names = {p.name for p in pngs}
+    assert {"sft.png", "ppo.png", "exp_loss.png", "exp_reward.png", "exp_preference_accuracy.png"} <= names
+    assert not any("KL" in n or "win_rate" in n for n in names)  # the experiment logged neither: no empty panel
+    for path in embedded:
+        png = md.parent / path  # relative to report.md
+        data = png.read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+        assert width >= 400 and height >= 300
+        with Image.open(png) as im:
+            im.load()  # decodes the whole image
+            assert np.asarray(im).std() > 0  # something is drawn
+
+
+def test_report_without_matplotlib_writes_the_tables_and_how_to_get_plots(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    md = report.build_report(RUNS, tmp_path / "out")
+    text = md.read_text()
+    check_tables(text)
+    hint = [line for line in text.splitlines() if "pip install" in line]
+    assert len(hint) == 1 and "pip install matplotlib" in hint[0] and "pip install -e .[plot]" in hint[0]
+    assert "![" not in text and not list((tmp_path / "out").rglob("*.png"))
+    assert report.PLOT_HINT in capsys.readouterr().out
+
+
+def test_summary_table_mean_and_sample_std_by_hand():
+    results = {"metrics": ["win", "acc"],
+               "arms": {"a": {"win": [0.4, 0.5, 0.6], "acc": [1.0]}, "b": {"win": [0.2, 0.3]}}}
+    # a: mean 0.5, sample std sqrt((0.01 + 0 + 0.01) / 2) = 0.1 (the population std would be 0.0816);
+    # b: mean 0.25, sqrt(2 * 0.05^2 / 1) = 0.0707; one seed: the value alone; a missing metric: -
+    assert report.summary_table(results) == ("| arm | seeds | win | acc |\n"
+                                             "|---|---|---|---|\n"
+                                             "| a | 1–3 | 0.50 ± 0.10 | 1 |\n"
+                                             "| b | 2 | 0.250 ± 0.071 | - |\n")
+    # std to two significant digits, the mean to as many decimals
+    assert report.mean_std([100, 130]) == "115 ± 21"
+    assert report.mean_std([1.0, 1.0]) == "1 ± 0"
+    # no "metrics": every metric, first seen first
+    assert report.summary_table({"arms": {"x": {"m": [1.0, 2.0]}, "y": {"n": [3.0]}}}).splitlines()[0] == \
+        "| arm | seeds | m | n |"
+
+
+@pytest.mark.parametrize("results, culprit", [
+    ({"arms": {"a": {"win": [0.1, "x"]}}}, "arms.a.win"),
+    ({"arms": {"a": [0.1]}}, "arms.a"),
+    ({"arms": {}}, '{"arms"'),
+    ({"arms": {"a": {"win": [0.1]}}, "metrics": "win"}, "metrics"),
+    ({"arms": {"a": {"win": [0.1]}}, "seeds": 3}, "seeds"),
+])
+def test_summary_table_rejects_malformed_results(results, culprit):
+    with pytest.raises(InputError, match=re.escape(culprit)):
+        report.summary_table(results)
+
+
+def test_malformed_results_json_names_the_file(tmp_path):
+    exp = tmp_path / "exp"
+    shutil.copytree(FIXTURE / "exp", exp)
+    (exp / "results.json").write_text('{"arms": {"a": {"win": [0.5, null]}}}')
+    with pytest.raises(InputError, match=re.escape(f"{exp / 'results.json'}: arms.a.win")):
+        report.build_report([exp], tmp_path / "out")
+
+
+def test_load_metrics_skips_blank_lines_and_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"step": 1, "loss": 2.0}\n\n   \n{"step": 2, "loss": 1.5}\n')
+    assert report.load_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5\n')
+    with pytest.raises(InputError, match=re.escape(f"{path}:3: not valid JSON")):
+        report.load_metrics(path)
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "note": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(InputError, match=re.escape(f"{path}:2: not UTF-8")):
+        report.load_metrics(path)
+    path.write_text('{"step": 1}\n["not", "a record"]\n')
+    with pytest.raises(InputError, match=re.escape(f"{path}:2: expected a JSON object")):
+        report.load_metrics(path)
+    # the command line: one line naming file:line, no traceback
+    with pytest.raises(SystemExit) as e:
+        run(report.main, [str(path.parent), f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}:2:")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "no such run directory"),
+    (lambda d: d.mkdir(), "not a run directory (no metrics.jsonl)"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("\n")), "metrics.jsonl: no records"),
+])
+def test_missing_or_empty_run_dir_is_a_one_line_error(tmp_path, capsys, make, message):
+    run_dir = tmp_path / "run"
+    make(run_dir)
+    with pytest.raises(SystemExit) as e:
+        run(report.main, [str(FIXTURE / "sft"), str(run_dir), f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and str(run_dir) in err and message in err
+    assert not (tmp_path / "out" / "report.md").exists()  # inputs are checked before anything is written
+
+
+def test_bad_smooth_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(report.main, [str(FIXTURE / "sft"), "--smooth=1", f"--out={tmp_path}"])
+    assert capsys.readouterr().err == "error: --smooth=1.0: must be in [0, 1)\n"
+
+
+def test_series_keeps_a_repeated_steps_last_value_and_splits_phases():
+    records = [{"step": 1, "loss": 3.0, "phase": "pretrain"}, {"step": 2, "loss": 2.0, "phase": "pretrain"},
+               {"step": 2, "loss": 2.5, "phase": "pretrain"}, {"step": 1, "loss": 1.0, "phase": "sft", "ok": True}]
+    got = report.series(records)
+    assert list(got) == ["loss [pretrain]", "loss [sft]"]  # a bool is not a metric
+    assert got["loss [pretrain]"][0].tolist() == [1, 2] and got["loss [pretrain]"][1].tolist() == [3.0, 2.5]
+    assert report.series(records[:3])["loss"][1].tolist() == [3.0, 2.5]  # one phase: plain names
+
+
+def test_ema_by_hand():
+    # s0 = x0; s_t = 0.5 s_(t-1) + 0.5 x_t; a NaN is kept and skipped
+    got = report.ema(np.array([1.0, 3.0, math.nan, 5.0]), 0.5)
+    assert got[:2].tolist() == [1.0, 2.0] and math.isnan(got[2]) and got[3] == 3.5
+
+
+def test_each_metric_goes_to_its_panel():
+    names = ["loss", "eval_loss", "ppo/value_loss", "rm/accuracy", "rewards/accuracies", "eval/rewards/accuracies",
+             "rewards/margins", "objective/scores", "objective/kl", "objective/kl_coef", "ppo/approx_kl",
+             "eval/win_rate", "eval/mean_quality", "eval/closed_accuracy", "ppo/clipfrac", "grad_norm", "lr",
+             "logps/chosen", "tok_per_s", "loss [sft]"]
+    assert {title: members for title, _, members in report.groups_of(names)} == {
+        "loss": ["loss", "eval_loss", "ppo/value_loss", "loss [sft]"],
+        "preference accuracy": ["rm/accuracy", "rewards/accuracies", "eval/rewards/accuracies"],
+        "reward": ["rewards/margins", "objective/scores"],
+        "KL": ["objective/kl", "objective/kl_coef", "ppo/approx_kl"],
+        "win rate / quality": ["eval/win_rate", "eval/mean_quality", "eval/closed_accuracy"],
+        "PPO diagnostics": ["ppo/clipfrac"],
+        "gradient norm": ["grad_norm"],
+        "learning rate": ["lr"],
+    }
+
+
+def test_seeds_are_averaged_at_their_common_steps():
+    def fake(steps, values):
+        return {"series": {"m": (np.array(steps), np.array(values, dtype=float)),
+                           "lr": (np.array(steps), np.full(len(steps), 0.1))}}
+    a = fake(range(1, 13), [1.0] * 12)
+    b = fake(range(2, 14), [3.0, 5.0] * 6)  # starts and ends one step later
+    steps, mean, low, high, raw, style = report.across_seeds([a, b], "m", 0.0)
+    assert steps.tolist() == list(range(2, 13)) and style == "line"
+    assert mean.tolist() == [2.0, 3.0] * 5 + [2.0] and low.tolist() == [1.0] * 11
+    assert high.tolist() == [3.0, 5.0] * 5 + [3.0]
+    # smoothed: each seed's EMA from its own first step, then the band; the raw mean stays raw
+    steps, mean, low, high, raw, style = report.across_seeds([a, b], "m", 0.5)
+    assert style == "smoothed" and raw.tolist() == [2.0, 3.0] * 5 + [2.0]
+    assert high[:3].tolist() == [3.0, 4.0, 3.5] and low.tolist() == [1.0] * 11
+    assert report.across_seeds([a, b], "lr", 0.5)[-1] == "line"  # a schedule is never smoothed
+    sparse = {"series": {"m": (np.arange(1, 21), np.ones(20)), "eval/m": (np.array([10, 20]), np.ones(2))}}
+    assert report.across_seeds([sparse], "eval/m", 0.5)[-1] == "points"
+
+
+def test_experiment_without_results_json_tabulates_each_seeds_last_eval_values(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # tables only, fast
+    exp = tmp_path / "exp"
+    shutil.copytree(FIXTURE / "exp", exp)
+    (exp / "results.json").unlink()
+    text = report.build_report([exp], tmp_path / "out").read_text()
+    assert "Results (no results.json" in text and "Arms: joint (seed0, seed1); two_stage (seed0, seed1)." in text
+    rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in text.splitlines()
+            if line.startswith("| ")}
+    assert rows["arm"] == ["arm", "seeds", "eval/loss", "eval/rewards/accuracies"]
+    for arm in ("joint", "two_stage"):
+        for column, metric in enumerate(rows["arm"][2:], 2):
+            per_seed = [last_values(exp / arm / s)[metric][1] for s in ("seed0", "seed1")]
+            mean, std = statistics.mean(per_seed), statistics.stdev(per_seed)  # stdev: the sample std
+            shown_mean, shown_std = map(float, rows[arm][column].split(" ± "))
+            assert abs(shown_mean - mean) <= 0.5e-3 and abs(shown_std - std) <= 0.5e-3 and shown_std > 0
+
+
+def test_runs_of_the_same_name_get_distinct_figures():
+    taken = set()
+    assert [report._slug(Path(p), taken) for p in ("a/sft", "b/sft", "b/sft", "ppo")] == ["sft", "b_sft", "sft-2",
+                                                                                          "ppo"]
