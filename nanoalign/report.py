@@ -25,10 +25,10 @@ What it reads
 
 What it writes under --out: report.md and figures/*.png, embedded by relative paths. Per run: one figure with a
 panel per metric group present (GROUPS: loss, preference accuracy, reward, KL, win rate / quality, PPO
-diagnostics, gradient norm, learning rate), the table of final values (the last logged value of every metric)
-and eval.json's numbers. Per experiment: the arms table (mean ± std over seeds, from results.json; without it,
-from each seed's eval.json and last eval* values), and one figure per metric group, a panel per metric with the
-arms overlaid: the mean over seeds, and a band from the lowest to the highest seed.
+diagnostics, response length, gradient norm, learning rate), the table of final values (the last logged value
+of every metric) and eval.json's numbers. Per experiment: the arms table (mean ± std over seeds, from
+results.json; without it, from each seed's eval.json and last eval* values), and one figure per metric group,
+a panel per metric with the arms overlaid: the mean over seeds, and a band from the lowest to the highest seed.
 
 Decisions
 - x is the step. A step logged twice keeps its last value. Seeds are averaged at the steps all of them logged.
@@ -63,7 +63,9 @@ GROUPS = [
     ("reward", "reward", r"^objective/(scores|rlhf_reward|non_score_reward)$|rewards/|margins|^offset"),
     ("KL", "KL", r"(^|/)(kl|kl_coef|approx_kl)$"),
     ("win rate / quality", "fraction", r"win_rate|quality|closed_accuracy"),
-    ("PPO diagnostics", "value", r"^ppo/(clipfrac|explained_variance|entropy|logprob_gap)$|^objective/entropy$"),
+    ("PPO diagnostics", "value",
+     r"^ppo/(clipfrac|vf_clipfrac|ratio|explained_variance|logprob_gap|eos_fraction)$|^objective/entropy$"),
+    ("response length", "tokens", r"response_length$"),
     ("gradient norm", "global L2 norm", r"^grad_norm$"),
     ("learning rate", "lr", r"^lr$"),
 ]

@@ -191,7 +191,8 @@ def test_ema_by_hand():
 def test_each_metric_goes_to_its_panel():
     names = ["loss", "eval_loss", "ppo/value_loss", "rm/accuracy", "rewards/accuracies", "eval/rewards/accuracies",
              "rewards/margins", "objective/scores", "objective/kl", "objective/kl_coef", "ppo/approx_kl",
-             "eval/win_rate", "eval/mean_quality", "eval/closed_accuracy", "ppo/clipfrac", "grad_norm", "lr",
+             "eval/win_rate", "eval/mean_quality", "eval/closed_accuracy", "ppo/clipfrac", "ppo/ratio",
+             "ppo/response_length", "ppo/advantages_mean", "grad_norm", "lr",
              "logps/chosen", "tok_per_s", "loss [sft]"]
     assert {title: members for title, _, members in report.groups_of(names)} == {
         "loss": ["loss", "eval_loss", "ppo/value_loss", "loss [sft]"],
@@ -199,7 +200,8 @@ def test_each_metric_goes_to_its_panel():
         "reward": ["rewards/margins", "objective/scores"],
         "KL": ["objective/kl", "objective/kl_coef", "ppo/approx_kl"],
         "win rate / quality": ["eval/win_rate", "eval/mean_quality", "eval/closed_accuracy"],
-        "PPO diagnostics": ["ppo/clipfrac"],
+        "PPO diagnostics": ["ppo/clipfrac", "ppo/ratio"],
+        "response length": ["ppo/response_length"],
         "gradient norm": ["grad_norm"],
         "learning rate": ["lr"],
     }
