@@ -188,7 +188,12 @@ def main(argv=None):
     state = train.find_checkpoint(ckpt, cfg.resume)
     init_dir = resolve_dir(cfg.init)
     tok = Tokenizer.from_dir(init_dir)
-    tok.check_vocab(model_config(init_dir).vocab_size)
+    mcfg = model_config(init_dir)
+    tok.check_vocab(mcfg.vocab_size)
+    context = mcfg.max_seq_len
+    if cfg.max_len > context or (cfg.eval_prompts and cfg.max_new_tokens >= context):
+        flag = "max_len" if cfg.max_len > context else "max_new_tokens"
+        raise InputError(f"--{flag}={getattr(cfg, flag)}: does not fit the context of {init_dir} ({context} tokens)")
     template = "hh" if cfg.format == "hh" else cfg.template if cfg.template != "auto" else tok.template or "hh"
     tok.template = template  # saved with the checkpoint: the generate CLI uses it
 

@@ -240,6 +240,8 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(init_dir, tok, tmp_
     (["--min_lr_ratio=2"], "--min_lr_ratio=2.0: must be in [0.0, 1.0]"),
     (["--dtype=float16"], "--dtype=float16: train in bfloat16 or float32"),
     (["--eval_prompts=nope.jsonl"], "--eval_prompts=nope.jsonl: not found"),
+    (["--max_len=200"], "--max_len=200: does not fit the context of"),
+    (["--max_new_tokens=128"], "--max_new_tokens=128: does not fit the context of"),
 ])
 def test_bad_flags_are_refused_before_any_work(init_dir, files, tmp_path, flag, message):
     with pytest.raises(InputError) as e:
