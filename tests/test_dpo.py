@@ -1,11 +1,13 @@
 """train_dpo.py and nanoalign/dpo.py: the reference log-prob cache, the step-0 values of each loss, resume,
 the flag checks, data parallelism (torchrun + FSDP2), and (slow) the default tiny-world run."""
+import gc
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,26 @@ def test_changing_the_data_or_the_reference_recomputes_the_cache(init_dir, rows,
     (ref / "config.json").write_text(json.dumps(config))
     assert logps({"val": edited})[1]
     assert not logps({"val": edited})[1]
+
+
+def test_no_reference_model_is_alive_while_the_policy_trains(init_dir, files, tmp_path, monkeypatch):
+    frozen, alive_at_steps = [], []
+    place, optimizer_step = train.place, train.optimizer_step
+
+    def spy_place(model, d, trainable=True):
+        if not trainable:
+            frozen.append(weakref.ref(model))
+        return place(model, d, trainable)
+
+    def spy_step(*a, **kw):
+        gc.collect()
+        alive_at_steps.append(sum(ref() is not None for ref in frozen))
+        return optimizer_step(*a, **kw)
+
+    monkeypatch.setattr(train, "place", spy_place)
+    monkeypatch.setattr(train, "optimizer_step", spy_step)
+    train_dpo.main(args(init_dir, tmp_path / "run", files, "--steps=2", "--eval_prompts="))
+    assert len(frozen) == 1 and alive_at_steps == [0, 0]
 
 
 # --- the script
