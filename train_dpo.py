@@ -155,7 +155,7 @@ def compare_answers(cfg, d, policy, init_dir, tok, template) -> dict | None:
     answers = {}
     for name in ("dpo", "sft"):
         model = policy if name == "dpo" else load_pretrained(init_dir, device=d.device)
-        answers[name] = dpo.sample_answers(model, tok, prompts, template, cfg.max_new_tokens, d)
+        answers[name] = dpo.sample_answers(model, tok, prompts, template, cfg.max_new_tokens)
         del model
     for p, a, b in list(zip(prompts, answers["dpo"], answers["sft"]))[:cfg.num_samples]:
         print(f"\n> {p}\n  dpo: {a}\n  sft: {b}")

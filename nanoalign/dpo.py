@@ -165,21 +165,21 @@ def reference_logps(ref_dir, splits: dict[str, list[dict]], pad_id: int, cache_p
 
 
 @torch.no_grad()
-def sample_answers(model, tok, prompts: list[str], template: str, max_new_tokens: int = 48, d: dist.Dist | None = None,
+def sample_answers(model, tok, prompts: list[str], template: str, max_new_tokens: int = 48,
                    batch_size: int = 32) -> list[str]:
     """Greedy answers (temperature 0) to raw prompts formatted with the template, each decoded up to its stop
-    token. A prompt too long for the context keeps its end (the question) and its BOS. Runs on the model's
-    device, unsharded; d only silences the progress bar on ranks other than 0."""
-    if max_new_tokens >= model.cfg.max_seq_len:
+    token and stripped. A prompt too long for the context keeps its end (the question) and its BOS. Runs on
+    the model's device, unsharded (under torchrun: on one rank, from the saved checkpoint)."""
+    room = model.cfg.max_seq_len - max_new_tokens
+    if room < 2:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
                          f"{model.cfg.max_seq_len} tokens")
     was_training = model.training
     model.eval()
-    room = model.cfg.max_seq_len - max_new_tokens
+    bos = 1 if tok.add_bos else 0
     answers = []
-    for i in train.progress(range(0, len(prompts), batch_size), "answers", d or dist.Dist()):
+    for i in range(0, len(prompts), batch_size):
         ids = [encode_prompt(tok, p, template) for p in prompts[i:i + batch_size]]
-        bos = 1 if tok.add_bos else 0
         ids = [x if len(x) <= room else x[:bos] + x[len(x) - room + bos:] for x in ids]
         gen = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                        vocab_size=tok.vocab_size)
