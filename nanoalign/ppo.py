@@ -1,0 +1,402 @@
+"""PPO for language models (RLHF): everything between the sampler and the losses. train_ppo.py is the recipe.
+
+One PPO step (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022; docs/methods.md "## 3. PPO"):
+
+    sample_rollouts      y ~ pi(.|x) at temperature tau with the KV-cache sampler, a generator per prompt chunk
+    rollout_forwards     no-grad forwards on prompt + response: the policy's log-probs ("old", RECOMPUTED by the
+                         trainer), the reference's log-probs, the critic's values, the entropy, the reward model
+    text_scores          the other reward sources: R3 and its ablations (nanoalign.r3), the tiny world's oracle
+    gather_rollouts      every rank gets the whole global batch (it is small: ids and per-token floats)
+    shape_scores         running mean/std normalisation, clipping, the missing-EOS penalty
+    advantages           per-token KL penalty + score on the last token, GAE, masked whitening
+    update               several epochs over shuffled minibatches: clipped policy and value losses
+
+Design decisions and the gotchas they avoid (tests/test_ppo.py pins each):
+- The trainer recomputes the "old" log-probs itself, with the same function, temperature, masks and positions
+  as every later training forward, so before the first update the ratio is 1 and the KL to the (identical)
+  reference is 0. The sampler's own log-probs are only compared with them (ppo/logprob_gap); they come from an
+  incremental KV-cache forward and differ by float noise. No top-k/top-p in rollouts: the trainer does not
+  apply them, so the ratio would not start at 1.
+- A row is laid out as [left-padded prompt | response, right-padded], positions = cumsum(mask) - 1 and pads
+  hidden from attention, so a row's numbers do not depend on the other rows of its batch. The response mask
+  covers the generated tokens up to and including the stop token: KL, values and advantages are 0 after it.
+- Rollouts are a pure function of (seed, step, chunk of gen_batch_size prompts) and the weights: chunk c is
+  sampled by rank c % world_size with its own generator, so 1 process and N processes sample the same global
+  batch, and a resumed run samples what the uninterrupted one did.
+- Everything normalised (score statistics, advantage whitening, the loss's token mean) is global: ranks
+  exchange their rollouts, and a minibatch's loss is (sum over its tokens on this rank) / (its token count over
+  all ranks), the SFT normalisation, so micro-batching and data parallelism give the same update.
+- Under FSDP the policy is unsharded for sampling (gathered_for_generation): ranks stop sampling at different
+  steps, and a sharded forward would wait for the others at every token.
+"""
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+
+import torch
+
+from . import dist, train, world
+from .generate import generate, left_pad
+from .losses import (entropy_from_logits, explained_variance, gae, logprobs_from_logits, masked_mean,
+                     ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
+from .r3 import r3_reward
+from .tokenizer import encode_prompt
+
+TEXT_REWARDS = ("r3", "relevance", "length", "relevance_length", "r3_no_branching", "r3_random_qtype", "oracle")
+REWARDS = ("rm", *TEXT_REWARDS)
+
+
+# --- running reward statistics
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far (Welford / Chan et al.'s parallel update).
+
+    Scores are normalised as (s - mean) / std with the statistics INCLUDING the current batch, then clipped.
+    std is Bessel-corrected (numpy's ddof=1); 1 while fewer than 2 scores were seen."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # python floats (float64): no drift over a long run
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten().cpu()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def shape_scores(raw, stopped, stats: RunningMoments | None, clip: float, missing_eos_penalty: float):
+    """Raw sequence scores (B,) -> the scores PPO adds on the last response token (B,).
+
+    stats (None: no normalisation) first absorbs the batch, then s = (raw - mean) / std, clipped to [-clip, clip].
+    A response cut by the length cap (no stop token) gets the fixed penalty instead: its score would judge an
+    unfinished answer, and a reward model never saw one."""
+    s = raw.float()
+    if stats is not None:
+        stats.update(raw)
+        s = (s - stats.mean) / (stats.std + 1e-8)
+    s = s.clamp(-clip, clip)
+    return torch.where(stopped.bool(), s, torch.full_like(s, missing_eos_penalty))
+
+
+# --- rollouts
+
+def rollout_generator(seed: int, step: int, chunk: int, device="cpu") -> torch.Generator:
+    """The sampling generator of one chunk of prompts at one step: a pure function of (seed, step, chunk), so the
+    samples do not depend on the number of ranks nor on where a run was resumed (cf. train.step_generator)."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1009 + chunk)
+
+
+@contextmanager
+def gathered_for_generation(model, d: dist.Dist):
+    """Under FSDP2: the whole model unsharded on every rank for the duration, so forwards need no collective
+    (ranks sample different numbers of tokens). A no-op without torchrun."""
+    if not d.enabled:
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:  # FSDP's defaults: blocks reshard after forward, the root keeps its parameters
+            m.set_reshard_after_forward(m is not model, recurse=False)
+            m.reshard()
+
+
+def _pad_right(t: torch.Tensor, width: int, value) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) if t.shape[1] < width else t
+
+
+def cat_rows(parts: list[dict], pad_id: int) -> dict:
+    """Concatenate batches of rollouts along the rows; per-token (B, N) tensors are right-padded to one width."""
+    out = {"prompt": [p for part in parts for p in part["prompt"]]}
+    width = max(part["tokens"].shape[1] for part in parts)
+    for key, value in parts[0].items():
+        if key == "prompt":
+            continue
+        tensors = [part[key] for part in parts]
+        if value.dim() == 2:
+            tensors = [_pad_right(t, width, pad_id if key == "tokens" else 0) for t in tensors]
+        out[key] = torch.cat(tensors)
+    return out
+
+
+def select_rows(batch: dict, rows) -> dict:
+    """The rollouts at the given row indices (a list or a 1-D tensor), per-token tensors cut to their width."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    out = {"prompt": [batch["prompt"][i] for i in rows.tolist()]}
+    width = max(int(batch["mask"][rows].sum(-1).max()), 1) if len(rows) else 1
+    for key, value in batch.items():
+        if key != "prompt":
+            value = value[rows.to(value.device)]
+            out[key] = value[:, :width] if value.dim() == 2 else value
+    return out
+
+
+@torch.no_grad()
+def sample_rollouts(policy, prompts: list[list[int]], *, step: int, seed: int, gen_batch_size: int,
+                    max_new_tokens: int, temperature: float, tok, d: dist.Dist, amp) -> dict:
+    """This rank's rollouts of a global batch of prompts (token ids). Chunk c (prompts c*G .. c*G + G - 1) is
+    sampled by rank c % world_size. Returns {"prompt", "index" (B,), "tokens", "mask", "sampler_logprobs"
+    (B, N), "stopped" (B,)} with the response mask covering the stop token."""
+    parts = []
+    n_chunks = math.ceil(len(prompts) / gen_batch_size)
+    with gathered_for_generation(policy, d), amp:
+        for c in range(d.rank, n_chunks, d.world_size):
+            index = list(range(c * gen_batch_size, min((c + 1) * gen_batch_size, len(prompts))))
+            gen = generate(policy, [prompts[i] for i in index], max_new_tokens, stop_ids=tok.stop_ids,
+                           pad_id=tok.pad_id, temperature=temperature, vocab_size=tok.vocab_size,
+                           generator=rollout_generator(seed, step, c, d.device))
+            parts.append({"prompt": [prompts[i] for i in index], "index": torch.tensor(index, device=d.device),
+                          "tokens": gen.tokens, "mask": gen.mask, "sampler_logprobs": gen.logprobs,
+                          "stopped": gen.stopped})
+    return cat_rows(parts, tok.pad_id)
+
+
+def collate(prompts: list[list[int]], tokens, mask, pad_id: int):
+    """Prompts (left-padded) + responses (B, N) right-padded -> input_ids, attention_mask (B, P + N), and P."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, tokens.device)
+    return torch.cat([prompt_ids, tokens], 1), torch.cat([prompt_mask, mask.long()], 1), prompt_ids.shape[1]
+
+
+def response_logprobs(model, input_ids, attention_mask, P: int, temperature: float, vocab_size: int | None = None,
+                      with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) / tau-scaled, for the response tokens input_ids[:, P:] -> (B, N) float32
+    [and the entropy of the sampled distribution (B, N)]. The logits at position t predict token t + 1, so the
+    response's log-probs come from positions P - 1 .. P + N - 2. Ids >= vocab_size are excluded as the sampler
+    excludes them (an embedding padded past the tokenizer)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # real tokens only, as in the sampler
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions)[:, P - 1:-1]  # (B, N, V)
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits.float().masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size,
+                                            float("-inf"))
+    logps = logprobs_from_logits(logits, input_ids[:, P:], temperature)
+    if not with_entropy:
+        return logps
+    scaled = logits.float() / temperature
+    return logps, entropy_from_logits(scaled.masked_fill(scaled == float("-inf"), -1e9))
+
+
+def response_values(critic, input_ids, attention_mask, P: int):
+    """The critic's V(x, y_<t) for each response token t: its scalar head at position P - 1 + t, the state in
+    which y_t is chosen -> (B, N) float32."""
+    return critic(input_ids, attention_mask=attention_mask, per_token=True)[:, P - 1:-1].float()
+
+
+@torch.no_grad()
+def rollout_forwards(batch: dict, policy, ref, critic, *, micro_batch_size: int, temperature: float,
+                     vocab_size: int, pad_id: int, amp) -> dict:
+    """Adds to this rank's rollouts (B, N): "logprobs" (the policy's, recomputed by the trainer), "ref_logprobs",
+    "values" and "entropy", 0 outside the response mask. Every model sees the same collated micro-batch, so the
+    policy and the reference agree exactly while their weights do."""
+    out = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy")}
+    for mb in _micro(batch, micro_batch_size):
+        ids, attn, P = collate(mb["prompt"], mb["tokens"], mb["mask"], pad_id)
+        with amp:
+            logps, entropy = response_logprobs(policy, ids, attn, P, temperature, vocab_size, with_entropy=True)
+            out["logprobs"].append(logps)
+            out["entropy"].append(entropy)
+            out["ref_logprobs"].append(response_logprobs(ref, ids, attn, P, temperature, vocab_size))
+            out["values"].append(response_values(critic, ids, attn, P))
+    width, mask = batch["tokens"].shape[1], batch["mask"].bool()
+    for key, parts in out.items():
+        batch[key] = torch.where(mask, torch.cat([_pad_right(t, width, 0.0) for t in parts]), 0.0)
+    return batch
+
+
+@torch.no_grad()
+def reward_model_scores(batch: dict, reward_model, *, micro_batch_size: int, pad_id: int, amp) -> torch.Tensor:
+    """The reward model's score of prompt + response (B,), read at the last real token: the stop token."""
+    scores = []
+    for mb in _micro(batch, micro_batch_size):
+        ids, attn, _ = collate(mb["prompt"], mb["tokens"], mb["mask"], pad_id)
+        with amp:
+            scores.append(reward_model(ids, attention_mask=attn).float())
+    return torch.cat(scores)
+
+
+def _micro(batch: dict, size: int):
+    n = len(batch["prompt"])
+    for start in range(0, n, size):
+        yield select_rows(batch, range(start, min(start + size, n)))
+
+
+def text_scores(reward: str, prompts: list[dict], responses: list[str], *, encoder=None, max_new_tokens: int,
+                seed: int, step: int, index: list[int]) -> torch.Tensor:
+    """Scores of decoded responses (B,) from a reward that reads text: the tiny world's oracle, or R3 and its
+    ablations (the response cut at the first stop string inside r3_reward). prompts are the data rows (raw
+    "prompt", and "qtype"/"reference" for R3). r3_random_qtype draws each row's query type from a generator of
+    (seed, step, row index), so it too is the same for any number of ranks."""
+    if reward == "oracle":
+        return torch.tensor([world.quality(p["prompt"], y) for p, y in zip(prompts, responses)], dtype=torch.float64)
+    qtypes, variant = [p.get("qtype") for p in prompts], reward
+    if reward == "r3_random_qtype":  # R3 with the query type drawn at random instead of read from the data
+        qtypes = [random.Random((seed * 1_000_003 + step) * 1_000_003 + i).choice(("OPENENDED", "CONSTRAINED"))
+                  for i in index]
+        variant = "r3"
+    return r3_reward(encoder, [p["prompt"] for p in prompts], [p.get("reference") for p in prompts], responses,
+                     qtypes if variant == "r3" else None, max_new_tokens, variant=variant)
+
+
+def gather_rollouts(batch: dict, d: dist.Dist, pad_id: int) -> dict:
+    """The global batch on every rank, rows in the order of the global prompt list (so it is the same batch,
+    bit for bit, whatever the number of ranks)."""
+    if d.enabled:
+        cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = cat_rows(dist.all_gather_object(cpu, d), pad_id)
+        batch = {k: (v.to(d.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return select_rows(batch, torch.argsort(batch["index"]).cpu())
+
+
+# --- advantages
+
+@torch.no_grad()
+def advantages(batch: dict, scores, kl_coef: float, gamma: float, lam: float) -> dict:
+    """Per-token rewards r_t = -kl_coef (logp_t - logp_ref_t) (+ the score at the last response token), GAE
+    advantages whitened over all valid tokens of the batch, and the returns (targets of the value loss, fixed
+    before any update). Adds "advantages", "returns" (B, N) and returns the statistics to log."""
+    mask = batch["mask"].bool()
+    rewards, kl = ppo_rewards(batch["logprobs"], batch["ref_logprobs"], mask, scores, kl_coef)
+    adv, returns = gae(rewards, batch["values"], mask, gamma, lam)
+    batch["advantages"], batch["returns"] = whiten(adv, mask), returns
+    return {"kl": kl.sum(-1).mean().item(), "advantages_mean": masked_mean(adv, mask).item(),
+            "returns_mean": masked_mean(returns, mask).item(), "rewards_mean": rewards.sum(-1).mean().item(),
+            "explained_variance": _explained_variance(batch["values"], returns, mask)}
+
+
+def _explained_variance(values, returns, mask) -> float:
+    try:
+        return explained_variance(values, returns, mask).item()
+    except ValueError:  # fewer than 2 response tokens in the whole batch
+        return float("nan")
+
+
+# --- the update
+
+STAT_NAMES = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio", "vf_clipfrac")
+
+
+def minibatch_loss(mb: dict, policy, critic, *, update_policy: bool, temperature: float, vocab_size: int,
+                   pad_id: int, cliprange: float, cliprange_value: float, vf_coef: float, amp):
+    """(loss SUM over the micro-batch's valid tokens, per-token stat sums (len(STAT_NAMES),)).
+
+    The losses are token means (losses.ppo_policy_loss / ppo_value_loss); mean * count is the sum, which the
+    caller divides by the minibatch's global token count. policy_loss + vf_coef * value_loss: with a separate
+    critic and its own optimizer vf_coef only scales the critic's gradient (under AdamW that matters through
+    gradient clipping alone)."""
+    ids, attn, P = collate(mb["prompt"], mb["tokens"], mb["mask"], pad_id)
+    mask = mb["mask"].bool()
+    n = mask.sum()
+    with amp:
+        values = response_values(critic, ids, attn, P)
+        logps = response_logprobs(policy, ids, attn, P, temperature, vocab_size) if update_policy else None
+    value_loss, vstats = ppo_value_loss(values, mb["values"], mb["returns"], mask, cliprange_value)
+    loss = vf_coef * value_loss * n
+    zero = torch.zeros((), device=n.device)
+    pstats = {"clipfrac": zero, "approx_kl": zero, "ratio": zero}
+    policy_loss = zero
+    if update_policy:
+        policy_loss, pstats = ppo_policy_loss(logps, mb["logprobs"], mb["advantages"], mask, cliprange)
+        loss = loss + policy_loss * n
+    stats = torch.stack([policy_loss.detach(), value_loss.detach(), pstats["clipfrac"], pstats["approx_kl"],
+                         pstats["ratio"], vstats["vf_clipfrac"]]).float() * n
+    return loss, stats
+
+
+def update(batch: dict, policy, critic, policy_opt, critic_opt, *, step: int, seed: int, ppo_epochs: int,
+           mini_batch_size: int, micro_batch_size: int, update_policy: bool, grad_clip: float, d: dist.Dist,
+           **loss_kwargs) -> dict:
+    """ppo_epochs passes over the global batch in shuffled minibatches (the order a pure function of (seed, step,
+    epoch)), one optimizer step of each model per minibatch. Every rank holds the whole batch and trains on its
+    share of each minibatch; update_policy=False (the value warm-up) trains the critic alone.
+    Returns the token-weighted means of STAT_NAMES over every minibatch."""
+    R = len(batch["prompt"])
+    totals = torch.zeros(len(STAT_NAMES) + 1, device=d.device)  # stat sums and the token count
+    models = [policy, critic] if update_policy else [critic]
+    for epoch in range(ppo_epochs):
+        order = torch.randperm(R, generator=torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + epoch))
+        for k in range(0, R, mini_batch_size):
+            rows = order[k:k + mini_batch_size]
+            n_tokens = batch["mask"][rows.to(batch["mask"].device)].sum().float()  # over all ranks: all hold it
+            sums = torch.zeros(len(STAT_NAMES), device=d.device)
+
+            def loss_fn(micro_rows):
+                nonlocal sums
+                loss, stats = minibatch_loss(select_rows(batch, micro_rows), policy, critic,
+                                             update_policy=update_policy, **loss_kwargs)
+                sums = sums + stats
+                return loss
+
+            mine = train.rank_share(rows.tolist(), d)
+            train.accumulate_gradients(models, train.micro_batches(mine, micro_batch_size), loss_fn, n_tokens, d)
+            sums = dist.all_reduce_sum(sums, d)
+            means = (sums / n_tokens).tolist()
+            if update_policy:
+                train.optimizer_step(policy, policy_opt, step=step + 1, loss=means[0], grad_clip=grad_clip, d=d,
+                                     what="policy")
+            train.optimizer_step(critic, critic_opt, step=step + 1, loss=means[1], grad_clip=grad_clip, d=d,
+                                 what="critic")
+            totals += torch.cat([sums, n_tokens[None]])
+    return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(STAT_NAMES)}
+
+
+# --- prompts and held-out evaluation
+
+def encode_prompts(tok, rows: list[dict], template: str, max_prompt_len: int) -> list[list[int]]:
+    """Each row's prompt in the template; a longer one keeps its end (the question), and its BOS."""
+    out = []
+    for r in rows:
+        ids = encode_prompt(tok, r["prompt"], template)
+        if len(ids) > max_prompt_len:
+            bos = ids[:1] if tok.add_bos else []
+            ids = bos + ids[len(ids) - (max_prompt_len - len(bos)):]
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def held_out_quality(policy, tok, rows: list[dict], prompts: list[list[int]], *, max_new_tokens: int,
+                     batch_size: int, d: dist.Dist, amp) -> tuple[dict, list[str]]:
+    """Greedy answers to held-out tiny-world prompts, judged by the oracle: mean quality and the closed-ended
+    accuracy over all of them (each rank answers its share). Returns the metrics and rank 0's (prompt, answer)s."""
+    mine = list(zip(train.rank_share(rows, d), train.rank_share(prompts, d)))
+    sums, answers = torch.zeros(3, dtype=torch.float64), []
+    with gathered_for_generation(policy, d), amp:
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i:i + batch_size]
+            gen = generate(policy, [p for _, p in chunk], max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
+                           pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+            for j, (row, _) in enumerate(chunk):
+                answer = tok.decode(gen.response(j)).strip()
+                answers.append((row["prompt"], answer))
+                closed = row.get("qtype") == "CONSTRAINED"
+                sums += torch.tensor([world.quality(row["prompt"], answer),
+                                      closed and world.is_correct(row["prompt"], answer), closed],
+                                     dtype=torch.float64)
+    sums = dist.all_reduce_sum(sums.to(d.device), d).cpu()
+    metrics = {"eval/mean_quality": (sums[0] / len(rows)).item(),
+               "eval/closed_accuracy": (sums[1] / sums[2].clamp(min=1)).item()}
+    return metrics, answers

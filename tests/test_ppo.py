@@ -1,0 +1,250 @@
+"""nanoalign/ppo.py: rollouts, recomputed log-probs, score shaping, running statistics, the minibatch loss.
+
+The first two tests pin the PPO pitfall that runs silently: before any update the trainer's log-probs must equal
+the sampler's and the reference's, so the first ratio is 1 and the KL is 0, on left-padded rollouts of different
+lengths, at temperature 1 and not."""
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nanoalign import dist, ppo, train, world
+from nanoalign.losses import ppo_policy_loss, ppo_value_loss, token_logprobs
+from nanoalign.model import ModelConfig, Transformer
+from nanoalign.reward import RewardModel
+from nanoalign.tokenizer import Tokenizer, encode_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_AMP = torch.autocast("cpu", enabled=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(ROOT / "data" / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128))
+    model.init_weights(std=0.2)  # a peaked distribution: samples differ in log-prob by a lot
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def critic(policy):
+    torch.manual_seed(1)
+    rm = RewardModel(policy.cfg)
+    rm.trunk.load_state_dict(policy.state_dict(), strict=False)
+    return rm
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    texts = ["What is 3 plus 4?", "Tell me two facts about bees and about the sea, please.", "Hi",
+             "Reverse the list: stone, apple, piano, rabbit, cloud, mango.", "Sort the words: b, a.", "Describe rain."]
+    return [encode_prompt(tok, t, "hh") for t in texts]
+
+
+def stopping_tok(tok):
+    """The tokenizer's ids, with 60 of the 1024 ids as stop tokens: a random model then stops in some rows and
+    not in others, so the batch has responses of several lengths, with and without a stop token."""
+    return SimpleNamespace(stop_ids=list(range(3, 63)), pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+
+
+def rollouts(policy, prompts, tok, temperature, d=dist.Dist(), step=0, gen_batch_size=2):
+    return ppo.sample_rollouts(policy, prompts, step=step, seed=0, gen_batch_size=gen_batch_size, max_new_tokens=12,
+                               temperature=temperature, tok=stopping_tok(tok), d=d, amp=NO_AMP)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+def test_first_ratio_is_one_and_kl_is_zero_on_left_padded_rollouts(policy, critic, prompts, tok, temperature):
+    batch = rollouts(policy, prompts, tok, temperature)
+    lengths = batch["mask"].sum(-1)
+    assert len(set(len(p) for p in prompts)) > 1 and len(set(lengths.tolist())) > 1  # padding on both sides
+    assert batch["stopped"].any() and not batch["stopped"].all()
+    ref = copy.deepcopy(policy)
+    batch = ppo.rollout_forwards(batch, policy, ref, critic, micro_batch_size=4, temperature=temperature,
+                                 vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    mask = batch["mask"].bool()
+    # the trainer's recomputation (another padding, other batch-mates) equals the sampler's incremental forward
+    gap = (batch["logprobs"] - batch["sampler_logprobs"]).abs()[mask].max().item()
+    assert gap <= 1e-5
+    assert batch["sampler_logprobs"][mask].std() > 0.5  # so a wrong temperature or shift could not hide
+    # ... and the reference, same weights, same collation: exactly the same numbers, the KL is 0
+    assert torch.equal(batch["logprobs"], batch["ref_logprobs"])
+    assert (batch["logprobs"][~mask] == 0).all() and (batch["tokens"][~mask] == tok.pad_id).all()
+    stats = ppo.advantages(batch, torch.randn(len(prompts)), kl_coef=0.2, gamma=1.0, lam=0.95)
+    assert stats["kl"] == 0.0
+    # the first minibatch, collated differently again: ratio 1, nothing clipped
+    mb = ppo.select_rows(batch, [4, 0, 2])
+    _, sums = ppo.minibatch_loss(mb, policy, critic, update_policy=True, temperature=temperature,
+                                 vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=0.2, cliprange_value=0.2,
+                                 vf_coef=1.0, amp=NO_AMP)
+    means = dict(zip(ppo.STAT_NAMES, (sums / mb["mask"].sum()).tolist()))
+    assert abs(means["ratio"] - 1) <= 1e-6 and means["approx_kl"] <= 1e-12 and means["clipfrac"] == 0
+
+
+def test_recomputed_logprobs_are_the_losses_token_logprobs_of_the_sampled_sequence(policy, prompts, tok):
+    """response_logprobs is token_logprobs (losses.py) on prompt + response, read from position P - 1 on."""
+    batch = rollouts(policy, prompts, tok, 0.8)
+    ids, attn, P = ppo.collate(batch["prompt"], batch["tokens"], batch["mask"], tok.pad_id)
+    ours = ppo.response_logprobs(policy, ids, attn, P, 0.8)
+    theirs = token_logprobs(policy, ids, attn, temperature=0.8)[:, P - 1:]
+    mask = batch["mask"].bool()
+    torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-6, rtol=0)
+    # one position off would read the log-prob of the token before: far from the sampler's
+    assert (theirs[:, :-1] - batch["sampler_logprobs"][:, 1:]).abs()[mask[:, 1:]].max() > 0.1
+
+
+def test_rollouts_are_the_same_for_any_number_of_ranks(policy, prompts, tok):
+    """Chunk c is sampled by rank c % world with a generator of (seed, step, c): two ranks' shares, put together,
+    are the one-process batch, token for token."""
+    one = rollouts(policy, prompts, tok, 1.0, gen_batch_size=2)
+    shares = [rollouts(policy, prompts, tok, 1.0, d=dist.Dist(rank=r, world_size=3), gen_batch_size=2)
+              for r in range(3)]
+    assert [s["index"].tolist() for s in shares] == [[0, 1], [2, 3], [4, 5]]
+    two = ppo.select_rows(ppo.cat_rows(shares, tok.pad_id), torch.arange(6))
+    for key in ("tokens", "mask", "stopped"):
+        assert torch.equal(one[key], two[key]), key
+    assert one["prompt"] == two["prompt"] == prompts
+    # and the next step samples something else
+    assert not torch.equal(rollouts(policy, prompts, tok, 1.0, step=1)["tokens"][:, :3], one["tokens"][:, :3])
+
+
+def test_the_score_lands_on_the_last_response_token_and_nothing_after_it():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    torch.manual_seed(0)
+    logprobs, ref = torch.randn(3, 5), torch.randn(3, 5)
+    garbage = ~mask.bool()
+    logprobs[garbage], ref[garbage] = 1e4, -1e4  # after EOS: must not leak into rewards
+    batch = {"mask": mask, "logprobs": logprobs, "ref_logprobs": ref, "values": torch.zeros(3, 5)}
+    scores, beta = torch.tensor([2.0, -1.0, 0.5]), 0.1
+    ppo.advantages(batch, scores, kl_coef=beta, gamma=1.0, lam=1.0)
+    returns = batch["returns"]  # with V = 0, gamma = lambda = 1: R_t = sum of the rewards from t on
+    rewards = torch.cat([returns[:, :-1] - returns[:, 1:], returns[:, -1:]], dim=1)
+    kl = logprobs - ref
+    for b, last in enumerate([2, 4, 0]):
+        expected = -beta * kl[b, :last + 1]
+        expected[last] += scores[b]
+        torch.testing.assert_close(rewards[b, :last + 1], expected)
+        assert (returns[b, last + 1:] == 0).all() and (batch["advantages"][b, last + 1:] == 0).all()
+
+
+def test_a_response_without_eos_gets_the_penalty_instead_of_its_score():
+    raw = torch.tensor([3.0, 5.0, -2.0, 0.5])
+    stopped = torch.tensor([True, False, True, False])
+    shaped = ppo.shape_scores(raw, stopped, None, clip=10.0, missing_eos_penalty=-1.5)
+    assert shaped.tolist() == [3.0, -1.5, -2.0, -1.5]
+    shaped = ppo.shape_scores(torch.tensor([30.0, -30.0]), torch.tensor([True, True]), None, clip=10.0,
+                              missing_eos_penalty=-1.0)
+    assert shaped.tolist() == [10.0, -10.0]  # clipped
+
+
+def test_running_statistics_match_numpy_over_every_score_seen():
+    rng = np.random.default_rng(0)
+    stats, seen = ppo.RunningMoments(), []
+    for n in (7, 1, 16, 3):
+        x = rng.normal(3.0, 2.0, size=n)
+        seen += x.tolist()
+        shaped = ppo.shape_scores(torch.tensor(x), torch.ones(n, dtype=torch.bool), stats, clip=100.0,
+                                  missing_eos_penalty=-1.0)
+        mean, std = np.mean(seen), np.std(seen, ddof=1)
+        assert stats.count == len(seen) and abs(stats.mean - mean) < 1e-12 and abs(stats.std - std) < 1e-12
+        np.testing.assert_allclose(shaped.numpy(), (x - mean) / std, rtol=1e-5, atol=1e-5)  # this batch included
+    resumed = ppo.RunningMoments()
+    resumed.load_state_dict(stats.state_dict())
+    x = rng.normal(size=5)
+    stats.update(torch.tensor(x))
+    resumed.update(torch.tensor(x))
+    assert (resumed.mean, resumed.std) == (stats.mean, stats.std)
+
+
+def test_the_minibatch_gradient_is_the_token_mean_over_the_whole_minibatch(policy, critic, prompts, tok):
+    """Micro-batches of 1, 2 or 6 rollouts give the gradient of ONE masked mean over every token of the
+    minibatch (not a mean of per-micro-batch means), for the policy and the critic."""
+    ref = copy.deepcopy(policy)
+    batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
+                                 temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    ppo.advantages(batch, torch.randn(6, generator=torch.Generator().manual_seed(0)), 0.1, 1.0, 0.95)
+    # a policy one step away from the rollouts, so ratios and value clipping are not trivial
+    moved_policy, moved_critic = copy.deepcopy(policy).train(), copy.deepcopy(critic).train()
+    with torch.no_grad():
+        for p in list(moved_policy.parameters()) + list(moved_critic.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    kw = dict(temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=0.2, cliprange_value=0.2,
+              vf_coef=0.5, amp=NO_AMP)
+
+    def grads(micro):
+        pol, cri = copy.deepcopy(moved_policy), copy.deepcopy(moved_critic)
+        n = batch["mask"].sum().float()
+        train.accumulate_gradients([pol, cri], train.micro_batches(list(range(6)), micro),
+                                   lambda rows: ppo.minibatch_loss(ppo.select_rows(batch, rows), pol, cri,
+                                                                   update_policy=True, **kw)[0], n, dist.Dist())
+        return [p.grad.clone() for p in list(pol.parameters()) + list(cri.parameters())]
+
+    # the definition, written with the losses directly on the whole padded batch
+    pol, cri = copy.deepcopy(moved_policy), copy.deepcopy(moved_critic)
+    ids, attn, P = ppo.collate(batch["prompt"], batch["tokens"], batch["mask"], tok.pad_id)
+    mask = batch["mask"].bool()
+    pg, stats = ppo_policy_loss(token_logprobs(pol, ids, attn)[:, P - 1:], batch["logprobs"], batch["advantages"], mask)
+    values = cri(ids, attn, per_token=True)[:, P - 1:-1]
+    vf, _ = ppo_value_loss(values, batch["values"], batch["returns"], mask)
+    (pg + 0.5 * vf).backward()
+    assert stats["clipfrac"] > 0  # the clip is exercised
+    expected = [p.grad for p in list(pol.parameters()) + list(cri.parameters())]
+    for micro in (1, 2, 6):
+        for g, e in zip(grads(micro), expected):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-4)
+
+
+def test_value_warmup_minibatch_leaves_the_policy_without_gradient(policy, critic, prompts, tok):
+    ref = copy.deepcopy(policy)
+    batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
+                                 temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    ppo.advantages(batch, torch.ones(6), 0.1, 1.0, 0.95)
+    pol, cri = copy.deepcopy(policy).train(), copy.deepcopy(critic).train()
+    p_opt, c_opt = train.adamw(pol, 1e-2), train.adamw(cri, 1e-2)
+    before_p, before_c = copy.deepcopy(pol.state_dict()), copy.deepcopy(cri.state_dict())
+    ppo.update(batch, pol, cri, p_opt, c_opt, step=0, seed=0, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2,
+               update_policy=False, grad_clip=1.0, d=dist.Dist(), temperature=1.0, vocab_size=tok.vocab_size,
+               pad_id=tok.pad_id, cliprange=0.2, cliprange_value=0.2, vf_coef=1.0, amp=NO_AMP)
+    assert all(torch.equal(v, pol.state_dict()[k]) for k, v in before_p.items())
+    assert not p_opt.state  # the policy's optimizer never stepped
+    assert not torch.equal(before_c["score.weight"], cri.state_dict()["score.weight"])
+
+
+def test_text_scores_oracle_and_r3_random_qtype_depend_on_the_row_not_the_split():
+    rows = [{"prompt": "What is 3 plus 4?", "qtype": "CONSTRAINED", "reference": "3 plus 4 is 7."},
+            {"prompt": "Tell me about bees.", "qtype": "OPENENDED", "reference": "Bees make honey."}] * 3
+    answers = ["3 plus 4 is 7.", "Bees make honey. Bees can sting.", "7.", "Cats purr.", "3 plus 4 is 8.", "Hi."]
+    oracle = ppo.text_scores("oracle", rows, answers, max_new_tokens=48, seed=0, step=0, index=list(range(6)))
+    assert oracle.tolist() == [world.quality(r["prompt"], a) for r, a in zip(rows, answers)]
+
+    class BagOfWords:  # a deterministic stand-in for the encoder
+        def embed(self, texts):
+            return torch.stack([torch.tensor([float(len(t)), float(t.count("e")), 1.0]) for t in texts])
+
+    kw = dict(encoder=BagOfWords(), max_new_tokens=48, seed=0, step=3)
+    whole = ppo.text_scores("r3_random_qtype", rows, answers, index=list(range(6)), **kw)
+    halves = torch.cat([ppo.text_scores("r3_random_qtype", rows[i::2], answers[i::2], index=list(range(6))[i::2], **kw)
+                        for i in (0, 1)])
+    torch.testing.assert_close(halves, whole[[0, 2, 4, 1, 3, 5]])
+    # the draw changes with the step (so it is not a fixed relabelling)
+    assert any(not torch.equal(whole, ppo.text_scores("r3_random_qtype", rows, answers, index=list(range(6)),
+                                                      **{**kw, "step": s})) for s in range(4, 10))
+
+
+def test_long_prompts_keep_their_end_and_bos(tok):
+    rows = [{"prompt": "Mia lives in Oslo. " * 20 + "Where does Mia live?"}]
+    ids = ppo.encode_prompts(tok, rows, "hh", 16)[0]
+    full = encode_prompt(tok, rows[0]["prompt"], "hh")
+    assert len(ids) == 16 and ids == full[-16:]
+    bos_tok = copy.copy(tok)
+    bos_tok.add_bos = True
+    ids = ppo.encode_prompts(bos_tok, rows, "hh", 16)[0]
+    assert ids[0] == tok.bos_id and ids[1:] == full[-15:]

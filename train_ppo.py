@@ -1,0 +1,299 @@
+"""RLHF with PPO: sample answers, score them, and push the policy toward higher scores while a per-token KL penalty
+keeps it near the SFT model (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022).
+
+With no arguments it runs on the tiny world on CPU: the policy and the frozen reference start from the tiny SFT
+model out/sft/model, the reward model and the critic from the tiny reward model out/rm/model (each trained first
+when missing), prompts come from data/sft_train.jsonl, and the held-out oracle quality of greedy answers to
+data/prompts_test.jsonl is printed as it rises. --reward picks another score: r3 (and its ablations, with a
+sentence encoder as the relevance model) or the tiny world's oracle itself.
+
+    python train_ppo.py                                   # the tiny world against the tiny reward model
+    python train_ppo.py --reward=r3                       # R3: no reward model, no preferences
+    python train_ppo.py --resume                          # continue the last run from its checkpoint
+    torchrun --nproc_per_node=2 train_ppo.py --gen_batch_size=32   # the same run on two ranks (FSDP2, gloo)
+    torchrun --nproc_per_node=8 train_ppo.py --init=out/sft7b/model --reward_model=out/rm7b/model --device=cuda \\
+        --data=prompts.jsonl --template=alpaca --lr=1e-6 --rollout_batch_size=512 --gen_batch_size=64 \\
+        --mini_batch_size=64 --micro_batch_size=4 --max_prompt_len=512 --max_new_tokens=256 --value_warmup_steps=50
+
+One step (docs/methods.md "## 3. PPO", docs/correctness.md): sample rollout_batch_size answers at --temperature;
+recompute their log-probs with the trainer (the sampler's are only compared: ppo/logprob_gap), the reference's
+and the critic's values; score each answer (a missing EOS gets --missing_eos_penalty instead); normalise the
+scores by their running mean/std; per-token reward -beta KL, plus the score on the last token; GAE; then
+--ppo_epochs passes of clipped policy and value losses over shuffled minibatches. beta adapts toward --kl_target.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoalign import dist, ppo, train, world
+from nanoalign.checkpoint import resolve_dir
+from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
+from nanoalign.data import read_jsonl
+from nanoalign.losses import AdaptiveKLController, masked_mean
+from nanoalign.reward import RewardModel
+from nanoalign.tokenizer import TEMPLATES, Tokenizer
+
+
+# --- config
+@dataclass
+class Config:
+    init: str = "out/sft/model"  # the policy to align and the frozen reference (checkpoint dir or hub id)
+    reward: str = "rm"          # rm (the reward model), r3, relevance, length, relevance_length, r3_no_branching, r3_random_qtype, oracle
+    reward_model: str = "out/rm/model"  # --reward=rm: the reward model, also the critic's start (else: init + a zero head)
+    relevance_model: str = "minilm"  # R3 rewards: the encoder (minilm = the packaged all-MiniLM-L6-v2, or e.g. facebook/contriever)
+    out_dir: str = "out/ppo"    # the run: model/ (policy, critic/, train_state.pt), metrics.jsonl
+    data: str = "data/sft_train.jsonl"  # prompts: .jsonl {"prompt"} (+ "qtype", "reference" for R3)
+    eval_data: str = "data/prompts_test.jsonl"  # held-out tiny-world prompts for the oracle quality ("" to skip)
+    eval_prompts: int = 100     # how many of them (the first ones)
+    template: str = "auto"      # prompt template: hh, alpaca, plain; auto: the one saved with --init, else hh
+    # rollouts
+    steps: int = 100            # PPO steps (one batch of rollouts each)
+    stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
+    rollout_batch_size: int = 64  # prompts sampled per step, over all ranks
+    gen_batch_size: int = 64    # prompts sampled together, one generator each: the rollouts depend on it, not on ranks
+    max_prompt_len: int = 128   # prompt tokens; a longer prompt keeps its end
+    max_new_tokens: int = 48    # response tokens; an answer cut here has no EOS
+    temperature: float = 1.0    # sampling temperature (> 0; all log-probs are of logits / temperature)
+    missing_eos_penalty: float = -1.0  # the score of an answer without EOS, in normalised units
+    score_norm: bool = True     # normalise scores by the running mean/std of every score seen
+    score_clip: float = 10.0    # then clip them to +-score_clip
+    # KL penalty
+    kl_coef: float = 0.2        # initial beta of the per-token KL penalty
+    adaptive_kl: bool = True    # adapt beta toward kl_target (Ziegler et al.); 0: beta fixed at kl_coef
+    kl_target: float = 6.0      # target KL per answer (nats)
+    kl_horizon: int = 10000     # adaptation horizon, in rollouts
+    # PPO update
+    ppo_epochs: int = 4         # passes over each batch of rollouts
+    mini_batch_size: int = 16   # rollouts per optimizer step, over all ranks
+    micro_batch_size: int = 16  # rollouts per forward on one rank
+    gamma: float = 1.0          # discount
+    lam: float = 0.95           # GAE lambda
+    cliprange: float = 0.2      # policy ratio clip epsilon
+    cliprange_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 1.0        # value loss weight (R3's 1; the critic has its own optimizer)
+    value_warmup_steps: int = 0  # first steps update only the critic (Hbat: 50)
+    lr: float = 5e-5            # policy learning rate (use ~1e-6 for a real 7B model)
+    critic_lr: float = 1e-4     # critic learning rate
+    warmup_steps: int = 0       # linear learning-rate warmup steps
+    min_lr_ratio: float = 1.0   # cosine decay to lr * min_lr_ratio (1: constant)
+    weight_decay: float = 0.0   # AdamW decay on matrices
+    grad_clip: float = 1.0      # max global gradient norm, per model
+    eval_every: int = 20        # steps between held-out evaluations (0: only before and after)
+    save_every: int = 50        # 0: save only at the end
+    seed: int = 0               # sampling, minibatch order
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA: bfloat16 or float32
+    resume: bool = False        # continue from out_dir/model/train_state.pt
+    num_samples: int = 3        # held-out answers printed at the end
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag checked before any work starts; each error names the flag and what is allowed."""
+    check_choice(cfg, "reward", ppo.REWARDS)
+    check_choice(cfg, "template", ("auto", *TEMPLATES))
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
+    if not cfg.temperature > 0:
+        raise InputError(f"--temperature={cfg.temperature}: PPO needs sampling, use a temperature > 0")
+    check_positive(cfg, "steps", "rollout_batch_size", "gen_batch_size", "max_prompt_len", "max_new_tokens",
+                   "ppo_epochs", "mini_batch_size", "micro_batch_size", "lr", "critic_lr", "kl_target", "kl_horizon",
+                   "cliprange", "cliprange_value", "vf_coef", "score_clip")
+    check_non_negative(cfg, "kl_coef", "value_warmup_steps", "warmup_steps", "weight_decay", "grad_clip",
+                       "eval_every", "eval_prompts", "save_every", "stop_at", "num_samples")
+    check_range(cfg, "gamma", 0.0, 1.0)
+    check_range(cfg, "lam", 0.0, 1.0)
+    check_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    for name in ("mini_batch_size", "gen_batch_size"):
+        if cfg.rollout_batch_size % getattr(cfg, name):
+            raise InputError(f"--{name}={getattr(cfg, name)} must divide --rollout_batch_size={cfg.rollout_batch_size}")
+    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
+        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    train.check_files(cfg, "data", "eval_data")
+
+
+def check_world(cfg: Config, d: dist.Dist) -> None:
+    n_chunks = cfg.rollout_batch_size // cfg.gen_batch_size
+    if n_chunks % d.world_size or cfg.mini_batch_size % d.world_size:
+        raise InputError(f"--rollout_batch_size / --gen_batch_size = {n_chunks} sampling chunks and "
+                         f"--mini_batch_size={cfg.mini_batch_size} must both be divisible by the world size {d.world_size}")
+
+
+def prerequisites(cfg: Config) -> None:
+    """The tiny SFT model and the tiny reward model, trained first when a default path is missing."""
+    import train_rm  # the repository's scripts, beside this one
+    import train_sft
+    say = int(os.environ.get("RANK", "0")) == 0
+    if cfg.init == Config.init and not Path(cfg.init).exists() and not cfg.resume:
+        if say:
+            print(f"{cfg.init} not found: training the tiny SFT model first (python train_sft.py)", flush=True)
+        train_sft.main([f"--device={cfg.device}"])
+    if cfg.reward == "rm" and cfg.reward_model == Config.reward_model and not Path(cfg.reward_model).exists():
+        if say:
+            print(f"{cfg.reward_model} not found: training the tiny reward model first (python train_rm.py)", flush=True)
+        train_rm.main([f"--device={cfg.device}"])
+
+
+def load_prompts(cfg: Config) -> tuple[list[dict], list[dict]]:
+    need = ("prompt", "qtype", "reference") if cfg.reward in ("r3", "r3_random_qtype") else ("prompt",)
+    rows = read_jsonl(cfg.data, required=need)
+    if cfg.reward == "oracle" and not all(world.is_world_prompt(r["prompt"]) for r in rows):
+        raise InputError(f"--reward=oracle judges only tiny-world prompts; {cfg.data} has others")
+    eval_rows = read_jsonl(cfg.eval_data, required=("prompt",))[:cfg.eval_prompts] if cfg.eval_data else []
+    if not all(world.is_world_prompt(r["prompt"]) for r in eval_rows):
+        raise InputError(f"--eval_data={cfg.eval_data}: the oracle judges only tiny-world prompts (pass --eval_data=)")
+    return rows, eval_rows
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    check_config(cfg)
+    prerequisites(cfg)
+    d = dist.init_dist(cfg.device)
+    dist.seed_everything(cfg.seed)
+    check_world(cfg, d)
+
+    # --- models
+    ckpt = Path(cfg.out_dir) / "model"
+    train.clean_stale(ckpt, d)
+    state = train.find_checkpoint(ckpt, cfg.resume)
+    init_dir = resolve_dir(cfg.init)
+    tok = Tokenizer.from_dir(init_dir)
+    if cfg.template == "auto":
+        cfg.template = tok.template or "hh"
+    tok.template = cfg.template
+    policy = train.place(train.load_model(ckpt if state else init_dir, d), d)
+    ref = train.place(train.load_model(init_dir, d), d, trainable=False)
+    tok.check_vocab(policy.cfg.vocab_size)
+    if cfg.max_prompt_len + cfg.max_new_tokens > policy.cfg.max_seq_len:
+        raise InputError(f"--max_prompt_len + --max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} exceeds "
+                         f"the model's context length {policy.cfg.max_seq_len}")
+    reward_model = None
+    if cfg.reward == "rm":
+        rm_dir = resolve_dir(cfg.reward_model)
+        if (rm_dir / "tokenizer.json").exists() and Tokenizer.from_dir(rm_dir).tok.get_vocab() != tok.tok.get_vocab():
+            raise InputError(f"--reward_model={cfg.reward_model}: its tokenizer differs from the policy's; the reward "
+                             f"model reads the policy's token ids")
+        reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
+                                                    build=RewardModel.from_config), d, trainable=False)
+    if state:
+        critic_dir, load_critic = train.model_dir(ckpt, "critic", ["policy", "critic"]), RewardModel.from_pretrained
+    elif reward_model is not None:
+        critic_dir, load_critic = rm_dir, RewardModel.from_pretrained
+    else:  # no reward model to start from: the SFT trunk with a zero value head (every value 0)
+        critic_dir, load_critic = init_dir, lambda p: RewardModel.from_causal_lm(p, head_init="zeros")
+    critic = train.place(train.load_model(critic_dir, d, load=load_critic, build=RewardModel.from_config), d)
+    encoder = None
+    if cfg.reward in ppo.TEXT_REWARDS and cfg.reward not in ("oracle", "length"):
+        from nanoalign.encoder import Encoder
+        encoder = Encoder.from_pretrained(cfg.relevance_model, device=d.device)
+    policy_opt = train.adamw(policy, cfg.lr, cfg.weight_decay)
+    critic_opt = train.adamw(critic, cfg.critic_lr, cfg.weight_decay)
+    # a policy optimizer that never stepped (value warm-up) is not saved: torch would initialise its state with a
+    # dummy step, and Adam's bias correction would then be one step off after a resume
+    models = lambda steps_done: {"policy": (policy, policy_opt if steps_done > cfg.value_warmup_steps else None),  # noqa: E731
+                                 "critic": (critic, critic_opt)}
+    start = train.restore(state, models(state["step"] if state else 0), d)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+    stats = ppo.RunningMoments()
+    if state:
+        kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
+        stats.load_state_dict(state["extra"]["score_stats"])
+        dist.print0(d, f"resumed from {ckpt} at step {start}")
+    dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"
+                   f"{f' ({cfg.reward_model})' if reward_model is not None else ''}, template {cfg.template!r}")
+
+    # --- data
+    rows, eval_rows = load_prompts(cfg)
+    prompts = ppo.encode_prompts(tok, rows, cfg.template, cfg.max_prompt_len)
+    eval_prompts = ppo.encode_prompts(tok, eval_rows, cfg.template, cfg.max_prompt_len)
+    dist.print0(d, f"{len(rows)} prompts from {cfg.data}; {len(eval_rows)} held out from {cfg.eval_data}")
+
+    # --- loop
+    amp = train.autocast(d, cfg.dtype)
+    log = train.MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", d, start)
+
+    def evaluate(step):
+        metrics, answers = ppo.held_out_quality(policy, tok, eval_rows, eval_prompts, max_new_tokens=cfg.max_new_tokens,
+                                                batch_size=cfg.gen_batch_size, d=d, amp=amp)
+        dist.print0(d, f"\nstep {step}: held-out oracle quality {metrics['eval/mean_quality']:.3f}, closed-ended "
+                       f"accuracy {metrics['eval/closed_accuracy']:.1%} (greedy, {len(eval_rows)} prompts)")
+        return metrics, answers
+
+    if eval_rows and start == 0:
+        log.log({"step": 0, **evaluate(0)[0]})
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    bar = train.progress(range(start, last), "ppo", d)
+    for step in bar:
+        for opt, peak in ((policy_opt, cfg.lr), (critic_opt, cfg.critic_lr)):
+            train.set_lr(opt, train.lr_at(step, cfg.steps, peak, cfg.warmup_steps, cfg.min_lr_ratio))
+        index = train.batch_indices(step, len(rows), cfg.rollout_batch_size, cfg.seed)
+        t0 = time.time()
+        batch = ppo.sample_rollouts(policy, [prompts[i] for i in index], step=step, seed=cfg.seed,
+                                    gen_batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, tok=tok, d=d, amp=amp)
+        t1 = time.time()
+        batch = ppo.rollout_forwards(batch, policy, ref, critic, micro_batch_size=cfg.micro_batch_size,
+                                     temperature=cfg.temperature, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=amp)
+        t2 = time.time()
+        if reward_model is not None:
+            batch["scores"] = ppo.reward_model_scores(batch, reward_model, micro_batch_size=cfg.micro_batch_size,
+                                                      pad_id=tok.pad_id, amp=amp)
+        else:  # a reward that reads the decoded answer (the stop token dropped)
+            mine = batch["index"].tolist()
+            answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]).strip() for j in range(len(mine))]
+            batch["scores"] = ppo.text_scores(cfg.reward, [rows[index[i]] for i in mine], answers, encoder=encoder,
+                                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, step=step,
+                                              index=mine).to(d.device)
+        t3 = time.time()
+        batch = ppo.gather_rollouts(batch, d, tok.pad_id)
+        mask = batch["mask"].bool()
+        scores = ppo.shape_scores(batch["scores"], batch["stopped"], stats if cfg.score_norm else None,
+                                  cfg.score_clip, cfg.missing_eos_penalty)
+        kl_coef = kl_ctl.value
+        adv_stats = ppo.advantages(batch, scores, kl_coef, cfg.gamma, cfg.lam)
+        kl_ctl.update(adv_stats["kl"], cfg.rollout_batch_size)
+        t4 = time.time()
+        update_stats = ppo.update(batch, policy, critic, policy_opt, critic_opt, step=step, seed=cfg.seed,
+                                  ppo_epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
+                                  micro_batch_size=cfg.micro_batch_size, update_policy=step >= cfg.value_warmup_steps,
+                                  grad_clip=cfg.grad_clip, d=d, temperature=cfg.temperature,
+                                  vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=cfg.cliprange,
+                                  cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, amp=amp)
+        t5 = time.time()
+
+        gap = torch.where(mask, (batch["sampler_logprobs"] - batch["logprobs"]).abs(), 0.0).max().item()
+        record = {"step": step + 1, "objective/kl": adv_stats["kl"], "objective/kl_coef": kl_coef,
+                  "objective/scores": batch["scores"].float().mean().item(),
+                  "objective/entropy": masked_mean(batch["entropy"], mask).item(),
+                  **{f"ppo/{k}": v for k, v in update_stats.items()},
+                  "ppo/explained_variance": adv_stats["explained_variance"],
+                  "ppo/logprob_gap": gap, "ppo/response_length": mask.sum(-1).float().mean().item(),
+                  "ppo/eos_fraction": batch["stopped"].float().mean().item(),
+                  "ppo/advantages_mean": adv_stats["advantages_mean"], "ppo/returns_mean": adv_stats["returns_mean"],
+                  "time/generation": t1 - t0, "time/scoring": t3 - t2, "time/forward": (t2 - t1) + (t4 - t3),
+                  "time/update": t5 - t4}
+        if eval_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+            metrics, answers = evaluate(step + 1)
+            record.update(metrics)
+            if step + 1 == cfg.steps:
+                for prompt, answer in answers[:cfg.num_samples]:
+                    dist.print0(d, f"> {prompt}\n  {answer}")
+        log.log(record)
+        bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}")
+        # --- save
+        if train.should_save(step + 1, cfg.save_every, last):
+            train.save_checkpoint(ckpt, d, step + 1, models(step + 1), tokenizer=tok, config=cfg,
+                                  extra={"kl_ctl": kl_ctl.state_dict(), "score_stats": stats.state_dict()})
+    bar.close()
+    dist.print0(d, f"saved {ckpt} (policy) and {ckpt / 'critic'} (step {last}/{cfg.steps}); metrics in {log.path}")
+    dist.close(d)
+
+
+if __name__ == "__main__":
+    run(main, sys.argv[1:])
