@@ -1,0 +1,211 @@
+"""select_pairs.py: REAL selection on a tiny random model, labels by scores or the annotator (never list order),
+ties skipped and counted, the cosines it reports, the oracle's label-error rate against a hand count."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import select_pairs
+from nanoalign import real, world
+from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.cli import InputError
+from nanoalign.data import read_jsonl
+from nanoalign.model import ModelConfig, Transformer
+from nanoalign.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(DATA / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory, tok):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    return save_pretrained(model, tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def multi():
+    """Six real tiny-world prompts with five responses each; record 0 has all scores equal (a tie whatever pair
+    is selected), the others distinct scores that disagree with the list order."""
+    records = read_jsonl(DATA / "multi_train.jsonl")[:6]
+    for k, r in enumerate(records):
+        r["scores"] = [1.0] * 5 if k == 0 else [float((3 * i + k) % 5) for i in range(5)]
+    return records
+
+
+def select(tmp_path, data, init_dir, *flags, name="out.jsonl"):
+    out = tmp_path / name
+    result = select_pairs.main([f"--data={data}", f"--model={init_dir}", f"--out={out}", "--batch_size=7", *flags])
+    return result, read_jsonl(out, required=("prompt", "chosen", "rejected"))
+
+
+def embed(init_dir, tok, prompt, texts):
+    model = load_pretrained(init_dir)
+    return real.embed_responses(model, tok, [{"prompt": prompt, "response": t} for t in texts], "hh", 128,
+                                max_response_len=127)
+
+
+def test_scores_label_the_pair_and_ties_are_skipped(tmp_path, init_dir, multi):
+    data = write_jsonl(tmp_path / "multi.jsonl", multi)
+    result, pairs = select(tmp_path, data, init_dir, "--strategy=hard")
+    assert result["pairs"] == len(pairs) == 5 and result["skipped_ties"] == 1
+    assert [p["prompt"] for p in pairs] == [r["prompt"] for r in multi[1:]]
+    for p, r in zip(pairs, multi[1:]):
+        score = dict(zip(r["responses"], r["scores"]))
+        assert score[p["chosen"]] > score[p["rejected"]]
+        assert (p["chosen_score"], p["rejected_score"]) == (score[p["chosen"]], score[p["rejected"]])
+        assert p["qtype"] == r["qtype"] and p["reference"] == r["reference"]  # extras carried along
+
+    # reversed lists: the same pairs with the same chosen side (the label is the score's, not the position's)
+    reversed_records = [{**r, "responses": r["responses"][::-1], "scores": r["scores"][::-1]} for r in multi]
+    _, again = select(tmp_path, write_jsonl(tmp_path / "rev.jsonl", reversed_records), init_dir, "--strategy=hard",
+                      name="rev_out.jsonl")
+    assert [(p["chosen"], p["rejected"]) for p in again] == [(p["chosen"], p["rejected"]) for p in pairs]
+    for p, q in zip(pairs, again):
+        assert abs(p["cosine"] - q["cosine"]) < 1e-6
+
+
+def test_easy_takes_the_least_similar_pair_and_hard_the_most(tmp_path, init_dir, tok, multi):
+    data = write_jsonl(tmp_path / "multi.jsonl", multi[1:])
+    easy_result, easy = select(tmp_path, data, init_dir, "--strategy=easy", name="easy.jsonl")
+    hard_result, hard = select(tmp_path, data, init_dir, "--strategy=hard", name="hard.jsonl")
+    assert len(easy) == len(hard) == 5
+    for e, h, r in zip(easy, hard, multi[1:]):
+        # every candidate pair's cosine, from embeddings computed here one prompt at a time
+        emb = embed(init_dir, tok, r["prompt"], r["responses"])
+        cos = real.cosine_matrix(emb)
+        rows, cols = torch.triu_indices(5, 5, offset=1)
+        assert abs(e["cosine"] - cos[rows, cols].min().item()) < 1e-5
+        assert abs(h["cosine"] - cos[rows, cols].max().item()) < 1e-5
+        assert e["cosine"] < h["cosine"] and {e["chosen"], e["rejected"]} != {h["chosen"], h["rejected"]}
+        i, j = r["responses"].index(e["chosen"]), r["responses"].index(e["rejected"])
+        assert abs(cos[i, j].item() - e["cosine"]) < 1e-5  # the written cosine is the written pair's
+    assert easy_result["selected"].mean() < hard_result["selected"].mean()
+    # both see the same candidates: 10 pairs per prompt
+    assert torch.equal(easy_result["candidates"], hard_result["candidates"]) and len(easy_result["candidates"]) == 50
+
+
+def test_pairs_input_keeps_a_fraction_with_their_labels(tmp_path, init_dir, tok):
+    records = read_jsonl(DATA / "prefs_train.jsonl")[:10]
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    easy_result, easy = select(tmp_path, data, init_dir, "--strategy=easy", name="easy.jsonl")
+    _, hard = select(tmp_path, data, init_dir, "--strategy=hard", name="hard.jsonl")
+    assert len(easy) == len(hard) == 5
+    assert max(p["cosine"] for p in easy) <= min(p["cosine"] for p in hard)  # 10 pairs split in two halves
+    given = {(r["prompt"], r["chosen"], r["rejected"]) for r in records}
+    assert all((p["prompt"], p["chosen"], p["rejected"]) in given for p in easy + hard)
+    # the cosines of all candidates are those of each pair's two embeddings
+    r = records[3]
+    emb = embed(init_dir, tok, r["prompt"], [r["chosen"], r["rejected"]])
+    assert abs(easy_result["candidates"][3].item() - real.pair_cosine(emb[:1], emb[1:]).item()) < 1e-5
+
+
+def test_label_error_rate_equals_a_hand_count(tmp_path, init_dir, capsys):
+    # annotator-labelled pairs of the tiny world: some with the worse response chosen, some of equal quality
+    records = read_jsonl(DATA / "prefs_train.jsonl")[:600]
+    gap = [world.quality(r["prompt"], r["chosen"]) - world.quality(r["prompt"], r["rejected"]) for r in records]
+    picked = ([r for r, g in zip(records, gap) if g < 0][:3] + [r for r, g in zip(records, gap) if g == 0][:2]
+              + [r for r, g in zip(records, gap) if g > 0][:7])
+    data = write_jsonl(tmp_path / "pairs.jsonl", picked)
+    result, pairs = select(tmp_path, data, init_dir, "--strategy=random", "--fraction=0.5")
+    assert len(pairs) == 6
+    gaps = [world.quality(p["prompt"], p["chosen"]) - world.quality(p["prompt"], p["rejected"]) for p in pairs]
+    errors, ties = sum(g < 0 for g in gaps), sum(g == 0 for g in gaps)
+    assert result["oracle"]["label_error"] == errors / 6 and result["oracle"]["equal_quality"] == ties / 6
+    assert abs(result["oracle"]["mean_quality_gap"] - sum(gaps) / 6) < 1e-12
+    out = capsys.readouterr().out
+    assert f"label errors (chosen worse than rejected) {errors / 6:.1%}, equal quality {ties / 6:.1%}" in out
+
+    # several responses scored by MINUS the oracle: every written pair is a label error
+    multi = read_jsonl(DATA / "multi_train.jsonl")[:8]
+    for r in multi:
+        r["scores"] = [-world.quality(r["prompt"], x) for x in r["responses"]]
+    result, pairs = select(tmp_path, write_jsonl(tmp_path / "neg.jsonl", multi), init_dir, "--strategy=centroid",
+                           name="neg_out.jsonl")
+    assert len(pairs) + result["skipped_ties"] == 8 and pairs
+    assert result["oracle"]["label_error"] == 1.0 and result["oracle"]["mean_quality_gap"] < 0
+
+
+def test_annotator_labels_are_seeded_and_ignore_list_order(tmp_path, init_dir, multi):
+    data = write_jsonl(tmp_path / "multi.jsonl", multi)
+    _, first = select(tmp_path, data, init_dir, "--label=annotator", "--strategy=easy", name="a.jsonl")
+    _, second = select(tmp_path, data, init_dir, "--label=annotator", "--strategy=easy", name="b.jsonl")
+    assert first == second and len(first) == 6  # the annotator always states a preference: no prompt skipped
+    reversed_records = [{**r, "responses": r["responses"][::-1]} for r in multi]
+    _, rev = select(tmp_path, write_jsonl(tmp_path / "rev.jsonl", reversed_records), init_dir, "--label=annotator",
+                    "--strategy=easy", name="c.jsonl")
+    assert [(p["chosen"], p["rejected"]) for p in rev] == [(p["chosen"], p["rejected"]) for p in first]
+    # the same pair, the annotator's coin by hand: Bradley-Terry with the seeded generator
+    p = first[2]
+    a, b = sorted((p["chosen"], p["rejected"]))
+    prefers_a = world.annotate(p["prompt"], a, b, random.Random(f"0:{p['prompt']}"))
+    assert p["chosen"] == (a if prefers_a else b)
+
+
+def test_default_model_is_trained_first_when_missing(tmp_path, init_dir, multi, monkeypatch, capsys):
+    import shutil
+
+    import train_sft
+    calls = []
+
+    def fake_sft(argv):  # stands in for the few-minute SFT run: puts a model where it would write one
+        calls.append(argv)
+        shutil.copytree(init_dir, tmp_path / "out" / "sft" / "model")
+
+    monkeypatch.setattr(train_sft, "main", fake_sft)
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "multi.jsonl", multi)
+    select_pairs.main([f"--data={data}", "--device=cpu"])
+    assert calls == [["--device=cpu"]]
+    assert "out/sft/model not found: training the tiny SFT model first" in capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "out" / "real" / "pairs_easy.jsonl")) == 5  # the default output path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy=best"], "--strategy=best: choose one of easy, hard, random, centroid"),
+    (["--label=votes"], "--label=votes: choose one of scores, annotator"),
+    (["--fraction=0"], "--fraction=0.0: must be in (0.0, 1.0]"),
+    (["--format=csv"], "--format=csv: choose one of auto, pairs, multi, hh, shp"),
+    (["--data=nowhere.jsonl"], "--data=nowhere.jsonl: not found"),
+    (["--data=data/prefs_train.jsonl", "--strategy=centroid"], "--strategy=centroid: needs several responses"),
+    (["--data=data/prefs_train.jsonl", "--label=annotator"], "--label=annotator: pairs keep the chosen/rejected"),
+])
+def test_bad_flags(flags, message, init_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(InputError, match=re.escape(message)):
+        select_pairs.main([f"--model={init_dir}", *flags])
+
+
+def test_annotator_refuses_prompts_outside_the_world(tmp_path, init_dir):
+    data = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "Tell me a joke.", "responses": ["No.", "Why not."],
+                                               "scores": [1, 2]}])
+    with pytest.raises(InputError, match="--label=annotator: the tiny world's annotator judges its own prompts"):
+        select_pairs.main([f"--data={data}", f"--model={init_dir}", "--label=annotator"])
+
+
+def test_errors_are_one_line_and_torchrun_is_refused(init_dir):
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "select_pairs.py", f"--model={init_dir}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: select_pairs.py runs in one process (a forward with no "
+                                                "gradients): start it with python, not torchrun"]
