@@ -1,6 +1,10 @@
-"""Evaluation metrics: ROUGE-L, win rate, reward accuracy, self-BLEU and a prompt-copy detector.
+"""Evaluation: metrics (ROUGE-L, win rate, reward accuracy, self-BLEU, a prompt-copy detector), the helpers
+that answer held-out prompts with a model and judge the answers, and a command line comparing two models.
 
-Every function here is pure (strings and numbers in, a number out), so scripts can combine them with any
+    python -m nanoalign.evaluate --model_a=out/dpo/model --model_b=out/sft/model            # judged by the oracle
+    python -m nanoalign.evaluate --model_a=out/dpo/model --model_b=out/sft/model --judge=out/rm/model --out=eval.json
+
+The metric functions are pure (strings and numbers in, a number out), so scripts can combine them with any
 generator or judge. What each metric is for (see docs/methods.md, "## 8. Evaluation"):
   rouge_l          ROUGE-L F1 of a summary against its reference (Lin 2004), the Hbat summarisation metric
   win_rate         (#wins + 1/2 #ties) / #prompts of model A against model B under a judge (oracle, reward model)
@@ -16,15 +20,34 @@ Gotchas:
 - reward_accuracy counts a tie as wrong (strictly greater), like TRL's rewards/accuracies; win_rate counts
   a tie as half a win. They answer different questions: "did the model rank the pair right" vs "which
   model is better".
+
+Model-side helpers (the command line is built from them; scripts reuse them):
+  sample_answers     one answer per prompt, greedy by default, batched, decoded up to the stop token
+  evaluate_answers   mean oracle quality, closed-ended accuracy, ROUGE-L against references, copy rate, length
+  compare            win rate of A over B under a judge that scores a batch: oracle_judge or reward_judge
+- A model answers well only in the template it was trained with: the command line formats each model's
+  prompts with the template saved with its tokenizer (--template overrides).
+- A reward model scores prompt + response + EOS, as it was trained: an answer cut by max_new_tokens is scored
+  as if it had ended there.
 """
+import json
 import math
+import os
 import re
+import time
 from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from nanoalign import world
+from nanoalign.checkpoint import load_pretrained, resolve_dir
+from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, parse_config
+from nanoalign.data import collate_sft, read_jsonl, truncate_example
+from nanoalign.generate import generate, sampling_error
+from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt, encode_response
 
 # --- tokens and ROUGE-L
 
@@ -195,3 +218,243 @@ def copies_prompt(prompt: str, response: str, threshold: float = 0.5, n: int = 4
     sentences = [s for s in re.findall(r"[^.?!]+", prompt) if rouge_tokens(s)]
     question = rouge_tokens(sentences[-1])
     return containment >= threshold or (len(question) >= n and _contains_run(r, question))
+
+
+# --- answering held-out prompts with a model
+
+
+def _fit_prompt(ids: list[int], room: int, tok) -> list[int]:
+    """Keep the END of a prompt too long for the context (it holds the question), and its BOS."""
+    if len(ids) <= room:
+        return ids
+    bos = ids[:1] if tok.add_bos else []
+    return bos + ids[len(ids) - (room - len(bos)):]
+
+
+@torch.no_grad()
+def sample_answers(model, tok, prompts: Sequence[str], template: str, max_new_tokens: int = 48,
+                   temperature: float = 0.0, batch_size: int = 32, seed: int = 0) -> list[str]:
+    """One answer per prompt, in order: batched generation (greedy when temperature is 0), each answer decoded
+    up to its stop token (excluded) and stripped. A prompt longer than the context minus max_new_tokens keeps
+    its end. With temperature > 0 the samples come from one generator seeded with `seed`."""
+    room = model.cfg.max_seq_len - max_new_tokens
+    if room < 2:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{model.cfg.max_seq_len} tokens")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids = [_fit_prompt(encode_prompt(tok, p, template), room, tok) for p in chunk]
+        gen = generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=temperature,
+                       vocab_size=tok.vocab_size, generator=generator)
+        answers += [tok.decode(gen.response(i)).strip() for i in range(len(chunk))]
+    model.train(was_training)
+    return answers
+
+
+def evaluate_answers(records: Sequence[dict], answers: Sequence[str]) -> dict:
+    """Metrics of one model's answers to held-out records {"prompt", "reference"?}.
+
+    mean_quality and closed_accuracy (world.is_correct on the closed-ended prompts) need the tiny world's
+    oracle: None when a prompt is not one of its own. rouge_l is the mean over the records that have a
+    reference (None when none has). copy_rate: the fraction of answers that copy their prompt; mean_words: the
+    mean answer length in ROUGE tokens. Both show reward hacking (copying, rambling) at a glance."""
+    if len(records) != len(answers):
+        raise ValueError(f"{len(records)} prompts but {len(answers)} answers")
+    if not records:
+        raise ValueError("evaluate_answers of zero prompts is undefined")
+    prompts = [r["prompt"] for r in records]
+    out = {"n": len(records), "mean_quality": None, "closed_accuracy": None, "n_closed": 0}
+    if all(world.is_world_prompt(p) for p in prompts):
+        out["mean_quality"] = sum(world.quality(p, a) for p, a in zip(prompts, answers)) / len(prompts)
+        closed = [(p, a) for p, a in zip(prompts, answers) if world.parse_prompt(p)["qtype"] == "CONSTRAINED"]
+        out["n_closed"] = len(closed)
+        out["closed_accuracy"] = sum(world.is_correct(p, a) for p, a in closed) / len(closed) if closed else None
+    with_reference = [(a, r["reference"]) for r, a in zip(records, answers) if r.get("reference")]
+    out["rouge_l"] = sum(rouge_l(a, ref) for a, ref in with_reference) / len(with_reference) if with_reference else None
+    out["n_reference"] = len(with_reference)
+    out["copy_rate"] = sum(copies_prompt(p, a) for p, a in zip(prompts, answers)) / len(prompts)
+    out["mean_words"] = sum(len(rouge_tokens(a)) for a in answers) / len(answers)
+    return out
+
+
+# --- judging: A against B
+
+
+def oracle_judge(prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """The tiny world's quality of each answer: a batch judge for compare()."""
+    return [world.quality(p, a) for p, a in zip(prompts, answers)]
+
+
+def reward_judge(rm, tok, template: str, batch_size: int = 32) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+    """A batch judge scoring each (prompt, answer) with a reward model, as it was trained: the template's prompt
+    + response + EOS, right-padded, the score read at the last real token (the EOS). An empty answer is scored
+    as the EOS alone; a prompt too long for the context loses its start."""
+    device = next(rm.parameters()).device
+
+    def row(prompt: str, answer: str) -> dict:
+        response = encode_response(tok, answer, template) if answer.strip() else [tok.eos_id]
+        fitted = truncate_example(encode_prompt(tok, prompt, template), response, rm.cfg.max_seq_len)
+        if fitted is None:
+            raise ValueError(f"an answer of {len(response)} tokens does not fit the reward model's context "
+                             f"of {rm.cfg.max_seq_len}")
+        return {"ids": fitted[0] + fitted[1], "mask": [0] * len(fitted[0]) + [1] * len(fitted[1])}
+
+    @torch.no_grad()
+    def judge(prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        rows = [row(p, a) for p, a in zip(prompts, answers)]
+        scores = []
+        for start in range(0, len(rows), batch_size):
+            batch = collate_sft(rows[start:start + batch_size], tok.pad_id)
+            scores += rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().tolist()
+        return scores
+
+    return judge
+
+
+def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str],
+            judge: Callable[[Sequence[str], Sequence[str]], list[float]]) -> dict:
+    """A against B under a batch judge (judge(prompts, answers) -> one score per answer): the win rate
+    (#wins + 1/2 #ties) / #prompts as win_rate() defines it, the counts, and each side's mean score.
+    Each answer is scored once, in batches (a reward model judge runs a forward per batch)."""
+    if not len(prompts) == len(answers_a) == len(answers_b):
+        raise ValueError(f"compare needs one answer per prompt from each model: {len(prompts)} prompts, "
+                         f"{len(answers_a)} answers_a, {len(answers_b)} answers_b")
+    if not prompts:
+        raise ValueError("compare of zero prompts is undefined")
+    a, b = judge(prompts, answers_a), judge(prompts, answers_b)
+    wins, ties = sum(x > y for x, y in zip(a, b)), sum(x == y for x, y in zip(a, b))
+    return {"win_rate": (wins + 0.5 * ties) / len(prompts), "wins": wins, "ties": ties,
+            "losses": len(prompts) - wins - ties, "judge_a": sum(a) / len(a), "judge_b": sum(b) / len(b)}
+
+
+# --- the command line: python -m nanoalign.evaluate
+
+
+@dataclass
+class Config:
+    model_a: str = ""           # the model evaluated (dir or hub id), required
+    model_b: str = ""           # the model it is compared with, e.g. out/sft/model; empty: evaluate A alone
+    judge: str = "oracle"       # oracle (the tiny world's quality) or a reward model directory
+    prompts: str = "data/prompts_test.jsonl"  # held-out {"prompt", "reference"?, "qtype"?} records
+    template: str = "auto"      # prompt template; auto: the one saved with each model's tokenizer, else hh
+    max_new_tokens: int = 48    # tokens generated per answer at most
+    temperature: float = 0.0    # 0 = greedy
+    batch_size: int = 32        # prompts per generation batch (and answers per reward model forward)
+    limit: int = 0              # evaluate the first N prompts only (0: all)
+    seed: int = 0               # sampling seed when temperature > 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
+    dtype: str = "float32"      # weights: float32 or bfloat16
+    out: str = ""               # also write the metrics, the win rate and the answers to this JSON file
+
+
+def _checkpoint(cfg: Config, name: str) -> Path:
+    try:
+        return resolve_dir(getattr(cfg, name))
+    except FileNotFoundError as e:
+        raise InputError(f"--{name}={getattr(cfg, name)}: {e}") from None
+
+
+def _check_config(cfg: Config) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("nanoalign.evaluate runs in one process: start it with python, not torchrun")
+    if not cfg.model_a:
+        raise InputError("--model_a: required (a checkpoint directory or hub id)")
+    check_choice(cfg, "template", ("auto", *TEMPLATES))
+    check_choice(cfg, "dtype", ("float32", "bfloat16"))
+    check_positive(cfg, "batch_size")
+    check_non_negative(cfg, "limit")
+    if problem := sampling_error(cfg.max_new_tokens, cfg.temperature, None, None):
+        raise InputError("--" + problem)
+    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
+        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    if not Path(cfg.prompts).is_file():
+        raise InputError(f"--prompts={cfg.prompts}: not found (looked in {Path.cwd()})")
+    if cfg.judge != "oracle" and not Path(cfg.judge).is_dir():
+        raise InputError(f"--judge={cfg.judge}: choose oracle or a reward model directory (no such directory)")
+
+
+def _answers(cfg: Config, ckpt: Path, prompts: list[str]) -> tuple[list[str], str]:
+    model = load_pretrained(ckpt, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    tok = Tokenizer.from_dir(ckpt)
+    tok.check_vocab(model.cfg.vocab_size)
+    template = (tok.template or "hh") if cfg.template == "auto" else cfg.template
+    return sample_answers(model, tok, prompts, template, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                          cfg.seed), template
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(Config, argv, description="Answer held-out prompts with two models and compare them.")
+    _check_config(cfg)
+    t0 = time.time()
+    ckpt_a = _checkpoint(cfg, "model_a")
+    ckpt_b = _checkpoint(cfg, "model_b") if cfg.model_b else None
+    records = read_jsonl(cfg.prompts, required=("prompt",))
+    records = records[:cfg.limit] if cfg.limit else records
+    if not records:
+        raise InputError(f"--prompts={cfg.prompts}: no prompts")
+    prompts = [r["prompt"] for r in records]
+    if cfg.judge == "oracle" and ckpt_b and (bad := next((p for p in prompts if not world.is_world_prompt(p)), None)):
+        raise InputError(f"--judge=oracle: the oracle judges the tiny world's prompts only; {cfg.prompts} holds "
+                         f"{bad!r:.80}; pass --judge=REWARD_MODEL_DIR")
+    if cfg.judge != "oracle" and ckpt_b:
+        from nanoalign.reward import RewardModel  # only a reward model judge needs it
+
+        rm = RewardModel.from_pretrained(cfg.judge, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        # the reward model's own tokenizer and template when saved with it, else model A's
+        tok_dir = Path(cfg.judge) if (Path(cfg.judge) / "tokenizer.json").exists() else ckpt_a
+        rm_tok = Tokenizer.from_dir(tok_dir)
+        rm_tok.check_vocab(rm.cfg.vocab_size)
+        rm_template = (rm_tok.template or "hh") if cfg.template == "auto" else cfg.template
+        judge = reward_judge(rm, rm_tok, rm_template, cfg.batch_size)
+    else:
+        judge = oracle_judge
+
+    sides = {"A": ckpt_a, **({"B": ckpt_b} if ckpt_b else {})}
+    answers, templates, metrics = {}, {}, {}
+    for side, ckpt in sides.items():
+        answers[side], templates[side] = _answers(cfg, ckpt, prompts)
+        metrics[side] = evaluate_answers(records, answers[side])
+    result = {"config": asdict(cfg), "n_prompts": len(records), "templates": templates, "metrics": metrics}
+    if ckpt_b:
+        result["comparison"] = compare(prompts, answers["A"], answers["B"], judge)
+
+    decoding = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}, seed {cfg.seed}"
+    print(f"{len(records)} held-out prompts ({cfg.prompts}), {decoding}, at most {cfg.max_new_tokens} new tokens")
+    print(f"{'':28s}" + "".join(f"{side:>14s}" for side in sides))
+    rows = [("template", lambda m, s: templates[s]),
+            ("mean oracle quality", lambda m, s: _cell(m["mean_quality"], ".3f")),
+            ("closed-ended accuracy", lambda m, s: _cell(m["closed_accuracy"], ".1%")),
+            ("ROUGE-L vs reference", lambda m, s: _cell(m["rouge_l"], ".3f")),
+            ("copies the prompt", lambda m, s: _cell(m["copy_rate"], ".1%")),
+            ("mean answer length (words)", lambda m, s: _cell(m["mean_words"], ".1f"))]
+    for label, cell in rows:
+        print(f"{label:28s}" + "".join(f"{cell(metrics[s], s):>14s}" for s in sides))
+    for side, ckpt in sides.items():
+        print(f"{side}: {ckpt}")
+    if ckpt_b:
+        c = result["comparison"]
+        print(f"judge {cfg.judge}: mean score A {c['judge_a']:.4f}, B {c['judge_b']:.4f}; A wins {c['wins']}, "
+              f"ties {c['ties']}, loses {c['losses']}")
+        print(f"win rate of A over B: {c['win_rate']:.4f}")
+    if cfg.out:
+        result["answers"] = answers
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"saved {cfg.out}")
+    print(f"({time.time() - t0:.1f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    from nanoalign.cli import run
+
+    run(main)  # a bad flag, prompt file or checkpoint: one line naming it, no traceback
