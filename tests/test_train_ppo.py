@@ -95,6 +95,10 @@ def test_resume_continues_exactly(init_dir, rm_dir, tmp_path):
     assert steps[0]["objective/kl"] == 0.0 and steps[0]["ppo/logprob_gap"] <= 1e-5  # policy = reference at first
     assert 0 < steps[0]["ppo/eos_fraction"] < 1  # some answers ended, some were cut (and penalised)
     assert steps[-1]["objective/kl"] != 0.0  # the policy moved
+    # the adaptive coefficient moves once per step, fed the KL measured on that step's 8 rollouts (horizon 100)
+    for a, b in zip(steps, steps[1:]):
+        error = min(max(a["objective/kl"] / 6.0 - 1, -0.2), 0.2)
+        assert abs(b["objective/kl_coef"] - a["objective/kl_coef"] * (1 + error * 8 / 100)) < 1e-12
 
 
 def test_value_warmup_updates_only_the_critic(init_dir, rm_dir, tmp_path):
