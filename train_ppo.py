@@ -211,7 +211,6 @@ def main(argv=None):
     # --- data
     rows, eval_rows = load_prompts(cfg)
     prompts = ppo.encode_prompts(tok, rows, cfg.template, cfg.max_prompt_len)
-    eval_prompts = ppo.encode_prompts(tok, eval_rows, cfg.template, cfg.max_prompt_len)
     dist.print0(d, f"{len(rows)} prompts from {cfg.data}; {len(eval_rows)} held out from {cfg.eval_data}")
 
     # --- loop
@@ -219,8 +218,9 @@ def main(argv=None):
     log = train.MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", d, start)
 
     def evaluate(step):
-        metrics, answers = ppo.held_out_quality(policy, tok, eval_rows, eval_prompts, max_new_tokens=cfg.max_new_tokens,
-                                                batch_size=cfg.gen_batch_size, d=d, amp=amp)
+        with amp:
+            metrics, answers = ppo.held_out_quality(policy, tok, eval_rows, template=cfg.template,
+                                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, d=d)
         dist.print0(d, f"\nstep {step}: held-out oracle quality {metrics['eval/mean_quality']:.3f}, closed-ended "
                        f"accuracy {metrics['eval/closed_accuracy']:.1%} (greedy, {len(eval_rows)} prompts)")
         return metrics, answers

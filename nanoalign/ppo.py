@@ -42,6 +42,7 @@ from .generate import generate, left_pad
 from .losses import (entropy_from_logits, explained_variance, gae, logprobs_from_logits, masked_mean,
                      ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
 from .r3 import r3_reward
+from .evaluate import evaluate_answers, sample_answers
 from .tokenizer import encode_prompt
 
 TEXT_REWARDS = ("r3", "relevance", "length", "relevance_length", "r3_no_branching", "r3_random_qtype", "oracle")
@@ -378,25 +379,20 @@ def encode_prompts(tok, rows: list[dict], template: str, max_prompt_len: int) ->
 
 
 @torch.no_grad()
-def held_out_quality(policy, tok, rows: list[dict], prompts: list[list[int]], *, max_new_tokens: int,
-                     batch_size: int, d: dist.Dist, amp) -> tuple[dict, list[str]]:
-    """Greedy answers to held-out tiny-world prompts, judged by the oracle: mean quality and the closed-ended
-    accuracy over all of them (each rank answers its share). Returns the metrics and rank 0's (prompt, answer)s."""
-    mine = list(zip(train.rank_share(rows, d), train.rank_share(prompts, d)))
-    sums, answers = torch.zeros(3, dtype=torch.float64), []
-    with gathered_for_generation(policy, d), amp:
-        for i in range(0, len(mine), batch_size):
-            chunk = mine[i:i + batch_size]
-            gen = generate(policy, [p for _, p in chunk], max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
-                           pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-            for j, (row, _) in enumerate(chunk):
-                answer = tok.decode(gen.response(j)).strip()
-                answers.append((row["prompt"], answer))
-                closed = row.get("qtype") == "CONSTRAINED"
-                sums += torch.tensor([world.quality(row["prompt"], answer),
-                                      closed and world.is_correct(row["prompt"], answer), closed],
-                                     dtype=torch.float64)
-    sums = dist.all_reduce_sum(sums.to(d.device), d).cpu()
-    metrics = {"eval/mean_quality": (sums[0] / len(rows)).item(),
-               "eval/closed_accuracy": (sums[1] / sums[2].clamp(min=1)).item()}
-    return metrics, answers
+def held_out_quality(policy, tok, rows: list[dict], *, template: str, max_new_tokens: int, batch_size: int,
+                     d: dist.Dist) -> tuple[dict, list[tuple[str, str]]]:
+    """Greedy answers to held-out tiny-world prompts (each rank answers its share), judged by the oracle:
+    eval/mean_quality, eval/closed_accuracy, and two signs of reward hacking, eval/copy_rate (answers that copy
+    the prompt) and eval/mean_words. Returns the metrics and rank 0's (prompt, answer) pairs."""
+    mine = train.rank_share(rows, d)
+    with gathered_for_generation(policy, d):
+        answers = sample_answers(policy, tok, [r["prompt"] for r in mine], template, max_new_tokens,
+                                 temperature=0.0, batch_size=batch_size)
+    m = evaluate_answers(mine, answers) if mine else {"n": 0, "n_closed": 0}
+    n, n_closed = m["n"], m["n_closed"]
+    sums = torch.tensor([n, n_closed, n * (m.get("mean_quality") or 0), n_closed * (m.get("closed_accuracy") or 0),
+                         n * m.get("copy_rate", 0), n * m.get("mean_words", 0)], dtype=torch.float64)
+    n, n_closed, quality, correct, copies, words = dist.all_reduce_sum(sums.to(d.device), d).tolist()
+    metrics = {"eval/mean_quality": quality / max(n, 1), "eval/closed_accuracy": correct / max(n_closed, 1),
+               "eval/copy_rate": copies / max(n, 1), "eval/mean_words": words / max(n, 1)}
+    return metrics, [(r["prompt"], a) for r, a in zip(mine, answers)]
