@@ -1,0 +1,165 @@
+"""nanoalign.evaluate's model-side helpers and command line: batched answers equal one-by-one answers, the
+printed win rate equals win_rate() on the same answers, a model against itself is exactly 0.5, bad flags."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoalign import evaluate, world
+from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.cli import InputError
+from nanoalign.data import read_jsonl
+from nanoalign.generate import generate
+from nanoalign.model import ModelConfig, Transformer
+from nanoalign.reward import RewardModel
+from nanoalign.tokenizer import Tokenizer, encode_prompt, encode_response
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+PROMPTS = DATA / "prompts_test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(DATA / "tokenizer")
+
+
+def tiny(tok, seed, path):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    return save_pretrained(model, path, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("models")
+    return tiny(tok, 0, root / "a"), tiny(tok, 1, root / "b")
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, models, tok):
+    """A reward model: model A's trunk with a seeded random head, saved and loaded like a trained one."""
+    rm = RewardModel.from_causal_lm(models[0], generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("rm") / "model"
+    rm.save_pretrained(path, tokenizer=tok)
+    return path
+
+
+def test_sample_answers_batched_equal_one_at_a_time(models, tok):
+    model = load_pretrained(models[0])
+    prompts = [r["prompt"] for r in read_jsonl(PROMPTS)[:5]]
+    batched = evaluate.sample_answers(model, tok, prompts, "hh", max_new_tokens=12, batch_size=3)
+    alone = [evaluate.sample_answers(model, tok, [p], "hh", max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    # by hand: greedy generate, cut at the stop token, decode, strip
+    gen = generate(model, [encode_prompt(tok, prompts[1], "hh")], 12, temperature=0.0, stop_ids=tok.stop_ids,
+                   pad_id=tok.pad_id)
+    ids = gen.tokens[0].tolist()
+    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+    assert batched[1] == tok.decode(ids).strip()
+
+
+def test_evaluate_answers_by_hand():
+    records = read_jsonl(PROMPTS)
+    closed = [r for r in records if r["qtype"] == "CONSTRAINED"][:2]
+    opened = [r for r in records if r["qtype"] == "OPENENDED"][:1]
+    picked = closed + opened
+    answers = [closed[0]["reference"], "I do not know.", opened[0]["prompt"]]  # right, wrong, a copy of the prompt
+    m = evaluate.evaluate_answers(picked, answers)
+    assert m["n"] == 3 and m["n_closed"] == 2 and m["closed_accuracy"] == 0.5
+    assert m["mean_quality"] == pytest.approx((1.0 + 0.0 + world.quality(opened[0]["prompt"], answers[2])) / 3)
+    assert m["rouge_l"] == pytest.approx((1.0 + evaluate.rouge_l(answers[1], closed[1]["reference"])
+                                          + evaluate.rouge_l(answers[2], opened[0]["reference"])) / 3)
+    assert m["copy_rate"] == pytest.approx(1 / 3)
+    assert m["mean_words"] == pytest.approx(sum(len(evaluate.rouge_tokens(a)) for a in answers) / 3)
+    # outside the tiny world there is no oracle, and no ROUGE-L without references
+    m = evaluate.evaluate_answers([{"prompt": "Tell me a joke."}], ["No."])
+    assert m["mean_quality"] is None and m["closed_accuracy"] is None and m["rouge_l"] is None
+
+
+def test_compare_equals_win_rate_and_a_hand_count():
+    records = read_jsonl(PROMPTS)[:4]
+    prompts = [r["prompt"] for r in records]
+    a = [r["reference"] for r in records]
+    b = [a[0], "Nothing.", a[2], prompts[3]]  # tie, A wins, tie, A wins
+    c = evaluate.compare(prompts, a, b, evaluate.oracle_judge)
+    assert (c["wins"], c["ties"], c["losses"]) == (2, 2, 0) and c["win_rate"] == 0.75
+    assert c["win_rate"] == evaluate.win_rate(evaluate.oracle_score, prompts, a, b)
+    assert evaluate.compare(prompts, b, a, evaluate.oracle_judge)["win_rate"] == 0.25
+
+
+def rm_score_alone(rm, tok, prompt, answer):
+    """The reward of one (prompt, answer), unpadded: template prompt + response + EOS."""
+    response = encode_response(tok, answer, "hh") if answer.strip() else [tok.eos_id]
+    ids = torch.tensor([encode_prompt(tok, prompt, "hh") + response])
+    return rm(ids, torch.ones_like(ids)).item()
+
+
+def test_cli_win_rate_equals_win_rate_on_the_same_answers(tmp_path, models, rm_dir, tok, capsys):
+    out = tmp_path / "eval.json"
+    result = evaluate.main([f"--model_a={models[0]}", f"--model_b={models[1]}", f"--judge={rm_dir}", "--limit=7",
+                            "--max_new_tokens=10", "--batch_size=4", f"--out={out}", f"--prompts={PROMPTS}"])
+    saved = json.loads(out.read_text())
+    prompts = [r["prompt"] for r in read_jsonl(PROMPTS)[:7]]
+    a, b = saved["answers"]["A"], saved["answers"]["B"]
+    assert len(a) == len(b) == 7 and a != b
+    rm = RewardModel.from_pretrained(rm_dir)
+    scores = {}
+
+    def judge(p, ans):  # the reward of each answer scored alone, a second code path
+        return scores.setdefault((p, ans), rm_score_alone(rm, tok, p, ans))
+
+    expected = evaluate.win_rate(judge, prompts, a, b)
+    assert expected != 0.5  # an odd number of prompts and no ties: swapping A and B would show
+    assert result["comparison"]["win_rate"] == saved["comparison"]["win_rate"] == expected
+    assert result["comparison"]["judge_a"] == pytest.approx(sum(judge(p, x) for p, x in zip(prompts, a)) / 7, abs=1e-5)
+    printed = re.search(r"win rate of A over B: ([0-9.]+)", capsys.readouterr().out)[1]
+    assert printed == f"{expected:.4f}"
+    # the per-model metrics are evaluate_answers on the same answers
+    assert saved["metrics"]["A"] == evaluate.evaluate_answers(read_jsonl(PROMPTS)[:7], a)
+
+
+@pytest.mark.parametrize("judge", ["oracle", "rm"])
+def test_a_model_against_itself_is_exactly_one_half(models, rm_dir, judge, capsys):
+    result = evaluate.main([f"--model_a={models[1]}", f"--model_b={models[1]}", "--limit=5", "--max_new_tokens=8",
+                            f"--judge={rm_dir if judge == 'rm' else 'oracle'}", f"--prompts={PROMPTS}"])
+    assert result["comparison"]["win_rate"] == 0.5 and result["comparison"]["ties"] == 5
+    assert "win rate of A over B: 0.5000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--model_a: required"),
+    (["--model_a=./no_such_model"], "--model_a=./no_such_model: checkpoint directory ./no_such_model does not exist"),
+    (["--model_a={a}", "--model_b=./missing"], "--model_b=./missing: checkpoint directory ./missing does not exist"),
+    (["--model_a={a}", "--judge=rm_missing"], "--judge=rm_missing: choose oracle or a reward model directory"),
+    (["--model_a={a}", "--temperature=-1"], "--temperature must be >= 0"),
+    (["--model_a={a}", "--max_new_tokens=0"], "--max_new_tokens must be at least 1"),
+    (["--model_a={a}", "--template=chatml"], "--template=chatml: choose one of auto, plain, hh, alpaca"),
+    (["--model_a={a}", "--prompts=nowhere.jsonl"], "--prompts=nowhere.jsonl: not found"),
+])
+def test_bad_flags(flags, message, models, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the default --prompts is relative to the repository
+    with pytest.raises(InputError, match=re.escape(message)):
+        evaluate.main([f.format(a=models[0]) for f in flags])
+
+
+def test_oracle_refuses_prompts_outside_the_world(tmp_path, models):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Tell me a joke."}) + "\n")
+    with pytest.raises(InputError, match="--judge=oracle: the oracle judges the tiny world's prompts only"):
+        evaluate.main([f"--model_a={models[0]}", f"--model_b={models[1]}", f"--prompts={prompts}"])
+
+
+def test_command_line_errors_are_one_line(models):
+    proc = subprocess.run([sys.executable, "-m", "nanoalign.evaluate", f"--model_a={models[0]}", "--judge=nope"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --judge=nope: choose oracle or a reward model directory "
+                                                "(no such directory)"]
