@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoalign import dist, train, world
+from nanoalign import dist, train
 from nanoalign.checkpoint import resolve_dir
 from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
-from nanoalign.generate import generate
+from nanoalign.evaluate import evaluate_answers, sample_answers
 from nanoalign.model import ModelConfig, Transformer
-from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt
+from nanoalign.tokenizer import TEMPLATES, Tokenizer
 
 
 # --- config
@@ -193,29 +193,20 @@ def tiny_model(cfg: Config, tok: Tokenizer) -> Transformer:
     return model
 
 
-@torch.no_grad()
-def sample_answers(model, tok, cfg, d):
-    """Greedy answers to held-out prompts; for tiny-world prompts, the closed-ended accuracy by the oracle."""
-    if not cfg.eval_data or not Path(cfg.eval_data).exists():
+def final_eval(model, tok, cfg, d):
+    """Greedy answers to the held-out prompts, a few printed; the oracle's metrics on tiny-world prompts."""
+    if not cfg.eval_data:
         return None
-    model.eval()
-    prompts = read_jsonl(cfg.eval_data, required=("prompt",))
-    answers = []
-    for i in range(0, len(prompts), 32):
-        chunk = prompts[i:i + 32]
-        gen = generate(model, [encode_prompt(tok, p["prompt"], cfg.template) for p in chunk], 48,
-                       temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-        answers += [tok.decode(gen.response(j)).strip() for j in range(len(chunk))]
-    for p, a in list(zip(prompts, answers))[:cfg.num_samples]:
-        dist.print0(d, f"\n> {p['prompt']}\n  {a}\n  (reference: {p.get('reference', '-')})")
-    if not all(world.is_world_prompt(p["prompt"]) for p in prompts):
-        return None  # the oracle judges only its own world's prompts
-    closed = [(p["prompt"], a) for p, a in zip(prompts, answers) if p.get("qtype") == "CONSTRAINED"]
-    accuracy = sum(world.is_correct(p, a) for p, a in closed) / max(1, len(closed))
-    mean_quality = sum(world.quality(p["prompt"], a) for p, a in zip(prompts, answers)) / len(prompts)
-    dist.print0(d, f"\nclosed-ended accuracy (greedy, {len(closed)} held-out prompts): {accuracy:.1%}; "
-                   f"mean oracle quality over all {len(prompts)}: {mean_quality:.3f}")
-    return {"closed_accuracy": accuracy, "mean_quality": mean_quality, "n_closed": len(closed)}
+    records = read_jsonl(cfg.eval_data, required=("prompt",))
+    answers = sample_answers(model, tok, [r["prompt"] for r in records], cfg.template, max_new_tokens=48)
+    for r, a in list(zip(records, answers))[:cfg.num_samples]:
+        dist.print0(d, f"\n> {r['prompt']}\n  {a}\n  (reference: {r.get('reference', '-')})")
+    result = evaluate_answers(records, answers)
+    if result["closed_accuracy"] is not None:
+        dist.print0(d, f"\nclosed-ended accuracy (greedy, {result['n_closed']} held-out prompts): "
+                       f"{result['closed_accuracy']:.1%}; mean oracle quality over all {result['n']}: "
+                       f"{result['mean_quality']:.3f}")
+    return result
 
 
 def main(argv=None):
@@ -279,7 +270,7 @@ def main(argv=None):
 
     # --- save (done in the loop); sample answers from the final model
     if finished:
-        result = sample_answers(model, tok, cfg, d)
+        result = final_eval(model, tok, cfg, d)
         if result and d.is_main:
             (Path(cfg.out_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     dist.close(d)
