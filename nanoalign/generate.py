@@ -9,6 +9,17 @@ Prompts of different lengths are left-padded, so every row's next token sits in 
 count real tokens only (cumsum(mask) - 1) and pads are masked from attention, which makes each row's
 logits equal to those of the row run alone (tests/test_model.py pins this).
 
+PPO spends most of its time here, so a decode step does the model's arithmetic and little else. The
+outputs and the attention mask are allocated before the loop and a step fills one column of each; the
+rotary angles of every position are computed once. Each reduction over the vocabulary happens once per
+row (a log-prob is logit - logsumexp, not a full log_softmax). Sampling inverts the CDF with one random
+number per row, where torch.multinomial draws one per vocabulary entry (so a seed does not reproduce a
+multinomial sampler's tokens, only its distribution). The host reads the stopped flags only to end the
+loop early: every step on a CPU, every 16 steps on a GPU (where a read waits for the device), never
+without stop ids. The step itself, decode_step, reads and writes fixed buffers, so on a GPU it can be
+captured once as a CUDA graph and replayed (cuda_graph=True). On a CPU, at the benchmark's size, what
+remains is mostly matrix multiplication (python bench/bench_model.py --profile).
+
 For PPO the sampler returns the log-probability of each sampled token under softmax(logits / temperature)
 with nothing filtered: that is the distribution the trainer recomputes later. top-k / top-p change the
 sampling distribution, so a rollout that uses them no longer matches those log-probs
@@ -20,9 +31,8 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, rope_cos_sin
 
 
 @dataclass
@@ -89,60 +99,158 @@ def sampling_error(max_new_tokens: int, temperature: float, top_k: int | None, t
     return None
 
 
+def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
+    """logits (B, V) float -> next ids (B,) and their log-probs (B,) under softmax(logits / temperature).
+
+    The log-prob of the chosen id is its logit minus the logsumexp, computed once per row, never a
+    (B, V) log_softmax. Sampling is by inverse CDF: one uniform number per row, located in the running
+    sums of the probabilities. torch.multinomial instead draws one exponential number per vocabulary entry
+    and picks argmax p_i / q_i; those B x V draws cost more than the rest of a decode step on a CPU with
+    a 50k vocabulary, and multinomial reads a validity check back to the host (a stall on a GPU, and not
+    allowed inside a CUDA graph). So a seed gives other tokens than torch.multinomial would, drawn from
+    the same distribution (tests/test_sampler.py tests the distribution)."""
+    if temperature == 0:
+        nxt = logits.argmax(-1)
+        return nxt, logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
+    scaled = logits / temperature
+    filtering = (top_k is not None and top_k > 0) or (top_p is not None and top_p < 1.0)
+    kept = filter_logits(scaled, top_k, top_p) if filtering else scaled
+    top = kept.max(-1, keepdim=True).values  # (B, 1), also the max of scaled: every filter keeps the top id
+    # weights exp(x - top) in [0, 1]; running sums in float64, so that even the least likely ids keep an
+    # interval of their own width (float32 sums up to ~V would round away probabilities below ~1e-7)
+    cdf = (kept - top).exp().cumsum(-1, dtype=torch.float64)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1), >= 1: the top id weighs 1
+    # u uniform in (0, total]: the first running sum >= u is id i with probability w_i / total, and never an
+    # id of weight 0, whose running sum equals the one before it (so -inf logits are never drawn)
+    u = (1 - torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator)) * total
+    # the clamp only matters for NaN logits, which must not index out of range (generate refuses them later)
+    nxt = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)[:, 0]
+    # the normaliser of the unfiltered distribution: the PPO ratio is taken against it
+    lse = scaled.logsumexp(-1, keepdim=True) if filtering else top + total.log()
+    return nxt, (scaled.gather(-1, nxt[:, None]) - lse)[:, 0].float()
+
+
+def decode_step(model: Transformer, ids, pos, key_mask, cache: KVCache, write_at, cos_table, sin_table):
+    """Logits (B, V) for one new token per row: Transformer.forward for T = 1, with the per-step setup
+    taken out (the rotary angles are looked up in a table, the mask is a preallocated buffer).
+
+    ids, pos (B, 1): the tokens and their rotary positions. key_mask (B, 1, 1, S) bool, the cache columns
+    each row may attend to (None: all of them). write_at: this token's cache column, an int, or a
+    one-element tensor for the static-shape step of a CUDA graph (the cache is then attended whole).
+    cos_table, sin_table (L, R): rope_cos_sin for positions 0 .. L - 1."""
+    x = model.tok_emb(ids)  # (B, 1, C)
+    cos, sin = cos_table[pos][:, None], sin_table[pos][:, None]  # (B, 1, 1, R), as rope_cos_sin returns them
+    for block in model.layers:
+        x = block(x, cos, sin, key_mask, cache, write_at)
+    return model.lm_head(model.norm(x))[:, -1]  # (B, V)
+
+
+class GraphedDecodeStep:
+    """decode_step captured once as a CUDA graph and replayed at every step: one launch instead of a few
+    hundred small kernels, whose launch overhead dominates small-batch GPU decoding. Capture needs fixed
+    shapes and no host reads, so every input lives in a buffer updated in place between replays (ids,
+    pos, key_mask), the cache is attended whole with key_mask hiding the columns not written yet, and the
+    write column is a device tensor. Not exercised on a CPU-only machine: tests/test_sampler.py runs the
+    same static-shape step eagerly on the CPU, and compares graph and eager decoding where CUDA exists."""
+
+    def __init__(self, model, ids, pos, key_mask, cache, cos_table, sin_table, first_column: int):
+        self.write_at = torch.full((1,), first_column, dtype=torch.long, device=ids.device)
+        args = (model, ids, pos, key_mask, cache, self.write_at, cos_table, sin_table)
+        # warm up on a side stream before capturing (lazy initialisations must not happen during capture), as
+        # the torch.cuda.graph docs do; the warm-ups write the cache column that the first real step overwrites
+        # before anything attends to it
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                decode_step(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(*args)  # a static output buffer, refilled by every replay
+
+    def __call__(self, column: int):
+        self.write_at.fill_(column)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, stop_ids=(),
              pad_id: int = 0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             vocab_size: int | None = None, generator: torch.Generator | None = None) -> Generation:
+             vocab_size: int | None = None, generator: torch.Generator | None = None,
+             cuda_graph: bool = False) -> Generation:
     """Sample up to max_new_tokens for each prompt (lists of token ids); temperature 0 means greedy.
 
-    vocab_size: ids >= vocab_size are never sampled (Pythia's embedding is padded past its tokenizer)."""
+    vocab_size: ids >= vocab_size are never sampled (Pythia's embedding is padded past its tokenizer).
+    cuda_graph: on a CUDA device, replay each decode step as a captured CUDA graph (GraphedDecodeStep)."""
     if problem := sampling_error(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(problem)
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device, cfg = param.device, model.cfg
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, the model is on {device}")
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     B, P = prompt_ids.shape
-    if P + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the context length "
-                         f"{model.cfg.max_seq_len}")
-    cache = KVCache(model.cfg, B, P + max_new_tokens, device, next(model.parameters()).dtype)
+    N = max_new_tokens
+    L = P + N  # cache columns: the prompt, then one per generated token
+    if L > cfg.max_seq_len:
+        raise ValueError(f"prompt of {P} tokens + {N} new tokens exceeds the context length {cfg.max_seq_len}")
+    cache = KVCache(cfg, B, L, device, param.dtype)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    V = cfg.vocab_size if vocab_size is None else min(vocab_size, cfg.vocab_size)  # ids >= V are never looked at
 
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    # everything the loop writes is allocated once, here
+    tokens = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, N), dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    ids = torch.zeros((B, 1), dtype=torch.long, device=device)  # the decode step's input
+    # which cache columns each row attends to: its prompt tokens (not its pads), then every generated column,
+    # switched on one per step instead of concatenating a new mask every step
+    key_mask = torch.zeros((B, 1, 1, L), dtype=torch.bool, device=device)
+    key_mask[:, 0, 0, :P] = prompt_mask.bool()
+    # one host read before the loop: without padding no mask is needed, and attention takes its fast path
+    padded = bool((prompt_mask == 0).any())
+    # the rotary angles of every position this call can reach, computed once and looked up at each step
+    cos_table, sin_table = (t[0, 0] for t in rope_cos_sin(torch.arange(L, device=device)[None], cfg.rotary_dim,
+                                                          cfg.rope_base, param.dtype, cfg.rope_scaling))
 
-    # without padding the mask is all ones: pass None and let attention take its unmasked fast path
-    attn = prompt_mask if bool((prompt_mask == 0).any()) else None
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    logits = model(prompt_ids, attention_mask=attn, position_ids=positions, cache=cache, start_pos=0)[:, -1]
-    next_pos = positions[:, -1:] + 1  # (B, 1)
-    for t in range(max_new_tokens):
-        logits = logits.float()
-        if vocab_size is not None and vocab_size < logits.shape[-1]:
-            logits[:, vocab_size:] = float("-inf")
-        scaled = logits / temperature if temperature > 0 else logits
-        logp = F.log_softmax(scaled, dim=-1)  # (B, V)
-        if temperature > 0:
-            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            nxt = logits.argmax(-1)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
+    hidden = model(prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
+                   cache=cache, start_pos=0, return_hidden=True)
+    logits = model.lm_head(hidden[:, -1])  # (B, V): only the last prompt position predicts the first token
+    pos = positions[:, -1:] + 1  # (B, 1), advanced in place
+    step = GraphedDecodeStep(model, ids, pos, key_mask, cache, cos_table, sin_table, P) if cuda_graph else None
+    # reading `done` back stops the loop once every row has stopped; on a GPU that read waits for the device,
+    # so it happens every 16 steps there (the extra steps only write pads), and never without stop ids
+    check_every = 1 if device.type == "cpu" else 16
+    for t in range(N):
+        nxt, logp = sample_next(logits.float()[:, :V], temperature, top_k, top_p, generator)
         live = ~done
-        tokens[:, t] = torch.where(live, nxt, pad_id)
-        mask[:, t] = live.long()
-        logprobs[:, t] = torch.where(live, logp.gather(-1, nxt[:, None]).squeeze(-1), 0.0)
-        hit = live & torch.isin(nxt, stop)
-        stopped |= hit
-        done |= hit
-        if t == max_new_tokens - 1 or bool(done.all()):
+        tokens[:, t] = nxt.masked_fill(done, pad_id)
+        mask[:, t] = live
+        logprobs[:, t] = logp.masked_fill(done, 0.0)
+        if len(stop):
+            hit = live & (nxt[:, None] == stop).any(-1)
+            stopped |= hit
+            done |= hit
+        if t == N - 1 or (len(stop) and t % check_every == 0 and bool(done.all())):
             break
-        if attn is not None:
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        logits = model(tokens[:, t:t + 1], attention_mask=attn, position_ids=next_pos, cache=cache,
-                       start_pos=P + t)[:, -1]
-        next_pos = next_pos + 1
+        # the token just sampled sits at cache column P + t: visible from now on, for every row (a stopped
+        # row keeps decoding pads, whose outputs are masked)
+        key_mask[:, 0, 0, P + t] = True
+        ids.copy_(tokens[:, t:t + 1])
+        if step is not None:
+            logits = step(P + t)
+        else:  # the cache and the mask up to this column only: no work for the columns still empty
+            logits = decode_step(model, ids, pos, key_mask[..., :P + t + 1] if padded else None, cache, P + t,
+                                 cos_table, sin_table)
+        pos += 1
+    # a model that produced NaN or inf logits sampled garbage: refuse it (one host read, after the loop)
+    if not bool(logprobs.isfinite().all()):
+        raise ValueError("the model produced non-finite logits (NaN or inf) while sampling")
     return Generation(tokens, mask, logprobs, prompt_ids, prompt_mask, stopped)
 
 

@@ -127,8 +127,16 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
 
-    def update(self, layer: int, start: int, k, v):
-        """Write k, v (B, KV, T, D) at positions [start, start + T) and return everything up to there."""
+    def update(self, layer: int, start, k, v):
+        """Write k, v (B, KV, T, D) at positions [start, start + T) and return everything up to there.
+
+        start may instead be a one-element tensor holding the position (T = 1): the write then happens on
+        the device and the whole buffer is returned, the same shapes at every step, which is what a CUDA
+        graph needs (nanoalign/generate.py); the caller's mask must hide the positions not written yet."""
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")

@@ -1,0 +1,311 @@
+"""The fast sampler (nanoalign/generate.py) against the plain loop it replaced, kept below as the reference.
+
+The reference runs the model's forward through the KV cache one token at a time, concatenates the
+attention mask every step, takes a full log_softmax for the log-probs and checks for stopped rows every
+step. Greedy decoding must give the same tokens, masks, stop flags and log-probs on left-padded batches
+whose rows stop at different steps, in both model families.
+
+Sampling draws one uniform number per row and step and inverts the CDF, where torch.multinomial would
+draw one exponential number per vocabulary entry: the random stream is consumed differently, so a seed
+cannot reproduce a multinomial loop. Instead (1) the reference loop, given the same inverse-CDF draw written
+out naively, reproduces the sampled tokens exactly (this checks the loop: cache, positions, masks, stops),
+and (2) the distribution of the first sampled token over many rows matches softmax(logits / temperature)
+from a full forward, by a chi-square test (this checks the draw itself).
+"""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoalign.generate
+from nanoalign.generate import decode_step, filter_logits, generate, left_pad
+from nanoalign.model import KVCache, ModelConfig, Transformer, rope_cos_sin
+
+FAMILIES = {
+    "llama_gqa": dict(norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, rope_base=500.0),
+    "neox": dict(norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True, rotary_pct=0.25,
+                 parallel_residual=True, model_type="gpt_neox"),
+}
+ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20, 21, 22]]  # left-padded to 7
+
+
+def tiny(family, **kw):
+    torch.manual_seed(0)
+    base = dict(vocab_size=97, dim=32, n_layer=2, n_head=4, hidden_dim=64, max_seq_len=64)
+    model = Transformer(ModelConfig(**{**base, **FAMILIES[family], **kw}))
+    model.init_weights(std=0.3)  # large weights: peaked, position-sensitive distributions
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))  # non-trivial norm gains and biases
+    return model.eval()
+
+
+def naive_inverse_cdf(generator):
+    """The sampler's draw written plainly: one float64 uniform per row, the first id whose running sum of
+    probabilities reaches it."""
+    def draw(probs):  # (B, V)
+        cdf = probs.double().cumsum(-1)
+        u = (1 - torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator)) * cdf[:, -1:]
+        return (cdf < u).sum(-1)
+    return draw
+
+
+@torch.no_grad()
+def reference_generate(model, prompts, max_new_tokens, *, stop_ids=(), pad_id=0, temperature=1.0,
+                       vocab_size=None, draw=None):
+    """The sampling loop as first written (greedy when temperature is 0, else `draw(probs)` picks the ids)."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    B, P = prompt_ids.shape
+    cache = KVCache(model.cfg, B, P + max_new_tokens, "cpu", torch.float32)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.long)
+    logprobs = torch.zeros((B, max_new_tokens))
+    done = torch.zeros(B, dtype=torch.bool)
+    stopped = torch.zeros(B, dtype=torch.bool)
+    attn = prompt_mask if bool((prompt_mask == 0).any()) else None
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(prompt_ids, attention_mask=attn, position_ids=positions, cache=cache, start_pos=0)[:, -1]
+    next_pos = positions[:, -1:] + 1
+    for t in range(max_new_tokens):
+        logits = logits.float().clone()
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")
+        scaled = logits / temperature if temperature > 0 else logits
+        logp = F.log_softmax(scaled, dim=-1)
+        nxt = logits.argmax(-1) if temperature == 0 else draw(logp.exp())
+        for i in range(B):
+            if not done[i]:
+                tokens[i, t], mask[i, t], logprobs[i, t] = nxt[i], 1, logp[i, nxt[i]]
+                if int(nxt[i]) in stop_ids:
+                    stopped[i] = done[i] = True
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        if attn is not None:
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        logits = model(tokens[:, t:t + 1], attention_mask=attn, position_ids=next_pos, cache=cache,
+                       start_pos=P + t)[:, -1]
+        next_pos = next_pos + 1
+    return tokens, mask, logprobs, stopped
+
+
+def stop_steps(free, stops):
+    """The step at which each row of a free (stop-less) run meets a stop id, None if it never does."""
+    return [next((t for t, x in enumerate(row) if x in stops), None) for row in free.tolist()]
+
+
+def stop_ids_for(model, N):
+    """Two or three stop ids that end rows 0-2 of greedy decoding at three different steps (none at the
+    first) and never occur in the last row, which runs to N: the cases the mask bookkeeping must tell apart."""
+    free = reference_generate(model, ROWS, N, temperature=0.0)[0]
+    candidates = sorted(set(free[:-1].flatten().tolist()) - set(free[-1].tolist()))
+    for ids in itertools.chain(itertools.combinations(candidates, 2), itertools.combinations(candidates, 3)):
+        steps = stop_steps(free, ids)[:-1]
+        if None not in steps and len(set(steps)) == 3 and min(steps) > 0:
+            return list(ids)
+    raise AssertionError(f"no suitable stop ids in {free.tolist()}")
+
+
+def assert_same(gen, ref):
+    tokens, mask, logprobs, stopped = ref
+    assert gen.tokens.tolist() == tokens.tolist()
+    assert gen.mask.tolist() == mask.tolist()
+    assert gen.stopped.tolist() == stopped.tolist()
+    torch.testing.assert_close(gen.logprobs, logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_the_reference_loop_with_rows_stopping_at_different_steps(family):
+    model = tiny(family)
+    stops = stop_ids_for(model, 12)
+    gen = generate(model, ROWS, 12, stop_ids=stops, pad_id=0, temperature=0.0)
+    assert_same(gen, reference_generate(model, ROWS, 12, stop_ids=stops, pad_id=0, temperature=0.0))
+    assert gen.stopped.tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_without_padding_or_stop_ids_equals_the_reference_loop(family):
+    model = tiny(family)
+    rows = [[3, 4, 5, 6], [7, 8, 9, 10]]
+    assert_same(generate(model, rows, 20, temperature=0.0), reference_generate(model, rows, 20, temperature=0.0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seeded_sampling_equals_the_reference_loop_drawing_the_same_way(family):
+    model = tiny(family)
+    stops = stop_ids_for(model, 12)
+    gen = generate(model, ROWS, 12, stop_ids=stops, pad_id=0, temperature=0.7, vocab_size=90,
+                   generator=torch.Generator().manual_seed(3))
+    ref = reference_generate(model, ROWS, 12, stop_ids=stops, pad_id=0, temperature=0.7, vocab_size=90,
+                             draw=naive_inverse_cdf(torch.Generator().manual_seed(3)))
+    assert_same(gen, ref)
+    assert len(set(gen.tokens[:, 0].tolist())) > 1  # sampled, not a constant
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_equal_a_full_forward_at_temperature(family):
+    model = tiny(family)
+    gen = generate(model, ROWS, 10, stop_ids=stop_ids_for(model, 10), pad_id=0, temperature=0.7,
+                   generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(gen.sequences, attention_mask=gen.attention_mask)
+    P = gen.prompt_ids.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1:-1] / 0.7, -1).gather(-1, gen.tokens[..., None])[..., 0]
+    torch.testing.assert_close(logp * gen.mask, gen.logprobs, atol=1e-5, rtol=0)
+
+
+def test_mask_and_stop_semantics():
+    model = tiny("neox")
+    free = generate(model, ROWS, 12, temperature=0.0)
+    stops = stop_ids_for(model, 12)
+    gen = generate(model, ROWS, 12, stop_ids=stops, pad_id=0, temperature=0.0)
+    for i, step in enumerate(stop_steps(free.tokens, stops)):
+        n = 12 if step is None else step + 1  # the stop token itself is part of the response
+        assert gen.stopped[i].item() == (step is not None)
+        assert gen.mask[i].tolist() == [1] * n + [0] * (12 - n)
+        assert gen.tokens[i, :n].tolist() == free.tokens[i, :n].tolist() == gen.response(i)
+        assert gen.tokens[i, n:].eq(0).all() and gen.logprobs[i, n:].eq(0).all()
+        torch.testing.assert_close(gen.logprobs[i, :n], free.logprobs[i, :n], atol=1e-6, rtol=0)
+
+
+def test_the_loop_ends_once_every_row_has_stopped(monkeypatch):
+    model = tiny("llama_gqa")
+    free = generate(model, [[5, 6, 7], [8, 9]], 12, temperature=0.0)
+    stops = [free.tokens[0, 1].item(), free.tokens[1, 2].item()]  # every row is done by step 2
+    calls = []
+
+    def counting_step(*args):
+        calls.append(1)
+        return decode_step(*args)
+
+    monkeypatch.setattr(nanoalign.generate, "decode_step", counting_step)
+    gen = generate(model, [[5, 6, 7], [8, 9]], 12, stop_ids=stops, temperature=0.0)
+    last = int(gen.mask.sum(1).max())
+    assert gen.stopped.all() and last <= 3
+    assert len(calls) == last - 1  # one forward per token after the first, none once all rows stopped
+
+
+def chi_square(counts, probs, n):
+    """Pearson's statistic and its degrees of freedom, bins with an expected count under 5 pooled."""
+    expected = probs * n
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+
+def first_token_counts(model, n, **kw):
+    gen = generate(model, [[5, 6, 7]] * n, 1, generator=torch.Generator().manual_seed(11), **kw)
+    return torch.bincount(gen.tokens[:, 0], minlength=model.cfg.vocab_size).double(), gen
+
+
+def reject_level(dof):
+    return dof + 6 * math.sqrt(2 * dof)  # six standard deviations above the statistic's mean
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_token_distribution_is_softmax_of_logits_over_temperature(family):
+    model = tiny(family)
+    n = 20000
+    counts, gen = first_token_counts(model, n, temperature=0.7)
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7]]))[0, -1].double()
+    probs = torch.softmax(logits / 0.7, -1)
+    assert (probs > 1e-3).sum() >= 10  # a spread-out distribution, not a near-argmax
+    stat, dof = chi_square(counts, probs, n)
+    assert stat < reject_level(dof), (stat, dof)
+    # the test has power: the same counts are rejected against the distribution at temperature 1
+    wrong, dof_w = chi_square(counts, torch.softmax(logits, -1), n)
+    assert wrong > reject_level(dof_w), (wrong, dof_w)
+    # and every sampled id's log-prob is the one of that distribution
+    torch.testing.assert_close(gen.logprobs[:, 0].double(), probs.log()[gen.tokens[:, 0]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.6), dict(top_k=8, top_p=0.8)])
+def test_top_k_and_top_p_sample_the_filtered_distribution(kw):
+    model = tiny("llama_gqa")
+    n = 20000
+    counts, gen = first_token_counts(model, n, temperature=0.7, **kw)
+    with torch.no_grad():
+        scaled = model(torch.tensor([[5, 6, 7]]))[0, -1].double() / 0.7
+    kept = filter_logits(scaled[None], kw.get("top_k"), kw.get("top_p"))[0]
+    allowed = torch.isfinite(kept)
+    assert 1 < int(allowed.sum()) < 20
+    assert counts[~allowed].sum() == 0  # nothing outside the filter, ever
+    stat, dof = chi_square(counts, torch.softmax(kept, -1), n)
+    assert stat < reject_level(dof), (stat, dof)
+    # the log-probs stay those of the unfiltered distribution (what the PPO trainer recomputes)
+    full = torch.log_softmax(scaled, -1)[gen.tokens[:, 0]]
+    torch.testing.assert_close(gen.logprobs[:, 0].double(), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ids_past_the_vocab_limit_are_never_produced(temperature):
+    model = tiny("neox")
+    with torch.no_grad():  # the padded ids get logit 100 * 10, the others stay small
+        model.norm.weight[0], model.norm.bias[0] = 0.0, 10.0
+        model.lm_head.weight[90:] = 0.0
+        model.lm_head.weight[90:, 0] = 100.0
+        assert model(torch.tensor([[1, 2, 3]]))[0, -1].argmax() >= 90
+    gen = generate(model, [[1, 2, 3]] * 16, 8, temperature=temperature, vocab_size=90,
+                   generator=torch.Generator().manual_seed(0))
+    assert gen.tokens.max() < 90
+    ref = reference_generate(model, [[1, 2, 3]] * 16, 8, temperature=temperature, vocab_size=90,
+                             draw=naive_inverse_cdf(torch.Generator().manual_seed(0)))
+    assert_same(gen, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_shape_step_equals_the_forward(family):
+    # the step a CUDA graph captures, run eagerly: the write column is a tensor, the whole cache is attended
+    # and the mask hides the columns not written yet; its logits must be the full forward's
+    model = tiny(family)
+    ids, mask = left_pad(ROWS, pad_id=0)
+    B, P = ids.shape
+    new = torch.randint(1, 97, (B, 4), generator=torch.Generator().manual_seed(0))
+    L = P + new.shape[1]
+    cfg = model.cfg
+    with torch.no_grad():
+        full = model(torch.cat([ids, new], 1), attention_mask=torch.cat([mask, torch.ones_like(new)], 1))
+        cache = KVCache(cfg, B, L, "cpu", torch.float32)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(ids, attention_mask=mask, position_ids=positions, cache=cache)
+        key_mask = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+        key_mask[:, 0, 0, :P] = mask.bool()
+        cos, sin = (t[0, 0] for t in rope_cos_sin(torch.arange(L)[None], cfg.rotary_dim, cfg.rope_base,
+                                                  torch.float32, cfg.rope_scaling))
+        pos = positions[:, -1:] + 1
+        for t in range(new.shape[1]):
+            key_mask[:, 0, 0, P + t] = True
+            logits = decode_step(model, new[:, t:t + 1], pos, key_mask, cache, torch.tensor([P + t]), cos, sin)
+            torch.testing.assert_close(logits, full[:, P + t], atol=1e-5, rtol=1e-5)
+            pos += 1
+
+
+def test_non_finite_logits_are_refused():
+    model = tiny("llama_gqa")
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match="non-finite logits"):
+            generate(model, [[1, 2, 3]], 4, temperature=temperature, generator=torch.Generator().manual_seed(0))
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        generate(tiny("llama_gqa"), [[1, 2, 3]], 4, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_replay_equals_the_eager_loop(family):
+    model = tiny(family).cuda()
+    stops = stop_ids_for(model.cpu(), 12)
+    model.cuda()
+    kw = dict(stop_ids=stops, pad_id=0, temperature=0.0)
+    eager, graphed = generate(model, ROWS, 12, **kw), generate(model, ROWS, 12, cuda_graph=True, **kw)
+    assert graphed.tokens.tolist() == eager.tokens.tolist() and graphed.mask.tolist() == eager.mask.tolist()
+    torch.testing.assert_close(graphed.logprobs, eager.logprobs, atol=1e-4, rtol=0)
