@@ -61,7 +61,7 @@ class Config:
     stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
     batch_size: int = 32        # pairs per optimizer step, summed over ranks
     micro_batch_size: int = 16  # pairs per forward on one rank (2x rows: chosen and rejected)
-    lr: float = 3e-4            # peak learning rate (use ~1e-5 for a real 7B model)
+    lr: float = 1e-3            # peak learning rate (tiny world: 1e-3 beat 3e-4; use ~1e-5 for a real 7B model)
     min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10      # linear warmup steps
     weight_decay: float = 0.0   # AdamW decay on matrices (never on norms and biases)

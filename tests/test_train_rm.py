@@ -175,6 +175,26 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_default_init_is_trained_first_with_train_sft(init_dir, files, tmp_path, monkeypatch, capsys):
+    import train_sft
+
+    calls = []
+
+    def fake_sft(argv):  # stands in for the minutes of the real one: leaves a checkpoint where it would
+        calls.append(argv)
+        shutil.copytree(init_dir, tmp_path / "out" / "sft" / "model")
+
+    monkeypatch.setattr(train_sft, "main", fake_sft)
+    monkeypatch.chdir(tmp_path)
+    small = args(init_dir, files, tmp_path / "rm", "--steps=1")[1:]  # every flag but --init
+    train_rm.main(small)
+    assert calls == [["--device=cpu"]]
+    assert "out/sft/model not found: training the tiny SFT model first" in capsys.readouterr().out
+    assert (tmp_path / "rm" / "model" / "model.safetensors").exists()
+    train_rm.main(small)  # now it is there
+    assert len(calls) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, files, tmp_path):
