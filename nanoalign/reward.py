@@ -8,8 +8,8 @@
 r(x, y) = w . h_last + offset, where h_last is the final hidden state (after the final norm) at the last real
 token of prompt + response: the EOS when the response ended. Trained on pairs with the Bradley-Terry loss
 -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (Ouyang et al. 2022, "Training language models to follow
-instructions with human feedback"; losses.bt_loss). The head starts as w ~ N(0, std = 1/sqrt(d + 1)), as in
-Stiennon et al. 2020 / Ziegler et al. 2019, so the first scores are of order 1 whatever the width.
+instructions with human feedback"; losses.bt_loss). The head starts as w ~ N(0, std = 1/sqrt(d + 1)): with
+normalised hidden states the first scores are of order 1 whatever the width d.
 
 Decisions and gotchas (docs/methods.md "## 2. Reward model"):
 - The score is read at the last position where attention_mask == 1, so the same sequence scores the same
@@ -17,8 +17,8 @@ Decisions and gotchas (docs/methods.md "## 2. Reward model"):
   it at the last column of a right-padded batch: that is a pad.
 - The offset is a constant added to every score and never trained (the Bradley-Terry loss only sees
   differences, so it cannot learn one). After training it is set so that the mean score of the SFT reference
-  answers is 0 ("normalise on demonstrations"): then a score > 0 means "better than a demonstration", and a fixed
-  penalty for a response with no EOS (e.g. -1 in PPO) has a known scale. It is saved in config.json as
+  answers is 0 ("normalise on demonstrations"): a score > 0 means "better than the average demonstration", and
+  a fixed penalty for a response with no EOS (e.g. -1 in PPO) has a known scale. It is saved in config.json as
   "nanoalign_reward_offset"; transformers does not know it (its scores are ours minus the offset).
 - transformers' *ForSequenceClassification finds "the last token" differently: the rightmost token that is not
   pad_token_id. So config.json must carry the tokenizer's pad id (write_pretrained does when given the
@@ -157,8 +157,9 @@ class RewardModel(nn.Module):
 
     def write_pretrained(self, out_dir, tokenizer=None, state_dict: dict | None = None) -> Path:
         """config.json + model.safetensors (+ the tokenizer) in transformers' sequence-classification layout,
-        into the existing directory out_dir. Not atomic: save_pretrained (or train.save_checkpoint) wraps it.
-        state_dict: the full state (names as in self.state_dict()) to write instead, e.g. gathered from FSDP."""
+        into the existing directory out_dir, one safetensors file (not sharded). Not atomic: save_pretrained (or
+        train.save_checkpoint) wraps it. state_dict: the full state to write instead (names as in
+        self.state_dict()), e.g. gathered from FSDP shards."""
         out_dir = Path(out_dir)
         state = state_dict if state_dict is not None else self.state_dict()
         trunk = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
