@@ -14,15 +14,17 @@ BENCHES = sorted((ROOT / "bench").glob("bench_*.py"))
 
 
 def test_every_benchmark_is_covered():
-    assert [b.name for b in BENCHES] == ["bench_model.py", "bench_sft.py"]  # a new benchmark joins this list
+    assert [b.name for b in BENCHES] == ["bench_dpo.py", "bench_model.py", "bench_sft.py"]  # a new benchmark joins this list
 
 
 @pytest.mark.parametrize("script", BENCHES, ids=lambda p: p.name)
 def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
-    reference("transformers")  # every benchmark measures against transformers
+    reference("transformers")  # every benchmark measures against transformers (bench_dpo: TRL on top of it)
+    if script.name == "bench_dpo.py":
+        reference("trl")
     proc = subprocess.run([sys.executable, str(script), "--quick", "--threads=1"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each prints at least one ratio against its peer measured in the same run
-    ratios = re.findall(r"ratio nanoalign/transformers = ([0-9.]+)x", proc.stdout)
+    ratios = re.findall(r"ratio nanoalign/(?:transformers|trl) = ([0-9.]+)x", proc.stdout)
     assert ratios and all(float(r) > 0 for r in ratios), proc.stdout[-2000:]
