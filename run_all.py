@@ -1,0 +1,109 @@
+"""The whole tiny pipeline from nothing, in one command: world data -> pretrain -> SFT -> reward model ->
+PPO and DPO -> evaluation of each aligned model against the SFT model, ending with a summary table.
+
+    python run_all.py                        # everything under out/, ~20-30 minutes on a 2-core laptop CPU
+    python run_all.py --out=runs/seed1 --seed=1
+    python run_all.py --device=cuda          # the same recipe on a GPU
+
+Run it from the repository root: the stages read the tiny world's data/ files by their default relative paths.
+Resumable: a stage whose result (its eval.json) exists is skipped, and a stage that was interrupted after a
+checkpoint continues from it (--resume). Each stage is the flat script of the same name, run with its own
+defaults and this run's paths; read those scripts for the recipes. The final table compares PPO and DPO with
+the SFT model on the held-out prompts (data/prompts_test.jsonl), greedy decoding, judged by the world's
+oracle: win rate against SFT (ties count half), mean oracle quality, closed-ended accuracy, ROUGE-L against the
+references, the fraction of answers that copy the prompt, and the mean answer length.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import train_dpo
+import train_ppo
+import train_rm
+import train_sft
+from nanoalign import evaluate, train, world
+from nanoalign.cli import InputError, check_non_negative, parse_config, run
+
+
+# --- config
+@dataclass
+class Config:
+    out: str = "out"            # every stage writes out/<stage>/ (base, sft, rm, ppo, dpo) and out/summary.md
+    seed: int = 0               # passed to every stage
+    device: str = "cpu"         # cpu or cuda
+    limit: int = 0              # evaluate on the first N held-out prompts only (0: all 300)
+
+
+def stage_args(cfg: Config, stage: str) -> list[str]:
+    """The flags of one stage: its own defaults (the tiny world's data/ files), with this run's paths, seed and
+    device."""
+    out = Path(cfg.out)
+    return [f"--seed={cfg.seed}", f"--device={cfg.device}"] + {
+        "sft": [f"--base_dir={out / 'base'}", f"--out_dir={out / 'sft'}"],
+        "rm": [f"--init={out / 'sft' / 'model'}", f"--out_dir={out / 'rm'}"],
+        "ppo": [f"--init={out / 'sft' / 'model'}", f"--reward_model={out / 'rm' / 'model'}", f"--out_dir={out / 'ppo'}"],
+        "dpo": [f"--init={out / 'sft' / 'model'}", f"--out_dir={out / 'dpo'}"],
+    }[stage]
+
+
+def run_stage(cfg: Config, stage: str, script) -> None:
+    run_dir = Path(cfg.out) / stage
+    if (run_dir / "eval.json").exists():
+        print(f"[{stage}] done already ({run_dir / 'eval.json'}): skipped", flush=True)
+        return
+    argv = stage_args(cfg, stage)
+    ckpt = run_dir / "model" / train.STATE_FILE
+    if ckpt.exists() or (stage == "sft" and (Path(cfg.out) / "base" / "model" / train.STATE_FILE).exists()):
+        argv.append("--resume")  # interrupted earlier: continue from its checkpoint
+    print(f"\n[{stage}] python {Path(script.__file__).name} {' '.join(argv)}", flush=True)
+    t0 = time.time()
+    script.main(argv)
+    print(f"[{stage}] finished in {time.time() - t0:.0f} s", flush=True)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    check_non_negative(cfg, "limit")
+    if cfg.device not in ("cpu", "cuda"):
+        raise InputError(f"--device={cfg.device}: choose cpu or cuda")
+    t0 = time.time()
+
+    # --- data: the tiny world, rebuilt byte for byte from its seed when missing
+    if not (train.REPO_ROOT / "data" / "world.json").exists():
+        print("[data] building the tiny world in data/", flush=True)
+        world.build(str(train.REPO_ROOT / "data"))
+
+    # --- models: each stage is its script, run with its defaults
+    for stage, script in (("sft", train_sft), ("rm", train_rm), ("ppo", train_ppo), ("dpo", train_dpo)):
+        run_stage(cfg, stage, script)
+
+    # --- evaluation: each aligned model against the SFT model, same prompts, same judge
+    out = Path(cfg.out)
+    rows = {}
+    for stage in ("ppo", "dpo"):
+        result = evaluate.main([f"--model_a={out / stage / 'model'}", f"--model_b={out / 'sft' / 'model'}",
+                                f"--limit={cfg.limit}",
+                                f"--device={cfg.device}", f"--out={out / stage / 'vs_sft.json'}"])
+        rows[stage.upper()] = {**result["metrics"]["A"], "win_rate": result["comparison"]["win_rate"]}
+        rows.setdefault("SFT", {**result["metrics"]["B"], "win_rate": 0.5})
+
+    # --- save: the summary table
+    columns = [("win_rate", "win rate vs SFT", ".3f"), ("mean_quality", "oracle quality", ".3f"),
+               ("closed_accuracy", "closed-ended acc.", ".1%"), ("rouge_l", "ROUGE-L", ".3f"),
+               ("copy_rate", "copies prompt", ".1%"), ("mean_words", "words", ".1f")]
+    lines = ["| model | " + " | ".join(c[1] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in ("SFT", "PPO", "DPO"):
+        lines.append(f"| {name} | " + " | ".join("-" if rows[name][k] is None else format(rows[name][k], f)
+                                                  for k, _, f in columns) + " |")
+    table = "\n".join(lines)
+    (out / "summary.md").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\n{table}\n\nsummary in {out / 'summary.md'}; whole pipeline {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    run(main, sys.argv[1:])

@@ -1,0 +1,63 @@
+"""run_all.py: the stages run in order with this run's paths, a finished stage is skipped, an interrupted one
+resumes, and the summary table holds every model. The stages themselves are tested in their own files; here
+they are replaced by recorders so the chaining logic is tested in seconds."""
+import json
+from pathlib import Path
+
+import pytest
+
+import run_all
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls = []
+    for stage, module in (("sft", run_all.train_sft), ("rm", run_all.train_rm), ("ppo", run_all.train_ppo),
+                          ("dpo", run_all.train_dpo)):
+        def fake_main(argv, stage=stage):
+            calls.append((stage, argv))
+            out = Path(next(a for a in argv if a.startswith("--out_dir=")).split("=", 1)[1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text("{}")
+        monkeypatch.setattr(module, "main", fake_main)
+
+    def fake_evaluate(argv):
+        model_a = next(a for a in argv if a.startswith("--model_a=")).split("=", 1)[1]
+        quality = {"ppo": 0.8, "dpo": 0.75}[Path(model_a).parent.name]
+        metric = lambda q: {"mean_quality": q, "closed_accuracy": q, "rouge_l": None, "copy_rate": 0.0,  # noqa: E731
+                            "mean_words": 7.0}
+        calls.append(("evaluate", argv))
+        return {"metrics": {"A": metric(quality), "B": metric(0.7)}, "comparison": {"win_rate": quality - 0.1}}
+    monkeypatch.setattr(run_all.evaluate, "main", fake_evaluate)
+    return calls
+
+
+def test_stages_run_in_order_then_are_skipped(tmp_path, recorded):
+    run_all.main([f"--out={tmp_path}/run", "--seed=3"])
+    assert [c[0] for c in recorded] == ["sft", "rm", "ppo", "dpo", "evaluate", "evaluate"]
+    sft_argv = dict(a.split("=", 1) for a in recorded[0][1])
+    assert sft_argv["--base_dir"] == f"{tmp_path}/run/base" and sft_argv["--seed"] == "3"
+    ppo_argv = dict(a.split("=", 1) for a in recorded[2][1])
+    assert ppo_argv["--init"] == f"{tmp_path}/run/sft/model" and ppo_argv["--reward_model"] == f"{tmp_path}/run/rm/model"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["PPO"]["win_rate"] == pytest.approx(0.7) and summary["SFT"]["win_rate"] == 0.5
+    table = (tmp_path / "run" / "summary.md").read_text()
+    assert "| PPO | 0.700 | 0.800 | 80.0% | - | 0.0% | 7.0 |" in table
+    recorded.clear()
+    run_all.main([f"--out={tmp_path}/run"])  # everything done: only the evaluation runs again
+    assert [c[0] for c in recorded] == ["evaluate", "evaluate"]
+
+
+def test_an_interrupted_stage_resumes(tmp_path, recorded):
+    ckpt = tmp_path / "run" / "rm" / "model"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_state.pt").write_bytes(b"")
+    run_all.main([f"--out={tmp_path}/run"])
+    rm_argv = next(argv for stage, argv in recorded if stage == "rm")
+    sft_argv = next(argv for stage, argv in recorded if stage == "sft")
+    assert "--resume" in rm_argv and "--resume" not in sft_argv
+
+
+def test_bad_flags(tmp_path):
+    with pytest.raises(ValueError, match="--device=tpu"):
+        run_all.main([f"--out={tmp_path}", "--device=tpu"])
