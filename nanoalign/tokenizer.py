@@ -26,6 +26,8 @@ from pathlib import Path
 
 import tokenizers
 
+from .checkpoint import read_json
+
 # Where from_dir looks for special tokens, first match wins. The first two give token strings,
 # the last two give ids.
 _TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -134,17 +136,7 @@ class Tokenizer:
 
 def _read_json(path: Path) -> dict:
     """A config file's JSON object, {} when the file is absent; an error names the file, line and column."""
-    if not path.is_file():
-        return {}
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
-    return obj
+    return read_json(path) if path.is_file() else {}
 
 
 def _as_list(x) -> list:
