@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoalign import dist, train
+from nanoalign import dist, hbat, train
 from nanoalign.checkpoint import resolve_dir
 from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
@@ -135,46 +135,59 @@ def check_config(cfg: Config) -> None:
     train.check_files(cfg, "data", "val_data", "eval_data")
 
 
-# --- the training loop (used for both pretraining and SFT)
+# --- the training loop (pretraining, SFT, and the SFT stages of Hbat in train_dpo.py / train_ppo.py)
 def fit(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokenizer, rows, val_rows, run_dir: Path,
         state: dict | None, steps: int, peak_lr: float):
-    if cfg.batch_size % d.world_size:
-        raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
+    """A whole run: the schedule of one stage."""
     if not rows:
         raise InputError(f"[{phase}] no training examples left after tokenizing (see the counts above)")
     ckpt = run_dir / "model"
     model = train.place(model, d)
+    log = train.MetricsLog(run_dir / "metrics.jsonl", d, state["step"] if state else 0)
+    stage = hbat.Stage(0, phase, 0, steps, ckpt=ckpt, log=log, state=state, stop_at=cfg.stop_at, config=cfg)
+    sft_stage(cfg, d, phase, model, tok, rows, val_rows, stage, peak_lr)
+    dist.print0(d, f"[{phase}] saved {ckpt} (step {stage.last}/{steps}); metrics in {log.path}")
+    return model, stage.last == steps
+
+
+def sft_stage(cfg: Config, d: dist.Dist, phase: str, model, tok: Tokenizer, rows, val_rows, stage: hbat.Stage,
+              peak_lr: float, penalty_fn=None) -> dict:
+    """Train the placed model on rows for stage.steps optimizer steps (from stage.start when resumed, to
+    stage.last), with a fresh AdamW and learning-rate schedule; in a Hbat stage, penalty_fn is its EWC penalty,
+    backpropagated once a step beside the token-mean loss. Returns the last step's record."""
+    if cfg.batch_size % d.world_size:
+        raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
     opt = train.adamw(model, peak_lr, cfg.weight_decay)
-    start = train.restore(state, {"model": (model, opt)}, d)
-    if state:
-        dist.print0(d, f"[{phase}] resumed from {ckpt} at step {start}")
-    log = train.MetricsLog(run_dir / "metrics.jsonl", d, start)
+    start = stage.restore({"model": (model, opt)}, d)
+    if start:
+        dist.print0(d, f"[{phase}] resumed from {stage.ckpt} at step {stage.offset + start}")
     amp = train.autocast(d, cfg.dtype)
-    last = min(steps, cfg.stop_at) if cfg.stop_at else steps
-    bar = train.progress(range(start, last), phase, d)
-    t0, tokens_seen = time.time(), 0
+    bar = train.progress(range(start, stage.last), phase, d)
+    t0, tokens_seen, record = time.time(), 0, {}
     for step in bar:
-        lr = train.lr_at(step, steps, peak_lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = train.lr_at(step, stage.steps, peak_lr, cfg.warmup_steps, cfg.min_lr_ratio)
         train.set_lr(opt, lr)
         mine = train.rank_share([rows[i] for i in train.batch_indices(step, len(rows), cfg.batch_size, cfg.seed)], d)
+        penalty = hbat.step_penalty(penalty_fn)  # Hbat: the EWC penalty at the weights the step starts from
         loss_sum, n_tokens = sft_gradients(model, mine, cfg.micro_batch_size, d, tok.pad_id, amp)
         loss = (dist.all_reduce_sum(loss_sum, d) / n_tokens).item()
-        grad_norm = train.optimizer_step(model, opt, step=step + 1, loss=loss, grad_clip=cfg.grad_clip, d=d, what=phase)
+        grad_norm = train.optimizer_step(model, opt, step=stage.offset + step + 1, loss=loss + (penalty or 0.0),
+                                         grad_clip=cfg.grad_clip, d=d, what=phase)
 
         tokens_seen += int(n_tokens.item())
-        record = {"phase": phase, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": int(n_tokens.item()), "tok_per_s": tokens_seen / (time.time() - t0)}
-        if val_rows and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+        record = {**stage.record(step + 1), "phase": phase, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": int(n_tokens.item()), "tok_per_s": tokens_seen / (time.time() - t0),
+                  **hbat.ewc_record(stage, penalty, loss)}
+        if val_rows and ((step + 1) % cfg.eval_every == 0 or step + 1 == stage.steps):
             record["eval_loss"] = eval_loss(model, val_rows, cfg, d, tok.pad_id, amp)
-            dist.print0(d, f"\n[{phase}] step {step + 1}: loss {loss:.4f} eval_loss {record['eval_loss']:.4f}")
-        log.log(record)
+            dist.print0(d, f"\n[{phase}] step {stage.offset + step + 1}: loss {loss:.4f} "
+                           f"eval_loss {record['eval_loss']:.4f}")
+        stage.log.log(record)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        if train.should_save(step + 1, cfg.save_every, last):
-            train.save_checkpoint(ckpt, d, step + 1, {"model": (model, opt)}, tokenizer=tok, extra={"phase": phase},
-                                  config=cfg)
+        if train.should_save(step + 1, cfg.save_every, stage.last):
+            stage.save(d, step + 1, {"model": (model, opt)}, tokenizer=tok, extra={"phase": phase})
     bar.close()
-    dist.print0(d, f"[{phase}] saved {ckpt} (step {last}/{steps}); metrics in {log.path}")
-    return model, last == steps
+    return record
 
 
 def eval_loss(model, rows, cfg, d, pad_id, amp) -> float:

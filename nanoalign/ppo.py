@@ -37,7 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import dist, train, world
+from . import dist, hbat, train, world
 from .generate import generate, left_pad
 from .losses import (entropy_from_logits, explained_variance, gae, logprobs_from_logits, masked_mean,
                      ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
@@ -175,6 +175,19 @@ def sample_rollouts(policy, prompts: list[list[int]], *, step: int, seed: int, g
                           "tokens": gen.tokens, "mask": gen.mask, "sampler_logprobs": gen.logprobs,
                           "stopped": gen.stopped})
     return cat_rows(parts, tok.pad_id)
+
+
+def answer_rows(policy, prompts: list[list[int]], *, tok, max_new_tokens: int, temperature: float, seed: int,
+                d: dist.Dist, amp) -> list[dict]:
+    """Answers the policy samples to prompts (token ids) as SFT-style rows, {"ids": prompt + answer, "mask": 1 on
+    the answer and its stop token}: what Hbat's Fisher EWC scores for a PPO stage, whose data is prompts alone.
+    One generator seeded with `seed` and the whole model on every rank: every rank gets the same rows."""
+    with gathered_for_generation(policy, d), amp:
+        gen = generate(policy, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                       temperature=temperature, vocab_size=tok.vocab_size,
+                       generator=torch.Generator(d.device).manual_seed(seed))
+    return [{"ids": p + gen.response(j), "mask": [0] * len(p) + [1] * len(gen.response(j))}
+            for j, p in enumerate(prompts)]
 
 
 def collate(prompts: list[list[int]], tokens, mask, pad_id: int):
@@ -329,13 +342,15 @@ def minibatch_loss(mb: dict, policy, critic, *, update_policy: bool, temperature
 
 def update(batch: dict, policy, critic, policy_opt, critic_opt, *, step: int, seed: int, ppo_epochs: int,
            mini_batch_size: int, micro_batch_size: int, update_policy: bool, grad_clip: float, d: dist.Dist,
-           **loss_kwargs) -> dict:
+           penalty_fn=None, **loss_kwargs) -> dict:
     """ppo_epochs passes over the global batch in shuffled minibatches (the order a pure function of (seed, step,
     epoch)), one optimizer step of each model per minibatch. Every rank holds the whole batch and trains on its
-    share of each minibatch; update_policy=False (the value warm-up) trains the critic alone.
-    Returns the token-weighted means of STAT_NAMES over every minibatch."""
+    share of each minibatch; update_policy=False (the value warm-up) trains the critic alone. penalty_fn: a Hbat
+    stage's EWC penalty on the policy, backpropagated once before each policy step (hbat.step_penalty).
+    Returns the token-weighted means of STAT_NAMES over every minibatch (and "penalty", the mean penalty)."""
     R = len(batch["prompt"])
     totals = torch.zeros(len(STAT_NAMES) + 1, device=d.device)  # stat sums and the token count
+    penalties = []
     models = [policy, critic] if update_policy else [critic]
     for epoch in range(ppo_epochs):
         order = torch.randperm(R, generator=torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + epoch))
@@ -352,16 +367,20 @@ def update(batch: dict, policy, critic, policy_opt, critic_opt, *, step: int, se
                 return loss
 
             mine = train.rank_share(rows.tolist(), d)
+            penalty = hbat.step_penalty(penalty_fn if update_policy else None)
             train.accumulate_gradients(models, train.micro_batches(mine, micro_batch_size), loss_fn, n_tokens, d)
             sums = dist.all_reduce_sum(sums, d)
             means = (sums / n_tokens).tolist()
             if update_policy:
-                train.optimizer_step(policy, policy_opt, step=step + 1, loss=means[0], grad_clip=grad_clip, d=d,
-                                     what="policy")
+                train.optimizer_step(policy, policy_opt, step=step + 1, loss=means[0] + (penalty or 0.0),
+                                     grad_clip=grad_clip, d=d, what="policy")
+            if penalty is not None:
+                penalties.append(penalty)
             train.optimizer_step(critic, critic_opt, step=step + 1, loss=means[1], grad_clip=grad_clip, d=d,
                                  what="critic")
             totals += torch.cat([sums, n_tokens[None]])
-    return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(STAT_NAMES)}
+    out = {name: (totals[i] / totals[-1]).item() for i, name in enumerate(STAT_NAMES)}
+    return {**out, "penalty": sum(penalties) / len(penalties)} if penalties else out
 
 
 # --- prompts and held-out evaluation
