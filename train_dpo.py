@@ -11,10 +11,13 @@ log-ratio margin over the frozen reference pi_ref (the SFT model it starts from)
 With no arguments: DPO from the tiny SFT model (out/sft/model, trained first if missing) on
 data/prefs_train.jsonl, held-out metrics on data/prefs_val.jsonl, then greedy answers of the DPO and the SFT
 model to data/prompts_test.jsonl judged by the world's oracle: win rate and mean quality (out/dpo/eval.json).
+--schedule=alternating is Hbat (nanoalign/hbat.py): from the tiny base model, SFT_1, DPO_1, SFT_2, DPO_2 on
+halves of data/sft_train.jsonl and of the pairs, with the modified EWC (--ewc) in every stage after the first.
 
     python train_dpo.py                                   # the tiny world, a few minutes on a laptop CPU
     python train_dpo.py --loss=ipo --beta=0.5             # a variant
     python train_dpo.py --resume                          # continue from out/dpo/model
+    python train_dpo.py --schedule=alternating            # Hbat, into out/hbat_dpo; --ewc=none|freeze|fisher: ablations
     torchrun --nproc_per_node=2 train_dpo.py              # data-parallel with FSDP2 (gloo on CPU)
     torchrun --nproc_per_node=8 train_dpo.py --init=out/sft-7b/model --device=cuda --format=hh \\
         --data=hh-rlhf/helpful-base/train.jsonl.gz --val_data=hh-rlhf/helpful-base/test.jsonl.gz \\
@@ -23,8 +26,9 @@ model to data/prompts_test.jsonl judged by the world's oracle: win rate and mean
 Details that matter (docs/methods.md "## 4. DPO", docs/correctness.md):
 - The reference is frozen, so log pi_ref of every pair is a constant of the data: it is computed ONCE before
   training, in batches, and cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and of the
-  reference checkpoint's files (reused while neither changes). The reference model is freed before the
-  policy is loaded: training holds one model, like SFT (nanoalign/dpo.py).
+  reference checkpoint's files (reused while neither changes). The reference model is freed before training
+  starts: training holds one model, like SFT (nanoalign/dpo.py). In Hbat each DPO stage's reference is the
+  model at the stage's start, so each stage computes its own (out_dir/ref_logps_stage<k>.pt).
 - Log-probs are summed over the response tokens and the EOS (dpo, cdpo), averaged per token for ipo.
 - The loss is a sum over pairs divided by the pairs of the whole optimizer step (all micro-batches, ranks).
 - Both logps/chosen and logps/rejected usually FALL during DPO, and rewards/chosen often turns negative:
@@ -42,19 +46,20 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from nanoalign import dist, dpo, train, world
+import train_sft
+from nanoalign import dist, dpo, hbat, train, world
 from nanoalign.checkpoint import load_pretrained, model_config, resolve_dir
 from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
-from nanoalign.data import collate_pairs, read_hh, read_jsonl, tokenize_pairs
+from nanoalign.data import collate_pairs, read_hh, read_jsonl, tokenize_pairs, tokenize_sft
 from nanoalign.evaluate import oracle_score, win_rate
 from nanoalign.losses import dpo_loss
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
 
-DEFAULT_INIT = "out/sft/model"
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected", "margins/unscaled")
 
@@ -62,8 +67,8 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewar
 # --- config
 @dataclass
 class Config:
-    init: str = DEFAULT_INIT    # the SFT checkpoint (dir or hub id): the policy starts from it, and it is the frozen reference
-    out_dir: str = "out/dpo"    # the run: model/ (HF checkpoint + train_state.pt), ref_logps.pt, metrics.jsonl, eval.json
+    init: str = "auto"          # the policy's start and first reference (dir or hub id); auto: out/sft/model, or out/base/model for Hbat
+    out_dir: str = "auto"       # the run: model/, ref_logps.pt, metrics.jsonl, eval.json; auto: out/dpo (out/hbat_dpo if alternating)
     data: str = "data/prefs_train.jsonl"  # {"prompt","chosen","rejected"} JSONL, or HH-RLHF transcripts with --format=hh
     val_data: str = "data/prefs_val.jsonl"  # held-out pairs for the eval/ metrics ("" to skip)
     format: str = "jsonl"       # jsonl ({"prompt","chosen","rejected"}) or hh (Anthropic HH-RLHF {"chosen","rejected"})
@@ -72,6 +77,16 @@ class Config:
     loss: str = "dpo"           # dpo (sigmoid), cdpo (DPO with --label_smoothing) or ipo
     beta: float = 0.1           # strength of the pull toward the reference (the KL coefficient of the implicit reward)
     label_smoothing: float = 0.0  # cdpo only: the assumed probability that a label is flipped, in (0, 0.5]
+    # Hbat: alternating SFT and DPO stages with EWC (docs/methods.md "## 5. Hbat", nanoalign/hbat.py)
+    schedule: str = "two_stage"  # two_stage: (all SFT, then) DPO, no EWC; alternating: SFT_1, DPO_1, ..., SFT_n, DPO_n
+    splits: int = 2             # alternating: n, SFT/DPO stage pairs, each on its own split of both data sets
+    sft_data: str = "auto"      # SFT examples (as train_sft reads them); auto: data/sft_train.jsonl if alternating, else none
+    sft_steps: int = 1000       # steps of all SFT stages together (train_sft's; --steps: all DPO stages)
+    sft_lr: float = 1e-3        # peak learning rate of each SFT stage (its other settings: train_sft's defaults)
+    ewc: str = "modified"       # alternating: modified (Hbat's), fisher (Kirkpatrick's), freeze (Hbat-Freeze) or none
+    lambda_max: float = 100.0   # EWC strength: Omega's total (modified), or the Fisher penalty's lambda_max
+    ewc_temperature: float = 1.0  # T in Omega = lambda_max softmax(S / T): 1 is the authors' (one-hot); larger spreads it
+    fisher_samples: int = 64    # --ewc=fisher: examples of the previous stage's data the Fisher averages over
     # optimisation
     steps: int = 200            # optimizer steps
     stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
@@ -114,6 +129,7 @@ def check_config(cfg: Config) -> None:
     if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
         raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
     train.check_files(cfg, "data", "val_data", "eval_prompts")
+    hbat.check_config(cfg, "dpo")
 
 
 def load_pairs(path: str, fmt: str) -> list[dict]:
@@ -149,35 +165,90 @@ def evaluate_pairs(model, rows, cfg, d, pad_id, amp) -> dict:
     return {f"eval/{k}": v for k, v in zip(STATS, (sums[:-1] / sums[-1]).tolist())}
 
 
-def compare_answers(cfg, d, policy, init_dir, tok, template) -> dict | None:
-    """Greedy answers of the DPO model and of the reference (SFT) model, judged by the tiny world's oracle."""
+def compare_answers(cfg, d, policy, init_dir, tok, template, base: str = "sft") -> dict | None:
+    """Greedy answers of the DPO model and of the model it started from (named `base`: the SFT model, or the base
+    model Hbat starts from), judged by the tiny world's oracle."""
     prompts = [r["prompt"] for r in read_jsonl(cfg.eval_prompts, required=("prompt",))]
     answers = {}
-    for name in ("dpo", "sft"):
+    for name in ("dpo", base):
         model = policy if name == "dpo" else load_pretrained(init_dir, device=d.device)
         answers[name] = dpo.sample_answers(model, tok, prompts, template, cfg.max_new_tokens)
         del model
-    for p, a, b in list(zip(prompts, answers["dpo"], answers["sft"]))[:cfg.num_samples]:
-        print(f"\n> {p}\n  dpo: {a}\n  sft: {b}")
+    for p, a, b in list(zip(prompts, answers["dpo"], answers[base]))[:cfg.num_samples]:
+        print(f"\n> {p}\n  dpo: {a}\n  {base}: {b}")
     if not all(world.is_world_prompt(p) for p in prompts):
         return None  # the oracle judges only its own world's prompts
-    result = {"n_prompts": len(prompts), "win_rate_vs_sft": win_rate(oracle_score, prompts, answers["dpo"], answers["sft"])}
+    result = {"n_prompts": len(prompts),
+              f"win_rate_vs_{base}": win_rate(oracle_score, prompts, answers["dpo"], answers[base])}
     for name, ans in answers.items():
         result[f"mean_quality/{name}"] = sum(map(world.quality, prompts, ans)) / len(prompts)
         result[f"correct/{name}"] = sum(map(world.is_correct, prompts, ans)) / len(prompts)
-    print(f"\noracle on {len(prompts)} held-out prompts: win rate of DPO vs SFT {result['win_rate_vs_sft']:.3f}; "
-          f"mean quality {result['mean_quality/dpo']:.3f} (SFT {result['mean_quality/sft']:.3f}); "
-          f"correct {result['correct/dpo']:.1%} (SFT {result['correct/sft']:.1%})")
+    print(f"\noracle on {len(prompts)} held-out prompts: win rate of DPO vs {base.upper()} "
+          f"{result[f'win_rate_vs_{base}']:.3f}; mean quality {result['mean_quality/dpo']:.3f} ({base.upper()} "
+          f"{result[f'mean_quality/{base}']:.3f}); correct {result['correct/dpo']:.1%} "
+          f"({base.upper()} {result[f'correct/{base}']:.1%})")
     return result
+
+
+def dpo_stage(cfg: Config, d, tok, val_rows, run_dir: Path, amp, stage: hbat.Stage, model, rows, penalty_fn=None):
+    """A DPO stage on the pairs `rows` (a plain run is one): the reference log-probs of the model at the stage's
+    start, computed once (cached) before any step, then stage.steps optimizer steps with a fresh AdamW."""
+    splits = {"train": rows, **({"val": val_rows} if val_rows else {})}
+    cache = run_dir / ("ref_logps.pt" if stage.index == 0 else f"ref_logps_stage{stage.index + 1}.pt")
+    ref = dpo.reference_logps(stage.start_dir, splits, tok.pad_id, cache, d, cfg.micro_batch_size, cfg.dtype)
+    average = cfg.loss == "ipo"
+    rows = dpo.with_reference(rows, ref["train"], average)
+    val_rows = dpo.with_reference(val_rows, ref["val"], average) if val_rows else []
+    opt = train.adamw(model, cfg.lr, cfg.weight_decay)
+    start = stage.restore({"model": (model, opt)}, d)
+    if start:
+        dist.print0(d, f"resumed from {stage.ckpt} at step {stage.offset + start}")
+    bar = train.progress(range(start, stage.last), cfg.loss, d)
+    t0, pairs_seen, record = time.time(), 0, {}
+    for step in bar:
+        lr = train.lr_at(step, stage.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        train.set_lr(opt, lr)
+        mine = train.rank_share([rows[i] for i in train.batch_indices(step, len(rows), cfg.batch_size, cfg.seed)], d)
+        stats = []
+
+        def loss_fn(pairs):
+            loss_sum, s = pair_sums(model, pairs, cfg, tok.pad_id, amp)
+            stats.append(s)
+            return loss_sum
+
+        penalty = hbat.step_penalty(penalty_fn)  # Hbat: the EWC penalty at the weights the step starts from
+        # the normaliser is the number of pairs in the global step, so every pair weighs the same
+        train.accumulate_gradients(model, train.micro_batches(mine, cfg.micro_batch_size), loss_fn, cfg.batch_size, d)
+        means = dist.all_reduce_sum(torch.stack(stats).sum(0), d) / cfg.batch_size
+        record = {**stage.record(step + 1), **dict(zip(STATS, means.tolist())), "lr": lr}
+        record["grad_norm"] = train.optimizer_step(model, opt, step=stage.offset + step + 1,
+                                                   loss=record["loss"] + (penalty or 0.0), grad_clip=cfg.grad_clip,
+                                                   d=d, what=cfg.loss)
+        record.update(hbat.ewc_record(stage, penalty, record["loss"]))
+        pairs_seen += cfg.batch_size
+        record["pairs_per_s"] = pairs_seen / (time.time() - t0)
+        if val_rows and ((step + 1) % cfg.eval_every == 0 or step + 1 == stage.steps):
+            record.update(evaluate_pairs(model, val_rows, cfg, d, tok.pad_id, amp))
+            dist.print0(d, f"\n[{cfg.loss}] step {stage.offset + step + 1}: loss {record['loss']:.4f} eval/loss "
+                           f"{record['eval/loss']:.4f} eval/rewards/accuracies {record['eval/rewards/accuracies']:.3f} "
+                           f"eval/rewards/margins {record['eval/rewards/margins']:.3f}")
+        stage.log.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['rewards/margins']:.2f}", lr=f"{lr:.1e}")
+        if train.should_save(step + 1, cfg.save_every, stage.last):
+            stage.save(d, step + 1, {"model": (model, opt)}, tokenizer=tok)
+    bar.close()
+    return record
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
-    if cfg.init == DEFAULT_INIT and not (Path(cfg.init) / "config.json").exists():
-        print(f"{cfg.init} not found: training the tiny SFT model first (python train_sft.py)", flush=True)
-        import train_sft
-        train_sft.main([f"--device={cfg.device}"])
+    stages = hbat.plan(cfg, "dpo")
+    if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT) and not (Path(cfg.init) / "config.json").exists():
+        base = cfg.init == hbat.BASE_INIT  # Hbat starts from the pretrained base: it does the SFT itself
+        print(f"{cfg.init} not found: training the tiny {'base' if base else 'SFT'} model first (python train_sft.py"
+              f"{' --mode=pretrain' if base else ''})", flush=True)
+        train_sft.main([f"--device={cfg.device}", *(["--mode=pretrain"] if base else [])])
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
     if cfg.batch_size % d.world_size:
@@ -197,70 +268,45 @@ def main(argv=None):
     template = "hh" if cfg.format == "hh" else cfg.template if cfg.template != "auto" else tok.template or "hh"
     tok.template = template  # saved with the checkpoint: the generate CLI uses it
 
-    # --- data
+    # --- data: the pairs (and Hbat's SFT examples), each in --splits disjoint parts
     train_rows = tokenize_pairs(load_pairs(cfg.data, cfg.format), tok, template, cfg.max_len, cfg.max_response_len)
     val_rows = tokenize_pairs(load_pairs(cfg.val_data, cfg.format), tok, template, cfg.max_len,
                               cfg.max_response_len) if cfg.val_data else []
     if not train_rows:
         raise InputError(f"--data={cfg.data}: no preference pairs left after tokenizing")
+    sft_rows = tokenize_sft(train_sft.load_sft_examples(cfg.sft_data, "auto"), tok, template, cfg.max_len,
+                            cfg.max_response_len) if cfg.sft_data else []
+    data = {"dpo": hbat.split(train_rows, cfg.splits, "data"),
+            "sft": hbat.split(sft_rows, cfg.splits, "sft_data") if cfg.sft_data else []}
     dist.print0(d, f"{cfg.loss.upper()} (beta {cfg.beta}) from {init_dir} on {cfg.data}: {len(train_rows)} pairs, "
-                   f"{len(val_rows)} held out, template {template!r}")
+                   f"{len(val_rows)} held out, template {template!r}"
+                   + (f"; {len(sft_rows)} SFT examples from {cfg.sft_data}; stages: "
+                      + ", ".join(f"{s.kind}_{s.split + 1} ({s.steps} steps)" for s in stages) if cfg.sft_data else ""))
 
-    # --- models: the frozen reference runs once over the data and is freed; then the policy is loaded
-    splits = {"train": train_rows, **({"val": val_rows} if val_rows else {})}
-    ref = dpo.reference_logps(init_dir, splits, tok.pad_id, run_dir / "ref_logps.pt", d, cfg.micro_batch_size, cfg.dtype)
-    average = cfg.loss == "ipo"
-    train_rows = dpo.with_reference(train_rows, ref["train"], average)
-    val_rows = dpo.with_reference(val_rows, ref["val"], average) if val_rows else []
+    # --- models: the policy; each DPO stage's reference runs once over its pairs and is freed (dpo_stage)
     model = train.place(train.load_model(ckpt if state else init_dir, d), d)
-    opt = train.adamw(model, cfg.lr, cfg.weight_decay)
-    start = train.restore(state, {"model": (model, opt)}, d)
-    if state:
-        dist.print0(d, f"resumed from {ckpt} at step {start}")
-
-    # --- loop
-    log = train.MetricsLog(run_dir / "metrics.jsonl", d, start)
+    log = train.MetricsLog(run_dir / "metrics.jsonl", d, state["step"] if state else 0)
     amp = train.autocast(d, cfg.dtype)
-    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    bar = train.progress(range(start, last), cfg.loss, d)
-    t0, pairs_seen, record = time.time(), 0, {}
-    for step in bar:
-        lr = train.lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        train.set_lr(opt, lr)
-        mine = train.rank_share([train_rows[i] for i in train.batch_indices(step, len(train_rows), cfg.batch_size,
-                                                                            cfg.seed)], d)
-        stats = []
 
-        def loss_fn(pairs):
-            loss_sum, s = pair_sums(model, pairs, cfg, tok.pad_id, amp)
-            stats.append(s)
-            return loss_sum
+    # --- loop: the stages of the schedule (a plain run: one DPO stage)
+    sft_cfg = train_sft.Config(lr=cfg.sft_lr, micro_batch_size=cfg.micro_batch_size, max_len=cfg.max_len,
+                               save_every=cfg.save_every, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+    last = hbat.run_schedule(
+        cfg, d, stages, model, data, init_dir=init_dir, run_dir=run_dir, state=state, log=log, tok=tok, amp=amp,
+        sft_stage=lambda stage, m, rows, penalty_fn: train_sft.sft_stage(sft_cfg, d, "sft", m, tok, rows, [], stage,
+                                                                        cfg.sft_lr, penalty_fn),
+        pref_stage=partial(dpo_stage, cfg, d, tok, val_rows, run_dir, amp),
+        # the Fisher's sequences (--ewc=fisher): the SFT responses, the chosen responses of the pairs
+        sequences=lambda kind, rows, m: rows if kind == "sft" else [{"ids": r["chosen_ids"], "mask": r["chosen_mask"]}
+                                                                     for r in rows])
+    total = stages[-1].offset + stages[-1].steps
+    dist.print0(d, f"[{cfg.loss}] saved {ckpt} (step {min(cfg.stop_at or total, total)}/{total}); metrics in {log.path}")
 
-        # the normaliser is the number of pairs in the global step, so every pair weighs the same
-        train.accumulate_gradients(model, train.micro_batches(mine, cfg.micro_batch_size), loss_fn, cfg.batch_size, d)
-        means = dist.all_reduce_sum(torch.stack(stats).sum(0), d) / cfg.batch_size
-        record = {"step": step + 1, **dict(zip(STATS, means.tolist())), "lr": lr}
-        record["grad_norm"] = train.optimizer_step(model, opt, step=step + 1, loss=record["loss"],
-                                                   grad_clip=cfg.grad_clip, d=d, what=cfg.loss)
-        pairs_seen += cfg.batch_size
-        record["pairs_per_s"] = pairs_seen / (time.time() - t0)
-        if val_rows and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            record.update(evaluate_pairs(model, val_rows, cfg, d, tok.pad_id, amp))
-            dist.print0(d, f"\n[{cfg.loss}] step {step + 1}: loss {record['loss']:.4f} eval/loss "
-                           f"{record['eval/loss']:.4f} eval/rewards/accuracies {record['eval/rewards/accuracies']:.3f} "
-                           f"eval/rewards/margins {record['eval/rewards/margins']:.3f}")
-        log.log(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['rewards/margins']:.2f}", lr=f"{lr:.1e}")
-        if train.should_save(step + 1, cfg.save_every, last):
-            train.save_checkpoint(ckpt, d, step + 1, {"model": (model, opt)}, tokenizer=tok, config=cfg)
-    bar.close()
-    dist.print0(d, f"[{cfg.loss}] saved {ckpt} (step {last}/{cfg.steps}); metrics in {log.path}")
-
-    # --- save (done in the loop); greedy answers of the final model against the reference, on rank 0 alone
-    if last == cfg.steps and cfg.eval_prompts and d.is_main:
+    # --- save (done in the loop); greedy answers of the final model against the one it started from, on rank 0
+    if last is not None and cfg.eval_prompts and d.is_main:
         policy = load_pretrained(ckpt, device=d.device) if d.enabled else model  # unsharded for generate()
-        result = compare_answers(cfg, d, policy, init_dir, tok, template) or {}
-        result.update({k: v for k, v in record.items() if k.startswith("eval/")})
+        result = compare_answers(cfg, d, policy, init_dir, tok, template, "init" if cfg.sft_data else "sft") or {}
+        result.update({k: v for k, v in last.items() if k.startswith("eval/")})
         result["wall_s"] = round(time.time() - t_start, 1)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"wall time {result['wall_s']:.0f} s; results in {run_dir / 'eval.json'}")

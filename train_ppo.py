@@ -5,11 +5,14 @@ With no arguments it runs on the tiny world on CPU: the policy and the frozen re
 model out/sft/model, the reward model and the critic from the tiny reward model out/rm/model (each trained first
 when missing), prompts come from data/sft_train.jsonl, and the held-out oracle quality of greedy answers to
 data/prompts_test.jsonl is printed as it rises. --reward picks another score: r3 (and its ablations, with a
-sentence encoder as the relevance model) or the tiny world's oracle itself.
+sentence encoder as the relevance model) or the tiny world's oracle itself. --schedule=alternating is Hbat
+(nanoalign/hbat.py): from the tiny base model, SFT_1, PPO_1, SFT_2, PPO_2 on halves of data/sft_train.jsonl and
+of the prompts, with the modified EWC (--ewc) in every stage after the first.
 
     python train_ppo.py                                   # the tiny world against the tiny reward model
     python train_ppo.py --reward=r3                       # R3: no reward model, no preferences
     python train_ppo.py --resume                          # continue the last run from its checkpoint
+    python train_ppo.py --schedule=alternating            # Hbat, into out/hbat_ppo; --ewc=none|freeze|fisher: ablations
     torchrun --nproc_per_node=2 train_ppo.py --gen_batch_size=32   # the same run on two ranks (FSDP2, gloo)
     torchrun --nproc_per_node=8 train_ppo.py --init=out/sft7b/model --reward_model=out/rm7b/model --device=cuda \\
         --data=prompts.jsonl --template=alpaca --lr=1e-6 --rollout_batch_size=512 --gen_batch_size=64 \\
@@ -31,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from nanoalign import dist, ppo, train, world
+import train_sft
+from nanoalign import dist, hbat, ppo, train, world
 from nanoalign.checkpoint import resolve_dir
 from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
-from nanoalign.data import read_jsonl
+from nanoalign.data import read_jsonl, tokenize_sft
 from nanoalign.losses import AdaptiveKLController, masked_mean
 from nanoalign.reward import RewardModel
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
@@ -43,15 +47,25 @@ from nanoalign.tokenizer import TEMPLATES, Tokenizer
 # --- config
 @dataclass
 class Config:
-    init: str = "out/sft/model"  # the policy to align and the frozen reference (checkpoint dir or hub id)
+    init: str = "auto"          # the policy's start and first reference (dir or hub id); auto: out/sft/model, or out/base/model for Hbat
     reward: str = "rm"          # rm (the reward model), r3, relevance, length, relevance_length, r3_no_branching, r3_random_qtype, oracle
     reward_model: str = "out/rm/model"  # --reward=rm: the reward model, also the critic's start (else: init + a zero head)
     relevance_model: str = "minilm"  # R3 rewards: the encoder (minilm = the packaged all-MiniLM-L6-v2, or e.g. facebook/contriever)
-    out_dir: str = "out/ppo"    # the run: model/ (policy, critic/, train_state.pt), metrics.jsonl
+    out_dir: str = "auto"       # the run: model/ (policy, critic/), metrics.jsonl; auto: out/ppo (out/hbat_ppo if alternating)
     data: str = "data/sft_train.jsonl"  # prompts: .jsonl {"prompt"} (+ "qtype", "reference" for R3)
     eval_data: str = "data/prompts_test.jsonl"  # held-out tiny-world prompts for the oracle quality ("" to skip)
     eval_prompts: int = 100     # how many of them (the first ones)
     template: str = "auto"      # prompt template: hh, alpaca, plain; auto: the one saved with --init, else hh
+    # Hbat: alternating SFT and PPO stages with EWC (docs/methods.md "## 5. Hbat", nanoalign/hbat.py)
+    schedule: str = "two_stage"  # two_stage: (all SFT, then) PPO, no EWC; alternating: SFT_1, PPO_1, ..., SFT_n, PPO_n
+    splits: int = 2             # alternating: n, SFT/PPO stage pairs, each on its own split of both data sets
+    sft_data: str = "auto"      # SFT examples (as train_sft reads them); auto: data/sft_train.jsonl if alternating, else none
+    sft_steps: int = 1000       # steps of all SFT stages together (train_sft's; --steps: all PPO stages)
+    sft_lr: float = 1e-3        # peak learning rate of each SFT stage (its other settings: train_sft's defaults)
+    ewc: str = "modified"       # alternating: modified (Hbat's), fisher (Kirkpatrick's), freeze (Hbat-Freeze) or none
+    lambda_max: float = 100.0   # EWC strength: Omega's total (modified), or the Fisher penalty's lambda_max
+    ewc_temperature: float = 1.0  # T in Omega = lambda_max softmax(S / T): 1 is the authors' (one-hot); larger spreads it
+    fisher_samples: int = 64    # --ewc=fisher: examples of the previous stage's data the Fisher averages over
     # rollouts
     steps: int = 100            # PPO steps (one batch of rollouts each)
     stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
@@ -77,7 +91,7 @@ class Config:
     cliprange: float = 0.2      # policy ratio clip epsilon
     cliprange_value: float = 0.2  # value clip around the rollout's values
     vf_coef: float = 1.0        # value loss weight (R3's 1; the critic has its own optimizer)
-    value_warmup_steps: int = 0  # first steps update only the critic (Hbat: 50)
+    value_warmup_steps: int = 0  # first steps (of each PPO stage) update only the critic (Hbat: 50)
     lr: float = 5e-5            # policy learning rate (use ~1e-6 for a real 7B model)
     critic_lr: float = 1e-4     # critic learning rate
     warmup_steps: int = 0       # linear learning-rate warmup steps
@@ -115,6 +129,7 @@ def check_config(cfg: Config) -> None:
     if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
         raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
     train.check_files(cfg, "data", "eval_data")
+    hbat.check_config(cfg, "ppo")
 
 
 def check_world(cfg: Config, d: dist.Dist) -> None:
@@ -126,13 +141,14 @@ def check_world(cfg: Config, d: dist.Dist) -> None:
 
 def prerequisites(cfg: Config) -> None:
     """The tiny SFT model and the tiny reward model, trained first when a default path is missing."""
-    import train_rm  # the repository's scripts, beside this one
-    import train_sft
+    import train_rm  # the repository's script, beside this one
     say = int(os.environ.get("RANK", "0")) == 0
-    if cfg.init == Config.init and not Path(cfg.init).exists() and not cfg.resume:
+    if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT) and not Path(cfg.init).exists() and not cfg.resume:
+        base = cfg.init == hbat.BASE_INIT  # Hbat starts from the pretrained base: it does the SFT itself
         if say:
-            print(f"{cfg.init} not found: training the tiny SFT model first (python train_sft.py)", flush=True)
-        train_sft.main([f"--device={cfg.device}"])
+            print(f"{cfg.init} not found: training the tiny {'base' if base else 'SFT'} model first (python "
+                  f"train_sft.py{' --mode=pretrain' if base else ''})", flush=True)
+        train_sft.main([f"--device={cfg.device}", *(["--mode=pretrain"] if base else [])])
     if cfg.reward == "rm" and cfg.reward_model == Config.reward_model and not Path(cfg.reward_model).exists():
         if say:
             print(f"{cfg.reward_model} not found: training the tiny reward model first (python train_rm.py)", flush=True)
@@ -153,6 +169,7 @@ def load_prompts(cfg: Config) -> tuple[list[dict], list[dict]]:
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
+    stages = hbat.plan(cfg, "ppo")
     prerequisites(cfg)
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
@@ -168,7 +185,6 @@ def main(argv=None):
         cfg.template = tok.template or "hh"
     tok.template = cfg.template
     policy = train.place(train.load_model(ckpt if state else init_dir, d), d)
-    ref = train.place(train.load_model(init_dir, d), d, trainable=False)
     tok.check_vocab(policy.cfg.vocab_size)
     if cfg.max_prompt_len + cfg.max_new_tokens > policy.cfg.max_seq_len:
         raise InputError(f"--max_prompt_len + --max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} exceeds "
@@ -182,7 +198,7 @@ def main(argv=None):
         reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
                                                     build=RewardModel.from_config), d, trainable=False)
     if state:
-        critic_dir, load_critic = train.model_dir(ckpt, "critic", ["policy", "critic"]), RewardModel.from_pretrained
+        critic_dir, load_critic = ckpt / "critic", RewardModel.from_pretrained
     elif reward_model is not None:
         critic_dir, load_critic = rm_dir, RewardModel.from_pretrained
     else:  # no reward model to start from: the SFT trunk with a zero value head (every value 0)
@@ -192,30 +208,29 @@ def main(argv=None):
     if cfg.reward in ppo.TEXT_REWARDS and cfg.reward not in ("oracle", "length"):
         from nanoalign.encoder import Encoder
         encoder = Encoder.from_pretrained(cfg.relevance_model, device=d.device)
-    policy_opt = train.adamw(policy, cfg.lr, cfg.weight_decay)
-    critic_opt = train.adamw(critic, cfg.critic_lr, cfg.weight_decay)
-    # a policy optimizer that never stepped (value warm-up) is not saved: torch would initialise its state with a
-    # dummy step, and Adam's bias correction would then be one step off after a resume
-    models = lambda steps_done: {"policy": (policy, policy_opt if steps_done > cfg.value_warmup_steps else None),  # noqa: E731
-                                 "critic": (critic, critic_opt)}
-    start = train.restore(state, models(state["step"] if state else 0), d)
+    # the KL controller and the score statistics live across the whole run (all PPO stages)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     stats = ppo.RunningMoments()
     if state:
         kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
         stats.load_state_dict(state["extra"]["score_stats"])
-        dist.print0(d, f"resumed from {ckpt} at step {start}")
     dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"
                    f"{f' ({cfg.reward_model})' if reward_model is not None else ''}, template {cfg.template!r}")
 
-    # --- data
+    # --- data: the prompts (and Hbat's SFT examples), each in --splits disjoint parts
     rows, eval_rows = load_prompts(cfg)
-    prompts = ppo.encode_prompts(tok, rows, cfg.template, cfg.max_prompt_len)
-    dist.print0(d, f"{len(rows)} prompts from {cfg.data}; {len(eval_rows)} held out from {cfg.eval_data}")
+    sft_cfg = train_sft.Config(lr=cfg.sft_lr, micro_batch_size=cfg.micro_batch_size, save_every=cfg.save_every,
+                               seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+    sft_rows = tokenize_sft(train_sft.load_sft_examples(cfg.sft_data, "auto"), tok, cfg.template, min(
+        sft_cfg.max_len, policy.cfg.max_seq_len), sft_cfg.max_response_len) if cfg.sft_data else []
+    data = {"ppo": hbat.split(rows, cfg.splits, "data"),
+            "sft": hbat.split(sft_rows, cfg.splits, "sft_data") if cfg.sft_data else []}
+    dist.print0(d, f"{len(rows)} prompts from {cfg.data}; {len(eval_rows)} held out from {cfg.eval_data}"
+                   + (f"; {len(sft_rows)} SFT examples from {cfg.sft_data}" if cfg.sft_data else ""))
 
     # --- loop
     amp = train.autocast(d, cfg.dtype)
-    log = train.MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", d, start)
+    log = train.MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", d, state["step"] if state else 0)
 
     def evaluate(step):
         with amp:
@@ -225,73 +240,108 @@ def main(argv=None):
                        f"accuracy {metrics['eval/closed_accuracy']:.1%} (greedy, {len(eval_rows)} prompts)")
         return metrics, answers
 
-    if eval_rows and start == 0:
-        log.log({"step": 0, **evaluate(0)[0]})
-    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    bar = train.progress(range(start, last), "ppo", d)
-    for step in bar:
-        for opt, peak in ((policy_opt, cfg.lr), (critic_opt, cfg.critic_lr)):
-            train.set_lr(opt, train.lr_at(step, cfg.steps, peak, cfg.warmup_steps, cfg.min_lr_ratio))
-        index = train.batch_indices(step, len(rows), cfg.rollout_batch_size, cfg.seed)
-        t0 = time.time()
-        batch = ppo.sample_rollouts(policy, [prompts[i] for i in index], step=step, seed=cfg.seed,
-                                    gen_batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, tok=tok, d=d, amp=amp)
-        t1 = time.time()
-        batch = ppo.rollout_forwards(batch, policy, ref, critic, micro_batch_size=cfg.micro_batch_size,
-                                     temperature=cfg.temperature, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=amp)
-        t2 = time.time()
-        if reward_model is not None:
-            batch["scores"] = ppo.reward_model_scores(batch, reward_model, micro_batch_size=cfg.micro_batch_size,
-                                                      pad_id=tok.pad_id, amp=amp)
-        else:  # a reward that reads the decoded answer (the stop token dropped)
-            mine = batch["index"].tolist()
-            answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]).strip() for j in range(len(mine))]
-            batch["scores"] = ppo.text_scores(cfg.reward, [rows[index[i]] for i in mine], answers, encoder=encoder,
-                                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, step=step,
-                                              index=mine).to(d.device)
-        t3 = time.time()
-        batch = ppo.gather_rollouts(batch, d, tok.pad_id)
-        mask = batch["mask"].bool()
-        scores = ppo.shape_scores(batch["scores"], batch["stopped"], stats if cfg.score_norm else None,
-                                  cfg.score_clip, cfg.missing_eos_penalty)
-        kl_coef = kl_ctl.value
-        adv_stats = ppo.advantages(batch, scores, kl_coef, cfg.gamma, cfg.lam)
-        kl_ctl.update(adv_stats["kl"], cfg.rollout_batch_size)
-        t4 = time.time()
-        update_stats = ppo.update(batch, policy, critic, policy_opt, critic_opt, step=step, seed=cfg.seed,
-                                  ppo_epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
-                                  micro_batch_size=cfg.micro_batch_size, update_policy=step >= cfg.value_warmup_steps,
-                                  grad_clip=cfg.grad_clip, d=d, temperature=cfg.temperature,
-                                  vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=cfg.cliprange,
-                                  cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, amp=amp)
-        t5 = time.time()
+    def ppo_stage(stage: hbat.Stage, policy, rows, penalty_fn):
+        """A PPO stage on the prompts `rows` (a plain run is one): the KL reference is the model at the stage's
+        start; fresh optimizers; the critic, the KL coefficient and the score statistics carry over."""
+        prompts = ppo.encode_prompts(tok, rows, cfg.template, cfg.max_prompt_len)
+        ref = train.place(train.load_model(stage.start_dir, d), d, trainable=False)
+        policy_opt = train.adamw(policy, cfg.lr, cfg.weight_decay)
+        critic_opt = train.adamw(critic, cfg.critic_lr, cfg.weight_decay)
+        # a policy optimizer that never stepped (value warm-up) is not saved: torch would initialise its state with
+        # a dummy step, and Adam's bias correction would then be one step off after a resume
+        models = lambda steps_done: {"policy": (policy, policy_opt if steps_done > cfg.value_warmup_steps else None),  # noqa: E731
+                                     "critic": (critic, critic_opt)}
+        start = stage.restore(models(stage.state["step"] - stage.offset if stage.state else 0), d)
+        if start:
+            dist.print0(d, f"resumed from {ckpt} at step {stage.offset + start}")
+        if eval_rows and stage.offset + start == 0:
+            log.log({"step": 0, **evaluate(0)[0]})
+        bar = train.progress(range(start, stage.last), "ppo", d)
+        record = {}
+        for step in bar:
+            run_step = stage.offset + step  # seeds the sampling and the minibatch order
+            for opt, peak in ((policy_opt, cfg.lr), (critic_opt, cfg.critic_lr)):
+                train.set_lr(opt, train.lr_at(step, stage.steps, peak, cfg.warmup_steps, cfg.min_lr_ratio))
+            index = train.batch_indices(step, len(rows), cfg.rollout_batch_size, cfg.seed)
+            t0 = time.time()
+            batch = ppo.sample_rollouts(policy, [prompts[i] for i in index], step=run_step, seed=cfg.seed,
+                                        gen_batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                        temperature=cfg.temperature, tok=tok, d=d, amp=amp)
+            t1 = time.time()
+            batch = ppo.rollout_forwards(batch, policy, ref, critic, micro_batch_size=cfg.micro_batch_size,
+                                         temperature=cfg.temperature, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                                         amp=amp)
+            t2 = time.time()
+            if reward_model is not None:
+                batch["scores"] = ppo.reward_model_scores(batch, reward_model, micro_batch_size=cfg.micro_batch_size,
+                                                          pad_id=tok.pad_id, amp=amp)
+            else:  # a reward that reads the decoded answer (the stop token dropped)
+                mine = batch["index"].tolist()
+                answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]).strip() for j in range(len(mine))]
+                batch["scores"] = ppo.text_scores(cfg.reward, [rows[index[i]] for i in mine], answers, encoder=encoder,
+                                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, step=run_step,
+                                                  index=mine).to(d.device)
+            t3 = time.time()
+            batch = ppo.gather_rollouts(batch, d, tok.pad_id)
+            mask = batch["mask"].bool()
+            scores = ppo.shape_scores(batch["scores"], batch["stopped"], stats if cfg.score_norm else None,
+                                      cfg.score_clip, cfg.missing_eos_penalty)
+            kl_coef = kl_ctl.value
+            adv_stats = ppo.advantages(batch, scores, kl_coef, cfg.gamma, cfg.lam)
+            kl_ctl.update(adv_stats["kl"], cfg.rollout_batch_size)
+            t4 = time.time()
+            update_stats = ppo.update(batch, policy, critic, policy_opt, critic_opt, step=run_step, seed=cfg.seed,
+                                      ppo_epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
+                                      micro_batch_size=cfg.micro_batch_size,
+                                      update_policy=step >= cfg.value_warmup_steps, grad_clip=cfg.grad_clip, d=d,
+                                      penalty_fn=penalty_fn, temperature=cfg.temperature, vocab_size=tok.vocab_size,
+                                      pad_id=tok.pad_id, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
+                                      vf_coef=cfg.vf_coef, amp=amp)
+            t5 = time.time()
 
-        gap = torch.where(mask, (batch["sampler_logprobs"] - batch["logprobs"]).abs(), 0.0).max().item()
-        record = {"step": step + 1, "objective/kl": adv_stats["kl"], "objective/kl_coef": kl_coef,
-                  "objective/scores": batch["scores"].float().mean().item(),
-                  "objective/entropy": masked_mean(batch["entropy"], mask).item(),
-                  **{f"ppo/{k}": v for k, v in update_stats.items()},
-                  "ppo/explained_variance": adv_stats["explained_variance"],
-                  "ppo/logprob_gap": gap, "ppo/response_length": mask.sum(-1).float().mean().item(),
-                  "ppo/eos_fraction": batch["stopped"].float().mean().item(),
-                  "ppo/advantages_mean": adv_stats["advantages_mean"], "ppo/returns_mean": adv_stats["returns_mean"],
-                  "time/generation": t1 - t0, "time/scoring": t3 - t2, "time/forward": (t2 - t1) + (t4 - t3),
-                  "time/update": t5 - t4}
-        if eval_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
-            metrics, answers = evaluate(step + 1)
-            record.update(metrics)
-            if step + 1 == cfg.steps:
-                for prompt, answer in answers[:cfg.num_samples]:
-                    dist.print0(d, f"> {prompt}\n  {answer}")
-        log.log(record)
-        bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}")
-        # --- save
-        if train.should_save(step + 1, cfg.save_every, last):
-            train.save_checkpoint(ckpt, d, step + 1, models(step + 1), tokenizer=tok, config=cfg,
-                                  extra={"kl_ctl": kl_ctl.state_dict(), "score_stats": stats.state_dict()})
-    bar.close()
-    dist.print0(d, f"saved {ckpt} (policy) and {ckpt / 'critic'} (step {last}/{cfg.steps}); metrics in {log.path}")
+            penalty = update_stats.pop("penalty", None)
+            gap = torch.where(mask, (batch["sampler_logprobs"] - batch["logprobs"]).abs(), 0.0).max().item()
+            record = {**stage.record(step + 1), "objective/kl": adv_stats["kl"], "objective/kl_coef": kl_coef,
+                      "objective/scores": batch["scores"].float().mean().item(),
+                      "objective/entropy": masked_mean(batch["entropy"], mask).item(),
+                      **{f"ppo/{k}": v for k, v in update_stats.items()},
+                      "ppo/explained_variance": adv_stats["explained_variance"],
+                      "ppo/logprob_gap": gap, "ppo/response_length": mask.sum(-1).float().mean().item(),
+                      "ppo/eos_fraction": batch["stopped"].float().mean().item(),
+                      "ppo/advantages_mean": adv_stats["advantages_mean"],
+                      "ppo/returns_mean": adv_stats["returns_mean"],
+                      **hbat.ewc_record(stage, penalty, update_stats["policy_loss"]),
+                      "time/generation": t1 - t0, "time/scoring": t3 - t2, "time/forward": (t2 - t1) + (t4 - t3),
+                      "time/update": t5 - t4}
+            if eval_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == stage.steps):
+                metrics, answers = evaluate(stage.offset + step + 1)
+                record.update(metrics)
+                if stage.offset + step + 1 == stages[-1].offset + stages[-1].steps:
+                    for prompt, answer in answers[:cfg.num_samples]:
+                        dist.print0(d, f"> {prompt}\n  {answer}")
+            log.log(record)
+            bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}")
+            # --- save
+            if train.should_save(step + 1, cfg.save_every, stage.last):
+                stage.save(d, step + 1, models(step + 1), tokenizer=tok,
+                           extra={"kl_ctl": kl_ctl.state_dict(), "score_stats": stats.state_dict()})
+        bar.close()
+        return record
+
+    def sft_stage(stage: hbat.Stage, policy, rows, penalty_fn):
+        # PPO's state does not change in an SFT stage, but a run resumed inside one needs it
+        stage.extra.update(kl_ctl=kl_ctl.state_dict(), score_stats=stats.state_dict())
+        return train_sft.sft_stage(sft_cfg, d, "sft", policy, tok, rows, [], stage, cfg.sft_lr, penalty_fn)
+
+    hbat.run_schedule(cfg, d, stages, policy, data, sft_stage=sft_stage, pref_stage=ppo_stage, init_dir=init_dir,
+                      run_dir=Path(cfg.out_dir), state=state, log=log, tok=tok, carry={"critic": critic}, amp=amp,
+                      # the Fisher's sequences (--ewc=fisher): SFT responses, or answers sampled to a PPO stage's prompts
+                      sequences=lambda kind, rows, m: rows if kind == "sft" else ppo.answer_rows(
+                          m, ppo.encode_prompts(tok, rows, cfg.template, cfg.max_prompt_len), tok=tok, d=d, amp=amp,
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed))
+    total = stages[-1].offset + stages[-1].steps
+    dist.print0(d, f"saved {ckpt} (policy) and {ckpt / 'critic'} (step {min(cfg.stop_at or total, total)}/{total}); "
+                   f"metrics in {log.path}")
     dist.close(d)
 
 
