@@ -32,9 +32,10 @@ Details that matter (docs/methods.md "## 4. DPO", docs/correctness.md):
 - Log-probs are summed over the response tokens and the EOS (dpo, cdpo), averaged per token for ipo.
 - The loss is a sum over pairs divided by the pairs of the whole optimizer step (all micro-batches, ranks).
 - Both logps/chosen and logps/rejected usually FALL during DPO, and rewards/chosen often turns negative:
-  expected, not a bug. The loss sees only the margin, and it widens fastest by pushing the rejected
-  response down harder than the chosen one (both share most of their tokens' probability mass); the
-  probability goes to responses outside the pair. Watch rewards/margins and rewards/accuracies rise.
+  expected, not a bug. The loss sees only the margin; the chosen and rejected responses share most of their
+  tokens, so a step that lowers the rejected one lowers the chosen one too, and the freed probability goes to
+  responses outside the pair. Watch rewards/margins and rewards/accuracies rise. (On the tiny world the
+  chosen log-prob stays about level: its chosen answers are close to what SFT already taught.)
 - Logged (TRL's names): rewards/chosen and rewards/rejected = beta * log-ratio (the implicit rewards),
   rewards/margins (their difference), rewards/accuracies (fraction with margin > 0, a tie is wrong),
   logps/chosen, logps/rejected (the policy's, as the loss uses them), margins/unscaled = h without beta (as
