@@ -3,9 +3,10 @@ keeps it near the SFT model (Ziegler et al. 2019; InstructGPT, Ouyang et al. 202
 
 With no arguments it runs on the tiny world on CPU: the policy and the frozen reference start from the tiny SFT
 model out/sft/model, the reward model and the critic from the tiny reward model out/rm/model (each trained first
-when missing), prompts come from data/sft_train.jsonl, and the held-out oracle quality of greedy answers to
-data/prompts_test.jsonl is printed as it rises. --reward picks another score: r3 (and its ablations, with a
-sentence encoder as the relevance model) or the tiny world's oracle itself. --schedule=alternating is Hbat
+when missing), prompts come from data/sft_train.jsonl (the SFT prompts: they carry the "qtype" and "reference" R3
+needs, and data/prompts_test.jsonl shares none of them), and the oracle quality of greedy answers to the held-out
+prompts is printed before training and every --eval_every steps. --reward picks another score: r3 (and its
+ablations, with a sentence encoder as the relevance model) or the tiny world's oracle itself. --schedule=alternating is Hbat
 (nanoalign/hbat.py): from the tiny base model, SFT_1, PPO_1, SFT_2, PPO_2 on halves of data/sft_train.jsonl and
 of the prompts, with the modified EWC (--ewc) in every stage after the first.
 
@@ -54,7 +55,7 @@ class Config:
     out_dir: str = "auto"       # the run: model/ (policy, critic/), metrics.jsonl; auto: out/ppo (out/hbat_ppo if alternating)
     data: str = "data/sft_train.jsonl"  # prompts: .jsonl {"prompt"} (+ "qtype", "reference" for R3)
     eval_data: str = "data/prompts_test.jsonl"  # held-out tiny-world prompts for the oracle quality ("" to skip)
-    eval_prompts: int = 100     # how many of them (the first ones)
+    eval_prompts: int = 300     # how many of them (the first ones)
     template: str = "auto"      # prompt template: hh, alpaca, plain; auto: the one saved with --init, else hh
     # Hbat: alternating SFT and PPO stages with EWC (docs/methods.md "## 5. Hbat", nanoalign/hbat.py)
     schedule: str = "two_stage"  # two_stage: (all SFT, then) PPO, no EWC; alternating: SFT_1, PPO_1, ..., SFT_n, PPO_n
@@ -67,7 +68,7 @@ class Config:
     ewc_temperature: float = 1.0  # T in Omega = lambda_max softmax(S / T): 1 is the authors' (one-hot); larger spreads it
     fisher_samples: int = 64    # --ewc=fisher: examples of the previous stage's data the Fisher averages over
     # rollouts
-    steps: int = 100            # PPO steps (one batch of rollouts each)
+    steps: int = 60             # PPO steps (one batch of rollouts each)
     stop_at: int = 0            # stop after this step as if interrupted (0: run to the end); continue with --resume
     rollout_batch_size: int = 64  # prompts sampled per step, over all ranks
     gen_batch_size: int = 64    # prompts sampled together, one generator each: the rollouts depend on it, not on ranks
@@ -92,7 +93,7 @@ class Config:
     cliprange_value: float = 0.2  # value clip around the rollout's values
     vf_coef: float = 1.0        # value loss weight (R3's 1; the critic has its own optimizer)
     value_warmup_steps: int = 0  # first steps (of each PPO stage) update only the critic (Hbat: 50)
-    lr: float = 5e-5            # policy learning rate (use ~1e-6 for a real 7B model)
+    lr: float = 2e-5            # policy learning rate (use ~1e-6 for a real 7B model)
     critic_lr: float = 1e-4     # critic learning rate
     warmup_steps: int = 0       # linear learning-rate warmup steps
     min_lr_ratio: float = 1.0   # cosine decay to lr * min_lr_ratio (1: constant)
@@ -235,9 +236,11 @@ def main(argv=None):
     def evaluate(step):
         with amp:
             metrics, answers = ppo.held_out_quality(policy, tok, eval_rows, template=cfg.template,
-                                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, d=d)
+                                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, d=d,
+                                                    reward_model=reward_model)
+        reward = f", reward model {metrics['eval/reward']:+.3f}" if reward_model is not None else ""
         dist.print0(d, f"\nstep {step}: held-out oracle quality {metrics['eval/mean_quality']:.3f}, closed-ended "
-                       f"accuracy {metrics['eval/closed_accuracy']:.1%} (greedy, {len(eval_rows)} prompts)")
+                       f"accuracy {metrics['eval/closed_accuracy']:.1%}{reward} (greedy, {len(eval_rows)} prompts)")
         return metrics, answers
 
     def ppo_stage(stage: hbat.Stage, policy, rows, penalty_fn):

@@ -42,7 +42,7 @@ from .generate import generate, left_pad
 from .losses import (entropy_from_logits, explained_variance, gae, logprobs_from_logits, masked_mean,
                      ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
 from .r3 import r3_reward
-from .evaluate import evaluate_answers, sample_answers
+from .evaluate import evaluate_answers, reward_judge, sample_answers
 from .tokenizer import encode_prompt
 
 TEXT_REWARDS = ("r3", "relevance", "length", "relevance_length", "r3_no_branching", "r3_random_qtype", "oracle")
@@ -399,19 +399,27 @@ def encode_prompts(tok, rows: list[dict], template: str, max_prompt_len: int) ->
 
 @torch.no_grad()
 def held_out_quality(policy, tok, rows: list[dict], *, template: str, max_new_tokens: int, batch_size: int,
-                     d: dist.Dist) -> tuple[dict, list[tuple[str, str]]]:
+                     d: dist.Dist, reward_model=None) -> tuple[dict, list[tuple[str, str]]]:
     """Greedy answers to held-out tiny-world prompts (each rank answers its share), judged by the oracle:
     eval/mean_quality, eval/closed_accuracy, and two signs of reward hacking, eval/copy_rate (answers that copy
-    the prompt) and eval/mean_words. Returns the metrics and rank 0's (prompt, answer) pairs."""
+    the prompt) and eval/mean_words. With a reward model, eval/reward: its mean score of the same answers, what
+    PPO maximises, on prompts that do not change from one evaluation to the next (the training batches' mean
+    score moves with their mix of prompts). Returns the metrics and rank 0's (prompt, answer) pairs."""
     mine = train.rank_share(rows, d)
     with gathered_for_generation(policy, d):
         answers = sample_answers(policy, tok, [r["prompt"] for r in mine], template, max_new_tokens,
                                  temperature=0.0, batch_size=batch_size)
+    reward = 0.0
+    if reward_model is not None and mine:
+        with gathered_for_generation(reward_model, d):  # ranks may run different numbers of batches
+            reward = sum(reward_judge(reward_model, tok, template, batch_size)([r["prompt"] for r in mine], answers))
     m = evaluate_answers(mine, answers) if mine else {"n": 0, "n_closed": 0}
     n, n_closed = m["n"], m["n_closed"]
     sums = torch.tensor([n, n_closed, n * (m.get("mean_quality") or 0), n_closed * (m.get("closed_accuracy") or 0),
-                         n * m.get("copy_rate", 0), n * m.get("mean_words", 0)], dtype=torch.float64)
-    n, n_closed, quality, correct, copies, words = dist.all_reduce_sum(sums.to(d.device), d).tolist()
+                         n * m.get("copy_rate", 0), n * m.get("mean_words", 0), reward], dtype=torch.float64)
+    n, n_closed, quality, correct, copies, words, reward = dist.all_reduce_sum(sums.to(d.device), d).tolist()
     metrics = {"eval/mean_quality": quality / max(n, 1), "eval/closed_accuracy": correct / max(n_closed, 1),
                "eval/copy_rate": copies / max(n, 1), "eval/mean_words": words / max(n, 1)}
+    if reward_model is not None:
+        metrics["eval/reward"] = reward / max(n, 1)
     return metrics, [(r["prompt"], a) for r, a in zip(mine, answers)]
