@@ -14,7 +14,8 @@ BENCHES = sorted((ROOT / "bench").glob("bench_*.py"))
 
 
 def test_every_benchmark_is_covered():
-    assert [b.name for b in BENCHES] == ["bench_dpo.py", "bench_model.py", "bench_sft.py"]  # a new benchmark joins this list
+    # a new benchmark joins this list
+    assert [b.name for b in BENCHES] == ["bench_dpo.py", "bench_model.py", "bench_ppo.py", "bench_sft.py"]
 
 
 @pytest.mark.parametrize("script", BENCHES, ids=lambda p: p.name)
@@ -28,3 +29,7 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
     # each prints at least one ratio against its peer measured in the same run
     ratios = re.findall(r"ratio nanoalign/(?:transformers|trl) = ([0-9.]+)x", proc.stdout)
     assert ratios and all(float(r) > 0 for r in ratios), proc.stdout[-2000:]
+    if script.name == "bench_ppo.py":  # the three numbers: TRL's part says why when it cannot run
+        assert re.search(r"^generation share of PPO wall time: \d+% \(target <= 50%\)$", proc.stdout, re.M), proc.stdout
+        assert "ratio nanoalign/transformers = " in proc.stdout, proc.stdout
+        assert ("ratio nanoalign/trl = " in proc.stdout) != ("vs TRL: not measured: " in proc.stdout), proc.stdout
