@@ -347,6 +347,7 @@ class Config:
     batch_size: int = 32        # prompts per generation batch (and answers per reward model forward)
     limit: int = 0              # evaluate the first N prompts only (0: all)
     seed: int = 0               # sampling seed when temperature > 0
+    diversity_samples: int = 0  # also sample K answers per prompt at temperature 1 from each model: self-BLEU (0: off)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
     dtype: str = "float32"      # weights: float32 or bfloat16
     out: str = ""               # also write the metrics, the win rate and the answers to this JSON file
@@ -368,6 +369,9 @@ def _check_config(cfg: Config) -> None:
     check_choice(cfg, "dtype", ("float32", "bfloat16"))
     check_positive(cfg, "batch_size")
     check_non_negative(cfg, "limit")
+    check_non_negative(cfg, "diversity_samples")
+    if cfg.diversity_samples == 1:
+        raise InputError("--diversity_samples=1: self-BLEU needs at least 2 samples per prompt (or 0: off)")
     if problem := sampling_error(cfg.max_new_tokens, cfg.temperature, None, None):
         raise InputError("--" + problem)
     if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
@@ -378,13 +382,21 @@ def _check_config(cfg: Config) -> None:
         raise InputError(f"--judge={cfg.judge}: choose oracle or a reward model directory (no such directory)")
 
 
-def _answers(cfg: Config, ckpt: Path, prompts: list[str]) -> tuple[list[str], str]:
+def _answers(cfg: Config, ckpt: Path, prompts: list[str]) -> tuple[list[str], str, float | None]:
+    """The answers (as --temperature says), the template, and the self-BLEU of --diversity_samples samples per
+    prompt at temperature 1 (sample k seeded with seed + 1 + k), None when off."""
     model = load_pretrained(ckpt, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     tok = Tokenizer.from_dir(ckpt)
     tok.check_vocab(model.cfg.vocab_size)
     template = (tok.template or "hh") if cfg.template == "auto" else cfg.template
-    return sample_answers(model, tok, prompts, template, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
-                          cfg.seed), template
+    answers = sample_answers(model, tok, prompts, template, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                             cfg.seed)
+    diversity = None
+    if cfg.diversity_samples:
+        samples = [sample_answers(model, tok, prompts, template, cfg.max_new_tokens, 1.0, cfg.batch_size,
+                                  cfg.seed + 1 + k) for k in range(cfg.diversity_samples)]
+        diversity = mean_self_bleu(list(zip(*samples)))
+    return answers, template, diversity
 
 
 def _cell(value, fmt: str) -> str:
@@ -421,8 +433,10 @@ def main(argv=None) -> dict:
     sides = {"A": ckpt_a, **({"B": ckpt_b} if ckpt_b else {})}
     answers, templates, metrics = {}, {}, {}
     for side, ckpt in sides.items():
-        answers[side], templates[side] = _answers(cfg, ckpt, prompts)
+        answers[side], templates[side], diversity = _answers(cfg, ckpt, prompts)
         metrics[side] = evaluate_answers(records, answers[side])
+        if diversity is not None:
+            metrics[side]["self_bleu"] = diversity
     result = {"config": asdict(cfg), "n_prompts": len(records), "templates": templates, "metrics": metrics}
     if ckpt_b:
         result["comparison"] = compare(prompts, answers["A"], answers["B"], judge)
@@ -436,6 +450,8 @@ def main(argv=None) -> dict:
             ("ROUGE-L vs reference", lambda m, s: _cell(m["rouge_l"], ".3f")),
             ("copies the prompt", lambda m, s: _cell(m["copy_rate"], ".1%")),
             ("mean answer length (words)", lambda m, s: _cell(m["mean_words"], ".1f"))]
+    if cfg.diversity_samples:
+        rows.append((f"self-BLEU of {cfg.diversity_samples} samples", lambda m, s: _cell(m["self_bleu"], ".3f")))
     for label, cell in rows:
         print(f"{label:28s}" + "".join(f"{cell(metrics[s], s):>14s}" for s in sides))
     for side, ckpt in sides.items():

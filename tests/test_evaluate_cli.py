@@ -134,8 +134,24 @@ def test_a_model_against_itself_is_exactly_one_half(models, rm_dir, judge, capsy
     assert "win rate of A over B: 0.5000" in capsys.readouterr().out
 
 
+def test_diversity_samples_is_self_bleu_of_seeded_samples(models, tok):
+    """--diversity_samples=K: self-BLEU of K samples per prompt at temperature 1, sample k seeded seed + 1 + k (a
+    second code path: sample_answers called here, self_bleu per prompt averaged by hand)."""
+    result = evaluate.main([f"--model_a={models[0]}", "--limit=3", "--max_new_tokens=8", "--diversity_samples=3",
+                            "--seed=5", f"--prompts={PROMPTS}"])
+    model = load_pretrained(models[0])
+    prompts = [r["prompt"] for r in read_jsonl(PROMPTS)[:3]]
+    samples = [evaluate.sample_answers(model, tok, prompts, "hh", 8, 1.0, 32, 6 + k) for k in range(3)]
+    assert samples[0] != samples[1]  # different seeds, different samples: the number measures something
+    expected = sum(evaluate.self_bleu([s[i] for s in samples]) for i in range(3)) / 3
+    assert result["metrics"]["A"]["self_bleu"] == pytest.approx(expected)
+    assert "self_bleu" not in evaluate.main([f"--model_a={models[0]}", "--limit=2", "--max_new_tokens=4",
+                                             f"--prompts={PROMPTS}"])["metrics"]["A"]
+
+
 @pytest.mark.parametrize("flags, message", [
     ([], "--model_a: required"),
+    (["--model_a={a}", "--diversity_samples=1"], "--diversity_samples=1: self-BLEU needs at least 2 samples"),
     (["--model_a=./no_such_model"], "--model_a=./no_such_model: checkpoint directory ./no_such_model does not exist"),
     (["--model_a={a}", "--model_b=./missing"], "--model_b=./missing: checkpoint directory ./missing does not exist"),
     (["--model_a={a}", "--judge=rm_missing"], "--judge=rm_missing: choose oracle or a reward model directory"),
