@@ -304,9 +304,11 @@ def main(argv=None):
     dist.print0(d, f"[{cfg.loss}] saved {ckpt} (step {min(cfg.stop_at or total, total)}/{total}); metrics in {log.path}")
 
     # --- save (done in the loop); greedy answers of the final model against the one it started from, on rank 0
-    if last is not None and cfg.eval_prompts and d.is_main:
-        policy = load_pretrained(ckpt, device=d.device) if d.enabled else model  # unsharded for generate()
-        result = compare_answers(cfg, d, policy, init_dir, tok, template, "init" if cfg.sft_data else "sft") or {}
+    if last is not None and d.is_main:
+        result = {}
+        if cfg.eval_prompts:
+            policy = load_pretrained(ckpt, device=d.device) if d.enabled else model  # unsharded for generate()
+            result = compare_answers(cfg, d, policy, init_dir, tok, template, "init" if cfg.sft_data else "sft") or {}
         result.update({k: v for k, v in last.items() if k.startswith("eval/")})
         result["wall_s"] = round(time.time() - t_start, 1)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -33,7 +33,8 @@ Around each stage (run_schedule):
   run reads θ* back from. Hbat's own state in a checkpoint is the accumulated scores; Ω, F and the frozen set
   are recomputed from them and from the stage-start checkpoint.
 - one line per finished stage, printed and appended to out_dir/stages.jsonl: its final loss, the penalty's share,
-  Ω's entropy, wall time and the memory EWC took.
+  Ω's entropy, wall time, the EWC set-up's wall time (ewc/setup_s: Ω from the scores, or the Fisher's
+  per-example gradients) and the memory EWC keeps (ewc/memory_mb).
 """
 from __future__ import annotations
 
@@ -235,6 +236,7 @@ def run_schedule(cfg, d: dist.Dist, stages: list[Stage], model, data: dict, *, s
         start_model = train.place(train.load_model(stage.start_dir, d), d) if resumed else model
         anchor = ewc.snapshot(start_model) if cfg.ewc != "none" else None
         penalty_fn, frozen, fisher, info = None, [], None, {}
+        t_ewc = time.time()
         if previous is not None and cfg.ewc != "none" and resume_step < end:
             if cfg.ewc == "modified":  # Ω from the accumulated scores of the other kind's stages
                 omega = ewc.importance(scores[previous.kind], cfg.lambda_max, cfg.ewc_temperature)
@@ -251,6 +253,8 @@ def run_schedule(cfg, d: dist.Dist, stages: list[Stage], model, data: dict, *, s
                 frozen = ewc.freeze_top(model, scores[previous.kind], FREEZE_FRACTION)
                 info["ewc/frozen"] = len(frozen)
         del start_model
+        if anchor is not None:  # the set-up's wall time: Ω from the scores, or the Fisher's per-example gradients
+            info["ewc/setup_s"] = time.time() - t_ewc
         if anchor is not None and d.device.type == "cuda":  # the allocator's peak over the set-up, above the start
             info["ewc/memory_mb"] = (torch.cuda.max_memory_allocated() - allocated) / 2**20
         elif anchor is not None:  # on CPU: the tensors EWC keeps for the stage, θ* and F
