@@ -19,3 +19,37 @@ def reference(module: str):
         if os.environ.get("NANOALIGN_REQUIRE_REFERENCE") == "1":
             pytest.fail(f"reference implementation {module!r} is required (NANOALIGN_REQUIRE_REFERENCE=1): {e}")
         pytest.skip(f"reference implementation {module!r} not installed ({e})")
+
+
+# --- tiny checkpoints shared by the script tests: a random 2-layer policy that ends about half its answers
+# early (so rollouts have different lengths) and a reward model on its trunk with a seeded head
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    from nanoalign.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(os.path.join(os.path.dirname(__file__), "..", "data", "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_init(tmp_path_factory, tiny_tok):
+    from nanoalign.checkpoint import save_pretrained
+    from nanoalign.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tiny_tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    with torch.no_grad():  # make EOS likely (~50%), so answers end at different lengths, some cut by the cap
+        h = model(torch.tensor([tiny_tok.encode("Human: hello")]), return_hidden=True)[0].mean(0)
+        model.lm_head.weight[tiny_tok.eos_id] = 2.6 * h / h.norm()
+    return save_pretrained(model, tmp_path_factory.mktemp("tiny_init") / "model", tokenizer=tiny_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tmp_path_factory, tiny_init, tiny_tok):
+    from nanoalign.reward import RewardModel
+
+    rm = RewardModel.from_causal_lm(tiny_init, generator=torch.Generator().manual_seed(1))
+    return rm.save_pretrained(tmp_path_factory.mktemp("tiny_rm") / "model", tokenizer=tiny_tok)
