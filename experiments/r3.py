@@ -50,12 +50,14 @@ metrics.jsonl). Starting the two processes takes ~8 s, the evaluation of 100 pro
 each, for both models) ~8 s. So --steps=25: ~110 s a job for rm, length, oracle and ~130 s for the four
 relevance arms on idle cores, 11 x ~125 s = 23 minutes; measured on a machine busy with other work, the r3 job
 took 157 s (5.7 s a step), which would make ~27 minutes. 30 steps would not fit that margin. (train_ppo's own
-default is 60 steps: this experiment trains every arm for less than that, the same for all.)
+default is 60 steps: this experiment trains every arm for less than that, the same for all.) With so few steps
+train_ppo's learning rate (2e-5) leaves every policy within KL ~0.2 of the SFT model, where the arms differ by
+noise; --lr=1e-4 moves them (KL ~1 measured in one probe), enough for what each reward pulls toward to show.
 
 Results: exp/r3/results.json and results.md (mean ± std over seeds); each run in exp/r3/<arm>/seed<k>/ (the PPO
 run's metrics.jsonl and model/, eval_vs_sft.json with the answers, commands.txt, log.txt). Rerunning skips the
-jobs that finished; an interrupted one starts again. A finished job is skipped whatever the flags say now: to
-change --steps, --ppo_args or the models, give a new --out.
+jobs that finished with the same command lines; an interrupted job, or one whose commands changed (other
+--steps, --lr, --ppo_args or models), starts again.
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ class Config:
     arms: str = ",".join(ARMS)  # the arms to run, comma-separated (train_ppo.py --reward values)
     seeds: int = 3              # seeds 0..seeds-1 per arm
     steps: int = 25             # PPO steps per run (see Budget)
+    lr: float = 1e-4            # policy learning rate of every arm (see Budget: at train_ppo's 2e-5 the policies barely move)
     rollout_batch_size: int = 64  # prompts sampled per PPO step
     eval_prompts: int = 100     # held-out prompts each policy and the SFT model answer (the first N)
     diversity_samples: int = 4  # answers sampled per prompt for self-BLEU
@@ -131,7 +134,7 @@ def jobs(cfg: Config, arms: list[str], seeds: list[int]) -> list[experiment.Job]
             result.append(experiment.Job(f"{arm}/seed{seed}", run_dir, [
                 experiment.script("train_ppo.py", f"--reward={arm}", f"--seed={seed}", f"--out_dir={run_dir}",
                                   f"--init={cfg.sft}", f"--reward_model={cfg.reward_model}", "--eval_data=", f"--steps={cfg.steps}",
-                                  f"--rollout_batch_size={cfg.rollout_batch_size}", "--save_every=0", *quick_ppo,
+                                  f"--lr={cfg.lr}", f"--rollout_batch_size={cfg.rollout_batch_size}", "--save_every=0", *quick_ppo,
                                   *shlex.split(cfg.ppo_args)),
                 experiment.script("-m", "nanoalign.evaluate", f"--model_a={run_dir / 'model'}", f"--model_b={cfg.sft}",
                                   f"--limit={cfg.eval_prompts}", f"--diversity_samples={cfg.diversity_samples}",

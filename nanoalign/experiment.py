@@ -17,8 +17,9 @@ Decisions
   are written to its `commands.txt`, its output to `log.txt`).
 - Parallel processes, one thread each: the tiny models are too small for intra-op threads to pay off, so on a
   2-core laptop two runs side by side finish in about half the time of two runs one after another.
-- Resume: a job writes `done` when all its commands succeeded; rerunning the experiment skips those and starts
-  an unfinished one again from an empty directory (a half-written run is never mixed with a new one).
+- Resume: a job writes `done` when all its commands succeeded; rerunning the experiment skips those whose
+  command lines are unchanged, and starts any other again from an empty directory (a half-written run, or one
+  made with other flags, is never mixed with a new one).
 - A failing command stops the experiment with one line naming the job, the command and the log file.
 """
 from __future__ import annotations
@@ -64,15 +65,26 @@ def shell_line(command: list[str]) -> str:
                     for c in command)
 
 
-def run_job(job: Job, threads: int = 1) -> float:
-    """Run a job's commands in order (skipped if it finished before); returns its wall time in seconds."""
+def _script_text(job: Job) -> str:
+    return "".join(shell_line(c) + "\n" for c in job.commands)
+
+
+def finished(job: Job) -> bool:
+    """Did this job finish earlier with the same command lines? (Other flags: it must run again.)"""
     run_dir = Path(job.run_dir)
-    if (run_dir / DONE).exists():
+    return (run_dir / DONE).exists() and (run_dir / "commands.txt").read_text() == _script_text(job)
+
+
+def run_job(job: Job, threads: int = 1) -> float:
+    """Run a job's commands in order (skipped if it finished before with the same commands); returns its wall
+    time in seconds."""
+    run_dir = Path(job.run_dir)
+    if finished(job):
         return 0.0
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted job starts again from nothing
     run_dir.mkdir(parents=True)
-    (run_dir / "commands.txt").write_text("".join(shell_line(c) + "\n" for c in job.commands))
+    (run_dir / "commands.txt").write_text(_script_text(job))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TQDM_DISABLE": "1"}
     t0 = time.time()
@@ -98,7 +110,7 @@ def run_jobs(jobs: list[Job], parallel: int = 2, threads: int = 1) -> None:
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"job names must be unique: {names}")
-    todo = [j for j in jobs if not (Path(j.run_dir) / DONE).exists()]
+    todo = [j for j in jobs if not finished(j)]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} runs finished earlier: skipped", flush=True)
     failed = threading.Event()

@@ -77,3 +77,14 @@ def test_write_results_writes_json_and_the_mean_std_table(tmp_path):
     table = experiment.write_results(tmp_path, results)
     assert json.loads((tmp_path / "results.json").read_text()) == results
     assert "| x | 2 | 2.0 ± 1.4 |" in table and (tmp_path / "results.md").read_text() == "# T\n\n" + table
+
+
+def test_a_finished_job_runs_again_when_its_commands_changed(tmp_path):
+    out = tmp_path / "x"
+    experiment.run_jobs([experiment.Job("a", tmp_path / "a", [py(f"open('{out}', 'w').write('lr 1')")])])
+    experiment.run_jobs([experiment.Job("a", tmp_path / "a", [py(f"open('{out}', 'w').write('lr 1')")])])
+    out.write_text("kept")
+    experiment.run_jobs([experiment.Job("a", tmp_path / "a", [py(f"open('{out}', 'w').write('lr 1')")])])
+    assert out.read_text() == "kept"  # same commands: skipped
+    experiment.run_jobs([experiment.Job("a", tmp_path / "a", [py(f"open('{out}', 'w').write('lr 2')")])])
+    assert out.read_text() == "lr 2"  # other flags: run again
