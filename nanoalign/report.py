@@ -8,7 +8,8 @@ What it reads
   and numbers: loss, eval_loss, rm/accuracy, rewards/margins, objective/kl, eval/win_rate, ...; SFT records also
   carry a "phase") and, once the run has finished, eval.json (a flat dict of final numbers).
 - An experiment directory: one sub-directory per arm holding one run per seed (exp/hbat/two_stage/seed0/,
-  exp/hbat/two_stage/seed1/, ...; or the run itself, exp/hbat/two_stage/metrics.jsonl, for a single seed), and
+  exp/hbat/two_stage/seed1/, ...; or the run itself, exp/hbat/two_stage/metrics.jsonl, for a single seed; an arm
+  results.json names by a path, "dpo/hbat", is the directory exp/hbat/dpo/hbat/), and
   results.json, the numbers the experiment compares, one value per seed:
 
       {"title": "Hbat: two stages vs joint training",          (optional)
@@ -175,6 +176,9 @@ def load_experiment(path: Path) -> dict:
     results = load_results(path / "results.json") if (path / "results.json").is_file() else None
     found = {p.name: seed_dirs(p) for p in sorted(path.iterdir(), key=_natural) if p.is_dir()}
     order = list(results["arms"]) if results else []
+    for arm in order:  # an arm named by a path ("dpo/hbat": exp/hbat/dpo/hbat/seed0/...)
+        if arm not in found and (path / arm).is_dir():
+            found[arm] = seed_dirs(path / arm)
     order += [arm for arm, seeds in found.items() if seeds and arm not in order]
     arms = {arm: [load_run(s) for s in found.get(arm, [])] for arm in order}
     return {"path": path, "results": results, "arms": arms}

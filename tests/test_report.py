@@ -248,3 +248,18 @@ def test_runs_of_the_same_name_get_distinct_figures():
     taken = set()
     assert [report._slug(Path(p), taken) for p in ("a/sft", "b/sft", "b/sft", "ppo")] == ["sft", "b_sft", "sft-2",
                                                                                           "ppo"]
+
+
+def test_arms_named_by_a_path_are_found_in_their_nested_directories(tmp_path, monkeypatch):
+    """experiments/hbat.py and real.py name arms "dpo/hbat", "multi/easy": the runs are exp/dpo/hbat/seed0/."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    exp = tmp_path / "exp"
+    for arm in ("joint", "two_stage"):
+        shutil.copytree(FIXTURE / "exp" / arm, exp / "dpo" / arm)
+    results = json.loads((FIXTURE / "exp" / "results.json").read_text())
+    results["arms"] = {f"dpo/{arm}": values for arm, values in results["arms"].items()}
+    (exp / "results.json").write_text(json.dumps(results))
+    loaded = report.load_experiment(exp)
+    assert {arm: [r["path"] for r in runs] for arm, runs in loaded["arms"].items()} == {
+        arm: [exp / arm / "seed0", exp / arm / "seed1"] for arm in results["arms"]}
+    assert "dpo/joint (seed0, seed1)" in report.build_report([exp], tmp_path / "out").read_text()
