@@ -195,8 +195,10 @@ def mean_std(values) -> str:
     if len(x) == 1:
         return f"{x[0]:.4g}"
     mean, std = x.mean(), x.std(ddof=1)
-    if not np.isfinite(std) or std == 0:
+    if not np.isfinite(std):
         return f"{mean:.4g} ± {std:.2g}"
+    if std <= 1e-12 * max(1.0, abs(mean)):  # equal values, up to the rounding of their mean: no spread
+        return f"{mean:.4g} ± 0"
     decimals = min(8, max(0, 1 - math.floor(math.log10(std))))
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 

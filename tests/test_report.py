@@ -106,6 +106,8 @@ def test_summary_table_mean_and_sample_std_by_hand():
     # std to two significant digits, the mean to as many decimals
     assert report.mean_std([100, 130]) == "115 ± 21"
     assert report.mean_std([1.0, 1.0]) == "1 ± 0"
+    # equal values whose float mean is off by rounding (std ~1e-17) show no spread, not 8 decimals of zeros
+    assert report.mean_std([0.4777432, 0.4777432, 0.4777432]) == "0.4777 ± 0"
     # no "metrics": every metric, first seen first
     assert report.summary_table({"arms": {"x": {"m": [1.0, 2.0]}, "y": {"n": [3.0]}}}).splitlines()[0] == \
         "| arm | seeds | m | n |"
