@@ -44,7 +44,7 @@ import torch
 
 from nanoalign import real, train, world
 from nanoalign.checkpoint import load_pretrained, resolve_dir
-from nanoalign.cli import InputError, check_choice, check_positive, check_range, parse_config, run
+from nanoalign.cli import InputError, check_choice, check_device, check_positive, check_range, parse_config, run
 from nanoalign.data import read_hh, read_jsonl, read_shp
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
 
@@ -84,8 +84,7 @@ def check_config(cfg: Config) -> None:
     check_choice(cfg, "dtype", ("float32", "bfloat16"))
     check_range(cfg, "fraction", 0.0, 1.0, low_open=True)
     check_positive(cfg, "max_len", "max_response_len", "batch_size")
-    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
-        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    check_device(cfg)
     train.check_files(cfg, "data")
 
 

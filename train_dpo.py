@@ -55,9 +55,10 @@ import torch
 import train_sft
 from nanoalign import dist, dpo, hbat, train, world
 from nanoalign.checkpoint import load_pretrained, model_config, resolve_dir
-from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
-from nanoalign.data import collate_pairs, read_hh, read_jsonl, tokenize_pairs, tokenize_sft
-from nanoalign.evaluate import oracle_score, win_rate
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
+                           parse_config, run)
+from nanoalign.data import collate_pairs, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
+from nanoalign.evaluate import oracle_score, sample_answers, win_rate
 from nanoalign.losses import dpo_loss
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
 
@@ -127,20 +128,9 @@ def check_config(cfg: Config) -> None:
         raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
     check_non_negative(cfg, "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at", "num_samples")
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
-    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
-        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    check_device(cfg)
     train.check_files(cfg, "data", "val_data", "eval_prompts")
     hbat.check_config(cfg, "dpo")
-
-
-def load_pairs(path: str, fmt: str) -> list[dict]:
-    if fmt == "hh":
-        return read_hh(path)
-    try:
-        return read_jsonl(path, required=("prompt", "chosen", "rejected"))
-    except ValueError as e:
-        hint = "; HH-RLHF transcripts? pass --format=hh" if "missing key 'prompt'" in str(e) else ""
-        raise ValueError(f"{e}{hint}") from None
 
 
 def pair_sums(model, pairs: list[dict], cfg: Config, pad_id: int, amp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +163,7 @@ def compare_answers(cfg, d, policy, init_dir, tok, template, base: str = "sft") 
     answers = {}
     for name in ("dpo", base):
         model = policy if name == "dpo" else load_pretrained(init_dir, device=d.device)
-        answers[name] = dpo.sample_answers(model, tok, prompts, template, cfg.max_new_tokens)
+        answers[name] = sample_answers(model, tok, prompts, template, cfg.max_new_tokens)
         del model
     for p, a, b in list(zip(prompts, answers["dpo"], answers[base]))[:cfg.num_samples]:
         print(f"\n> {p}\n  dpo: {a}\n  {base}: {b}")
@@ -270,8 +260,8 @@ def main(argv=None):
     tok.template = template  # saved with the checkpoint: the generate CLI uses it
 
     # --- data: the pairs (and Hbat's SFT examples), each in --splits disjoint parts
-    train_rows = tokenize_pairs(load_pairs(cfg.data, cfg.format), tok, template, cfg.max_len, cfg.max_response_len)
-    val_rows = tokenize_pairs(load_pairs(cfg.val_data, cfg.format), tok, template, cfg.max_len,
+    train_rows = tokenize_pairs(read_pairs(cfg.data, cfg.format), tok, template, cfg.max_len, cfg.max_response_len)
+    val_rows = tokenize_pairs(read_pairs(cfg.val_data, cfg.format), tok, template, cfg.max_len,
                               cfg.max_response_len) if cfg.val_data else []
     if not train_rows:
         raise InputError(f"--data={cfg.data}: no preference pairs left after tokenizing")

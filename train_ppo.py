@@ -38,7 +38,8 @@ import torch
 import train_sft
 from nanoalign import dist, hbat, ppo, train, world
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
+                           parse_config, run)
 from nanoalign.data import read_jsonl, tokenize_sft
 from nanoalign.losses import AdaptiveKLController, masked_mean
 from nanoalign.reward import RewardModel
@@ -127,8 +128,7 @@ def check_config(cfg: Config) -> None:
     for name in ("mini_batch_size", "gen_batch_size"):
         if cfg.rollout_batch_size % getattr(cfg, name):
             raise InputError(f"--{name}={getattr(cfg, name)} must divide --rollout_batch_size={cfg.rollout_batch_size}")
-    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
-        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    check_device(cfg)
     train.check_files(cfg, "data", "eval_data")
     hbat.check_config(cfg, "ppo")
 

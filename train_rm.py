@@ -39,8 +39,9 @@ import torch
 
 from nanoalign import dist, train
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
-from nanoalign.data import collate_pairs, collate_sft, read_hh, read_jsonl, tokenize_pairs, tokenize_sft
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
+                           parse_config, run)
+from nanoalign.data import collate_pairs, collate_sft, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
 from nanoalign.losses import bt_loss
 from nanoalign.reward import RewardModel, is_reward_checkpoint, set_offset_to_zero_mean
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
@@ -85,15 +86,10 @@ def check_config(cfg: Config) -> None:
     check_positive(cfg, "batch_size", "micro_batch_size", "max_len", "max_response_len", "lr", "eval_every")
     check_non_negative(cfg, "steps", "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at")
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
-    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
-        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    check_device(cfg)
     if not cfg.init:
         raise InputError("--init: give the SFT checkpoint (a directory or a hub id) to start from")
     train.check_files(cfg, "data", "val_data", "offset_data")
-
-
-def load_pairs(path: str, fmt: str) -> list[dict]:
-    return read_hh(path) if fmt == "hh" else read_jsonl(path, required=("prompt", "chosen", "rejected"))
 
 
 def pair_sums(rm, pairs: list[dict], pad_id: int, amp):
@@ -178,8 +174,8 @@ def main(argv=None):
                    f"template {cfg.template!r}")
 
     # --- data
-    train_rows = tokenize_pairs(load_pairs(cfg.data, cfg.format), tok, cfg.template, cfg.max_len, cfg.max_response_len)
-    val_rows = tokenize_pairs(load_pairs(cfg.val_data, cfg.format), tok, cfg.template, cfg.max_len,
+    train_rows = tokenize_pairs(read_pairs(cfg.data, cfg.format), tok, cfg.template, cfg.max_len, cfg.max_response_len)
+    val_rows = tokenize_pairs(read_pairs(cfg.val_data, cfg.format), tok, cfg.template, cfg.max_len,
                               cfg.max_response_len) if cfg.val_data else []
     offset_rows = tokenize_sft(read_jsonl(cfg.offset_data, required=("prompt", "response")), tok, cfg.template,
                                cfg.max_len, cfg.max_response_len) if cfg.offset_data else []

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from nanoalign import dist, hbat, train
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, check_range, parse_config, run
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
+                           parse_config, run)
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
 from nanoalign.evaluate import evaluate_answers, sample_answers
 from nanoalign.model import ModelConfig, Transformer
@@ -130,8 +131,7 @@ def check_config(cfg: Config) -> None:
                    "pretrain_steps", "pretrain_lr", "dim", "n_layer", "n_head", "hidden_dim", "eval_every")
     check_non_negative(cfg, "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at", "num_samples")
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
-    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
-        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    check_device(cfg)
     train.check_files(cfg, "data", "val_data", "eval_data")
 
 

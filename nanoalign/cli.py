@@ -63,6 +63,14 @@ def check_range(cfg, name: str, low=None, high=None, *, low_open=False, high_ope
         raise InputError(f"--{name}={value}: must be in {interval}")
 
 
+def check_device(cfg) -> None:
+    """--device: cpu, or cuda (cuda:N) on a machine with a GPU."""
+    import torch  # here, so that parsing flags does not need torch
+
+    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
+        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+
+
 def check_positive(cfg, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:

@@ -177,6 +177,18 @@ def read_hh(path: str | Path) -> list[dict]:
     return records
 
 
+def read_pairs(path: str | Path, fmt: str = "jsonl") -> list[dict]:
+    """Preference pairs as the RM and DPO scripts read them: {"prompt","chosen","rejected"} JSONL, or HH-RLHF
+    transcripts with fmt="hh". A JSONL without "prompt" hints at --format=hh."""
+    if fmt == "hh":
+        return read_hh(path)
+    try:
+        return read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    except ValueError as e:
+        hint = "; HH-RLHF transcripts? pass --format=hh" if "missing key 'prompt'" in str(e) else ""
+        raise ValueError(f"{e}{hint}") from None
+
+
 # --- Alpaca / AlpacaFarm
 
 

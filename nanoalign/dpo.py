@@ -1,10 +1,8 @@
-"""DPO's pieces around the loss (losses.dpo_loss): response log-probs of pairs, the reference log-prob cache,
-and greedy answers for the win rate.
+"""DPO's pieces around the loss (losses.dpo_loss): response log-probs of pairs and the reference log-prob cache.
 
     response_logps(model, batch)        log p(response | prompt) of each row of a right-padded batch, (B,)
     reference_logps(ref_dir, splits)    the frozen reference's log-probs of every pair: computed once, cached
     with_reference(rows, logps)         the pairs with their reference log-probs attached, as the loss uses them
-    sample_answers(model, tok, prompts) greedy answers (generic: belongs in evaluate.py)
 
 Why the reference log-probs can be computed before training: DPO's reference pi_ref is frozen, so
 log pi_ref(y | x) of a pair never changes while the policy trains. Each pair needs two numbers (chosen,
@@ -33,9 +31,8 @@ import torch
 from . import dist, train
 from .checkpoint import tensor_files
 from .data import IGNORE_INDEX, collate_pairs
-from .generate import generate
 from .losses import sequence_logps, shift_mask, token_logprobs
-from .tokenizer import encode_prompt
+
 
 CACHE_VERSION = "nanoalign-ref-logps-v1"
 
@@ -159,30 +156,3 @@ def reference_logps(ref_dir, splits: dict[str, list[dict]], pad_id: int, cache_p
         print(f"reference log-probs: saved {cache_path}; reference model freed", flush=True)
     dist.barrier(d)
     return logps
-
-
-# --- greedy answers (generic: to move to nanoalign/evaluate.py)
-
-
-@torch.no_grad()
-def sample_answers(model, tok, prompts: list[str], template: str, max_new_tokens: int = 48,
-                   batch_size: int = 32) -> list[str]:
-    """Greedy answers (temperature 0) to raw prompts formatted with the template, each decoded up to its stop
-    token and stripped. A prompt too long for the context keeps its end (the question) and its BOS. Runs on
-    the model's device, unsharded (under torchrun: on one rank, from the saved checkpoint)."""
-    room = model.cfg.max_seq_len - max_new_tokens
-    if room < 2:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
-                         f"{model.cfg.max_seq_len} tokens")
-    was_training = model.training
-    model.eval()
-    bos = 1 if tok.add_bos else 0
-    answers = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [encode_prompt(tok, p, template) for p in prompts[i:i + batch_size]]
-        ids = [x if len(x) <= room else x[:bos] + x[len(x) - room + bos:] for x in ids]
-        gen = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                       vocab_size=tok.vocab_size)
-        answers += [tok.decode(gen.response(j)).strip() for j in range(len(ids))]
-    model.train(was_training)
-    return answers

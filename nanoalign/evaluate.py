@@ -44,7 +44,7 @@ import torch
 
 from nanoalign import world
 from nanoalign.checkpoint import load_pretrained, resolve_dir
-from nanoalign.cli import InputError, check_choice, check_non_negative, check_positive, parse_config
+from nanoalign.cli import InputError, check_choice, check_device, check_non_negative, check_positive, parse_config
 from nanoalign.data import collate_sft, read_jsonl, truncate_example
 from nanoalign.generate import generate, sampling_error
 from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt, encode_response
@@ -374,8 +374,7 @@ def _check_config(cfg: Config) -> None:
         raise InputError("--diversity_samples=1: self-BLEU needs at least 2 samples per prompt (or 0: off)")
     if problem := sampling_error(cfg.max_new_tokens, cfg.temperature, None, None):
         raise InputError("--" + problem)
-    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
-        raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    check_device(cfg)
     if not Path(cfg.prompts).is_file():
         raise InputError(f"--prompts={cfg.prompts}: not found (looked in {Path.cwd()})")
     if cfg.judge != "oracle" and not Path(cfg.judge).is_dir():

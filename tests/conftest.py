@@ -21,8 +21,8 @@ def reference(module: str):
         pytest.skip(f"reference implementation {module!r} not installed ({e})")
 
 
-# --- tiny checkpoints shared by the script tests: a random 2-layer policy that ends about half its answers
-# early (so rollouts have different lengths) and a reward model on its trunk with a seeded head
+# --- tiny checkpoints shared by the script tests: a random 2-layer model, the same model ending about half its
+# answers early (so rollouts have different lengths), and a reward model on its trunk with a seeded head
 
 
 @pytest.fixture(scope="session")
@@ -32,16 +32,31 @@ def tiny_tok():
     return Tokenizer.from_dir(os.path.join(os.path.dirname(__file__), "..", "data", "tokenizer"))
 
 
-@pytest.fixture(scope="session")
-def tiny_init(tmp_path_factory, tiny_tok):
-    from nanoalign.checkpoint import save_pretrained
+def _tiny_model(tok):
     from nanoalign.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tiny_tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
                                     max_seq_len=128))
     model.init_weights()
-    with torch.no_grad():  # make EOS likely (~50%), so answers end at different lengths, some cut by the cap
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_plain(tmp_path_factory, tiny_tok):
+    """A random 2-layer model (seed 0) as initialised."""
+    from nanoalign.checkpoint import save_pretrained
+
+    return save_pretrained(_tiny_model(tiny_tok), tmp_path_factory.mktemp("tiny_plain") / "model", tokenizer=tiny_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_init(tmp_path_factory, tiny_tok):
+    """The same model with EOS made likely (~50%), so answers end at different lengths, some cut by the cap."""
+    from nanoalign.checkpoint import save_pretrained
+
+    model = _tiny_model(tiny_tok)
+    with torch.no_grad():
         h = model(torch.tensor([tiny_tok.encode("Human: hello")]), return_hidden=True)[0].mean(0)
         model.lm_head.weight[tiny_tok.eos_id] = 2.6 * h / h.norm()
     return save_pretrained(model, tmp_path_factory.mktemp("tiny_init") / "model", tokenizer=tiny_tok)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_dpo
-from nanoalign import dist, dpo, train
+from nanoalign import dist, dpo, evaluate, train
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
 from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs
@@ -221,7 +221,7 @@ def test_an_unchanged_policy_ties_with_the_reference_on_every_prompt(init_dir, f
     gen = generate(model, [encode_prompt(tok, prompts[0], "hh")], 6, temperature=0.0, stop_ids=tok.stop_ids,
                    pad_id=tok.pad_id)
     expected = tok.decode(gen.tokens[0, :int(gen.mask[0].sum())].tolist()).strip()
-    assert dpo.sample_answers(model, tok, prompts, "hh", 6, batch_size=2)[0] == expected
+    assert evaluate.sample_answers(model, tok, prompts, "hh", 6, batch_size=2)[0] == expected
 
 
 def test_hh_transcripts_and_the_template_saved_with_the_init(init_dir, tok, tmp_path, capsys):

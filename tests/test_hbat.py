@@ -17,11 +17,9 @@ import train_dpo
 import train_ppo
 import train_sft
 from nanoalign import ewc, hbat
-from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
-from nanoalign.model import ModelConfig, Transformer
 from nanoalign.reward import RewardModel
-from nanoalign.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,29 +104,6 @@ def test_evenly_spaced_sample():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_dir(ROOT / "data" / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
-                                    max_seq_len=128))
-    model.init_weights()
-    with torch.no_grad():  # make EOS likely (~50%), so PPO's rollouts end at different lengths
-        h = model(torch.tensor([tok.encode("Human: hello")]), return_hidden=True)[0].mean(0)
-        model.lm_head.weight[tok.eos_id] = 2.6 * h / h.norm()
-    return save_pretrained(model, tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, init_dir, tok):
-    rm = RewardModel.from_causal_lm(init_dir, generator=torch.Generator().manual_seed(1))
-    return rm.save_pretrained(tmp_path_factory.mktemp("rm") / "model", tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     prefs = (ROOT / "data" / "prefs_val.jsonl").read_text().splitlines(True)
@@ -138,18 +113,18 @@ def files(tmp_path_factory):
     return d
 
 
-def dpo_args(init_dir, out, files, *extra):
+def dpo_args(tiny_init, out, files, *extra):
     """SFT_1, DPO_1, SFT_2, DPO_2 of 2 steps each (run steps 1-2, 3-4, 5-6, 7-8); a repeated flag wins."""
-    return [f"--init={init_dir}", f"--out_dir={out}", f"--data={files}/prefs.jsonl",
+    return [f"--init={tiny_init}", f"--out_dir={out}", f"--data={files}/prefs.jsonl",
             f"--val_data={files}/prefs_val.jsonl", "--eval_prompts=", f"--sft_data={files}/sft.jsonl",
             "--schedule=alternating", "--splits=2", "--steps=4", "--sft_steps=4", "--batch_size=4",
             "--micro_batch_size=4", "--max_len=128", "--warmup_steps=1", "--eval_every=2", "--save_every=0",
             "--device=cpu", "--dtype=float32", "--lr=1e-3", "--sft_lr=1e-3", *extra]
 
 
-def ppo_args(init_dir, rm_dir, out, files, *extra):
+def ppo_args(tiny_init, tiny_rm, out, files, *extra):
     """SFT_1 (run steps 1-2), PPO_1 (3), SFT_2 (4-5), PPO_2 (6); a repeated flag wins."""
-    return [f"--init={init_dir}", f"--reward_model={rm_dir}", f"--out_dir={out}", f"--data={ROOT}/data/sft_val.jsonl",
+    return [f"--init={tiny_init}", f"--reward_model={tiny_rm}", f"--out_dir={out}", f"--data={ROOT}/data/sft_val.jsonl",
             "--eval_data=", f"--sft_data={files}/sft.jsonl", "--schedule=alternating", "--splits=2", "--steps=2",
             "--sft_steps=4", "--rollout_batch_size=8", "--gen_batch_size=4", "--mini_batch_size=4",
             "--micro_batch_size=4", "--ppo_epochs=1", "--max_prompt_len=64", "--max_new_tokens=8", "--lr=1e-3",
@@ -187,9 +162,9 @@ def assert_same_records(a, b, tol, skip=("pairs_per_s", "tok_per_s", "wall_s")):
                 assert abs(x[k] - y[k]) <= tol, (x["step"], k, x[k], y[k])
 
 
-def test_alternating_dpo_stages_ewc_and_references(init_dir, files, tmp_path, capsys):
+def test_alternating_dpo_stages_ewc_and_references(tiny_init, files, tmp_path, capsys):
     out = tmp_path / "hbat"
-    train_dpo.main(dpo_args(init_dir, out, files))
+    train_dpo.main(dpo_args(tiny_init, out, files))
     printed = capsys.readouterr().out
     log = records(out)
     assert [(r["step"], r["stage"]) for r in log] == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3), (7, 4), (8, 4)]
@@ -216,7 +191,7 @@ def test_alternating_dpo_stages_ewc_and_references(init_dir, files, tmp_path, ca
     assert printed.count("[stage ") == 4 and "[stage 4/4 dpo, split 2, 2 steps," in printed
     # Ω of DPO_2 comes from the scores of SFT_1 and SFT_2, read back from the stage checkpoints
     snap = lambda p: ewc.snapshot(load_pretrained(p))  # noqa: E731
-    init, s1, s2, s3 = snap(init_dir), snap(out / "stage1_sft"), snap(out / "stage2_dpo"), snap(out / "stage3_sft")
+    init, s1, s2, s3 = snap(tiny_init), snap(out / "stage1_sft"), snap(out / "stage2_dpo"), snap(out / "stage3_sft")
     scores = ewc.accumulate(ewc.delta_scores(init, s1), ewc.delta_scores(s2, s3))
     omega = ewc.importance(scores, 100.0, 1.0)
     assert log[6]["ewc/omega_entropy"] == pytest.approx(ewc.omega_entropy(omega), abs=1e-9)
@@ -224,14 +199,14 @@ def test_alternating_dpo_stages_ewc_and_references(init_dir, files, tmp_path, ca
     assert saved["sft"] == pytest.approx(scores, rel=1e-9)  # the checkpoint carries the accumulated scores
 
 
-def test_dpo_resume_anywhere_in_the_schedule(init_dir, files, tmp_path, capsys):
+def test_dpo_resume_anywhere_in_the_schedule(tiny_init, files, tmp_path, capsys):
     """Stopped at the end of stage 2, resumed and stopped inside stage 3, resumed to the end: the same metrics
     and weights as a run that never stopped, and the penalty logged inside stage 3 is the formula's."""
     extra = ["--ewc_temperature=1e13"]  # S_u is ~1e14 here: Ω spread over the tensors
-    train_dpo.main(dpo_args(init_dir, tmp_path / "full", files, *extra))
-    train_dpo.main(dpo_args(init_dir, tmp_path / "cut", files, *extra, "--stop_at=4"))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "full", files, *extra))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "cut", files, *extra, "--stop_at=4"))
     assert not (tmp_path / "cut" / "stage3_sft").exists() and (tmp_path / "cut" / "stage2_dpo").exists()
-    train_dpo.main(dpo_args(init_dir, tmp_path / "cut", files, *extra, "--stop_at=5", "--resume"))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "cut", files, *extra, "--stop_at=5", "--resume"))
     cut = tmp_path / "cut"
     state = torch.load(cut / "model" / "train_state.pt", weights_only=False)
     assert state["step"] == 5 and state["extra"]["hbat"]["stage"] == 2
@@ -242,7 +217,7 @@ def test_dpo_resume_anywhere_in_the_schedule(init_dir, files, tmp_path, capsys):
     omega = ewc.importance(scores, 100.0, 1e13)
     expected = ewc.ewc_penalty(load_pretrained(cut / "model"), anchor, omega).item()
     capsys.readouterr()
-    train_dpo.main(dpo_args(init_dir, cut, files, *extra, "--resume"))
+    train_dpo.main(dpo_args(tiny_init, cut, files, *extra, "--resume"))
     assert "resumed from" in capsys.readouterr().out
     full = records(tmp_path / "full")
     assert full[5]["ewc/penalty"] == pytest.approx(expected, rel=1e-5)
@@ -253,16 +228,16 @@ def test_dpo_resume_anywhere_in_the_schedule(init_dir, files, tmp_path, capsys):
     assert_same_weights(tmp_path / "full" / "model", cut / "model", 1e-6)
 
 
-def test_one_split_without_ewc_is_the_two_stage_pipeline(init_dir, files, tmp_path):
+def test_one_split_without_ewc_is_the_two_stage_pipeline(tiny_init, files, tmp_path):
     """--schedule=alternating --splits=1 --ewc=none, --schedule=two_stage, and train_sft.py then train_dpo.py:
     the same final weights."""
     common = ["--sft_steps=3", "--steps=3"]
-    train_dpo.main(dpo_args(init_dir, tmp_path / "hbat", files, *common, "--splits=1", "--ewc=none"))
-    train_dpo.main(dpo_args(init_dir, tmp_path / "two", files, *common, "--schedule=two_stage"))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "hbat", files, *common, "--splits=1", "--ewc=none"))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "two", files, *common, "--schedule=two_stage"))
     assert_same_weights(tmp_path / "hbat" / "model", tmp_path / "two" / "model", 0)
     assert [(s["kind"], s["steps"]) for s in records(tmp_path / "two", "stages.jsonl")] == [("sft", 3), ("dpo", 3)]
     # the plain scripts, one after the other, with the SFT stage's settings
-    train_sft.main([f"--init={init_dir}", f"--out_dir={tmp_path}/sft", "--mode=sft", f"--data={files}/sft.jsonl",
+    train_sft.main([f"--init={tiny_init}", f"--out_dir={tmp_path}/sft", "--mode=sft", f"--data={files}/sft.jsonl",
                     "--val_data=", "--eval_data=", "--steps=3", "--lr=1e-3", "--micro_batch_size=4", "--max_len=128",
                     "--save_every=0", "--device=cpu", "--dtype=float32"])
     train_dpo.main(dpo_args(tmp_path / "sft" / "model", tmp_path / "dpo", files, "--steps=3", "--schedule=two_stage",
@@ -270,12 +245,12 @@ def test_one_split_without_ewc_is_the_two_stage_pipeline(init_dir, files, tmp_pa
     assert_same_weights(tmp_path / "two" / "model", tmp_path / "dpo" / "model", 1e-6)
 
 
-def test_freeze_keeps_the_most_changed_tensors_for_one_stage(init_dir, files, tmp_path):
+def test_freeze_keeps_the_most_changed_tensors_for_one_stage(tiny_init, files, tmp_path):
     out = tmp_path / "freeze"
-    train_dpo.main(dpo_args(init_dir, out, files, "--ewc=freeze", "--steps=2", "--sft_steps=4"))
-    w = {name: policy_weights(p) for name, p in (("init", init_dir), ("s1", out / "stage1_sft"),
+    train_dpo.main(dpo_args(tiny_init, out, files, "--ewc=freeze", "--steps=2", "--sft_steps=4"))
+    w = {name: policy_weights(p) for name, p in (("init", tiny_init), ("s1", out / "stage1_sft"),
                                                  ("s2", out / "stage2_dpo"), ("s3", out / "stage3_sft"))}
-    scores = ewc.delta_scores(ewc.snapshot(load_pretrained(init_dir)), ewc.snapshot(load_pretrained(out / "stage1_sft")))
+    scores = ewc.delta_scores(ewc.snapshot(load_pretrained(tiny_init)), ewc.snapshot(load_pretrained(out / "stage1_sft")))
     top = sorted(scores, key=lambda n: -scores[n])[:math.ceil(0.2 * len(scores))]
     assert len(top) >= 2
     for n in scores:  # parameter names are the state_dict's keys
@@ -286,14 +261,14 @@ def test_freeze_keeps_the_most_changed_tensors_for_one_stage(init_dir, files, tm
     assert stages[1]["ewc/frozen"] == len(top) and "ewc/penalty" not in stages[1]
 
 
-def test_alternating_ppo_with_fisher_ewc_resumes_exactly(init_dir, rm_dir, files, tmp_path):
+def test_alternating_ppo_with_fisher_ewc_resumes_exactly(tiny_init, tiny_rm, files, tmp_path):
     """PPO stages between SFT stages with Fisher EWC (SFT_2's Fisher over answers sampled to PPO_1's prompts,
     recomputed from the stage-start checkpoint after the resume): stopped inside stage 3 and resumed, the same
     run; the critic carries over from PPO_1 to PPO_2."""
     extra = ["--ewc=fisher", "--fisher_samples=4", "--lambda_max=1e4"]
-    train_ppo.main(ppo_args(init_dir, rm_dir, tmp_path / "full", files, *extra))
-    train_ppo.main(ppo_args(init_dir, rm_dir, tmp_path / "cut", files, *extra, "--stop_at=4"))
-    train_ppo.main(ppo_args(init_dir, rm_dir, tmp_path / "cut", files, *extra, "--resume"))
+    train_ppo.main(ppo_args(tiny_init, tiny_rm, tmp_path / "full", files, *extra))
+    train_ppo.main(ppo_args(tiny_init, tiny_rm, tmp_path / "cut", files, *extra, "--stop_at=4"))
+    train_ppo.main(ppo_args(tiny_init, tiny_rm, tmp_path / "cut", files, *extra, "--resume"))
     assert_same_records(tmp_path / "full", tmp_path / "cut", 1e-6)
     assert_same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model", 1e-6)
     full_critic = RewardModel.from_pretrained(tmp_path / "full" / "model" / "critic").state_dict()
@@ -309,7 +284,7 @@ def test_alternating_ppo_with_fisher_ewc_resumes_exactly(init_dir, rm_dir, files
     # PPO_2's critic starts where PPO_1's ended (carried through SFT_2), not from the reward model
     stage3 = RewardModel.from_pretrained(tmp_path / "full" / "stage3_sft" / "critic").state_dict()
     stage2 = RewardModel.from_pretrained(tmp_path / "full" / "stage2_ppo" / "critic").state_dict()
-    rm = RewardModel.from_pretrained(rm_dir).state_dict()
+    rm = RewardModel.from_pretrained(tiny_rm).state_dict()
     assert all(torch.equal(stage2[k], stage3[k]) for k in stage2)
     assert not torch.equal(stage2["score.weight"], rm["score.weight"])
 
@@ -324,9 +299,9 @@ def test_alternating_ppo_with_fisher_ewc_resumes_exactly(init_dir, rm_dir, files
     ("--sft_data=nope.jsonl", "--sft_data=nope.jsonl: not found"),
     ("--steps=1", "--steps=1: fewer than one step for each of the --splits=2 stages"),
 ])
-def test_bad_hbat_flags_are_refused_with_one_line(init_dir, rm_dir, files, tmp_path, flag, message):
-    for script, argv in ((train_dpo, dpo_args(init_dir, tmp_path / "dpo", files, flag)),
-                         (train_ppo, ppo_args(init_dir, rm_dir, tmp_path / "ppo", files, flag))):
+def test_bad_hbat_flags_are_refused_with_one_line(tiny_init, tiny_rm, files, tmp_path, flag, message):
+    for script, argv in ((train_dpo, dpo_args(tiny_init, tmp_path / "dpo", files, flag)),
+                         (train_ppo, ppo_args(tiny_init, tiny_rm, tmp_path / "ppo", files, flag))):
         with pytest.raises(InputError) as e:
             script.main(argv)
         assert str(e.value).startswith(message), (script.__name__, str(e.value))
@@ -334,13 +309,13 @@ def test_bad_hbat_flags_are_refused_with_one_line(init_dir, rm_dir, files, tmp_p
     assert not (tmp_path / "dpo").exists() and not (tmp_path / "ppo" / "model").exists()
 
 
-def test_splits_larger_than_the_data_and_resuming_another_schedule_are_refused(init_dir, files, tmp_path):
+def test_splits_larger_than_the_data_and_resuming_another_schedule_are_refused(tiny_init, files, tmp_path):
     many = ["--splits=30", "--steps=30", "--sft_steps=30"]
     with pytest.raises(InputError, match=r"^--splits=30: more splits than the 24 examples of --data$"):
-        train_dpo.main(dpo_args(init_dir, tmp_path / "many", files, *many))
-    train_dpo.main(dpo_args(init_dir, tmp_path / "run", files, "--stop_at=3"))
+        train_dpo.main(dpo_args(tiny_init, tmp_path / "many", files, *many))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "run", files, "--stop_at=3"))
     with pytest.raises(InputError, match=r"^--splits=1: the checkpoint to resume was written with --splits=2"):
-        train_dpo.main(dpo_args(init_dir, tmp_path / "run", files, "--splits=1", "--resume"))
+        train_dpo.main(dpo_args(tiny_init, tmp_path / "run", files, "--splits=1", "--resume"))
 
 
 def test_the_script_prints_a_bad_hbat_flag_as_one_line():
@@ -351,14 +326,14 @@ def test_the_script_prints_a_bad_hbat_flag_as_one_line():
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_alternating_dpo_matches_one_process(init_dir, files, tmp_path):
+def test_torchrun_two_ranks_alternating_dpo_matches_one_process(tiny_init, files, tmp_path):
     """Sharded parameters: the anchors, the scores, Ω, the penalty and its gradient (weight 1 beside the task
     loss's world_size) give the losses and penalties of one process."""
     extra = ["--ewc_temperature=1e13"]
-    train_dpo.main(dpo_args(init_dir, tmp_path / "one", files, *extra))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "one", files, *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_dpo.py"),
-           *dpo_args(init_dir, tmp_path / "two", files, *extra)]
+           *dpo_args(tiny_init, tmp_path / "two", files, *extra)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = records(tmp_path / "one"), records(tmp_path / "two")

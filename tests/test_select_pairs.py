@@ -13,28 +13,12 @@ import torch
 
 import select_pairs
 from nanoalign import real, world
-from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
 from nanoalign.data import read_jsonl
-from nanoalign.model import ModelConfig, Transformer
-from nanoalign.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_dir(DATA / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
-                                    max_seq_len=128))
-    model.init_weights()
-    return save_pretrained(model, tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
 
 
 def write_jsonl(path, records):
@@ -52,21 +36,21 @@ def multi():
     return records
 
 
-def select(tmp_path, data, init_dir, *flags, name="out.jsonl"):
+def select(tmp_path, data, tiny_plain, *flags, name="out.jsonl"):
     out = tmp_path / name
-    result = select_pairs.main([f"--data={data}", f"--model={init_dir}", f"--out={out}", "--batch_size=7", *flags])
+    result = select_pairs.main([f"--data={data}", f"--model={tiny_plain}", f"--out={out}", "--batch_size=7", *flags])
     return result, read_jsonl(out, required=("prompt", "chosen", "rejected"))
 
 
-def embed(init_dir, tok, prompt, texts):
-    model = load_pretrained(init_dir)
-    return real.embed_responses(model, tok, [{"prompt": prompt, "response": t} for t in texts], "hh", 128,
+def embed(tiny_plain, tiny_tok, prompt, texts):
+    model = load_pretrained(tiny_plain)
+    return real.embed_responses(model, tiny_tok, [{"prompt": prompt, "response": t} for t in texts], "hh", 128,
                                 max_response_len=127)
 
 
-def test_scores_label_the_pair_and_ties_are_skipped(tmp_path, init_dir, multi):
+def test_scores_label_the_pair_and_ties_are_skipped(tmp_path, tiny_plain, multi):
     data = write_jsonl(tmp_path / "multi.jsonl", multi)
-    result, pairs = select(tmp_path, data, init_dir, "--strategy=hard")
+    result, pairs = select(tmp_path, data, tiny_plain, "--strategy=hard")
     assert result["pairs"] == len(pairs) == 5 and result["skipped_ties"] == 1
     assert [p["prompt"] for p in pairs] == [r["prompt"] for r in multi[1:]]
     for p, r in zip(pairs, multi[1:]):
@@ -77,21 +61,21 @@ def test_scores_label_the_pair_and_ties_are_skipped(tmp_path, init_dir, multi):
 
     # reversed lists: the same pairs with the same chosen side (the label is the score's, not the position's)
     reversed_records = [{**r, "responses": r["responses"][::-1], "scores": r["scores"][::-1]} for r in multi]
-    _, again = select(tmp_path, write_jsonl(tmp_path / "rev.jsonl", reversed_records), init_dir, "--strategy=hard",
+    _, again = select(tmp_path, write_jsonl(tmp_path / "rev.jsonl", reversed_records), tiny_plain, "--strategy=hard",
                       name="rev_out.jsonl")
     assert [(p["chosen"], p["rejected"]) for p in again] == [(p["chosen"], p["rejected"]) for p in pairs]
     for p, q in zip(pairs, again):
         assert abs(p["cosine"] - q["cosine"]) < 1e-6
 
 
-def test_easy_takes_the_least_similar_pair_and_hard_the_most(tmp_path, init_dir, tok, multi):
+def test_easy_takes_the_least_similar_pair_and_hard_the_most(tmp_path, tiny_plain, tiny_tok, multi):
     data = write_jsonl(tmp_path / "multi.jsonl", multi[1:])
-    easy_result, easy = select(tmp_path, data, init_dir, "--strategy=easy", name="easy.jsonl")
-    hard_result, hard = select(tmp_path, data, init_dir, "--strategy=hard", name="hard.jsonl")
+    easy_result, easy = select(tmp_path, data, tiny_plain, "--strategy=easy", name="easy.jsonl")
+    hard_result, hard = select(tmp_path, data, tiny_plain, "--strategy=hard", name="hard.jsonl")
     assert len(easy) == len(hard) == 5
     for e, h, r in zip(easy, hard, multi[1:]):
         # every candidate pair's cosine, from embeddings computed here one prompt at a time
-        emb = embed(init_dir, tok, r["prompt"], r["responses"])
+        emb = embed(tiny_plain, tiny_tok, r["prompt"], r["responses"])
         cos = real.cosine_matrix(emb)
         rows, cols = torch.triu_indices(5, 5, offset=1)
         assert abs(e["cosine"] - cos[rows, cols].min().item()) < 1e-5
@@ -104,29 +88,29 @@ def test_easy_takes_the_least_similar_pair_and_hard_the_most(tmp_path, init_dir,
     assert torch.equal(easy_result["candidates"], hard_result["candidates"]) and len(easy_result["candidates"]) == 50
 
 
-def test_pairs_input_keeps_a_fraction_with_their_labels(tmp_path, init_dir, tok):
+def test_pairs_input_keeps_a_fraction_with_their_labels(tmp_path, tiny_plain, tiny_tok):
     records = read_jsonl(DATA / "prefs_train.jsonl")[:10]
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
-    easy_result, easy = select(tmp_path, data, init_dir, "--strategy=easy", name="easy.jsonl")
-    _, hard = select(tmp_path, data, init_dir, "--strategy=hard", name="hard.jsonl")
+    easy_result, easy = select(tmp_path, data, tiny_plain, "--strategy=easy", name="easy.jsonl")
+    _, hard = select(tmp_path, data, tiny_plain, "--strategy=hard", name="hard.jsonl")
     assert len(easy) == len(hard) == 5
     assert max(p["cosine"] for p in easy) <= min(p["cosine"] for p in hard)  # 10 pairs split in two halves
     given = {(r["prompt"], r["chosen"], r["rejected"]) for r in records}
     assert all((p["prompt"], p["chosen"], p["rejected"]) in given for p in easy + hard)
     # the cosines of all candidates are those of each pair's two embeddings
     r = records[3]
-    emb = embed(init_dir, tok, r["prompt"], [r["chosen"], r["rejected"]])
+    emb = embed(tiny_plain, tiny_tok, r["prompt"], [r["chosen"], r["rejected"]])
     assert abs(easy_result["candidates"][3].item() - real.pair_cosine(emb[:1], emb[1:]).item()) < 1e-5
 
 
-def test_label_error_rate_equals_a_hand_count(tmp_path, init_dir, capsys):
+def test_label_error_rate_equals_a_hand_count(tmp_path, tiny_plain, capsys):
     # annotator-labelled pairs of the tiny world: some with the worse response chosen, some of equal quality
     records = read_jsonl(DATA / "prefs_train.jsonl")[:600]
     gap = [world.quality(r["prompt"], r["chosen"]) - world.quality(r["prompt"], r["rejected"]) for r in records]
     picked = ([r for r, g in zip(records, gap) if g < 0][:3] + [r for r, g in zip(records, gap) if g == 0][:2]
               + [r for r, g in zip(records, gap) if g > 0][:7])
     data = write_jsonl(tmp_path / "pairs.jsonl", picked)
-    result, pairs = select(tmp_path, data, init_dir, "--strategy=random", "--fraction=0.5")
+    result, pairs = select(tmp_path, data, tiny_plain, "--strategy=random", "--fraction=0.5")
     assert len(pairs) == 6
     gaps = [world.quality(p["prompt"], p["chosen"]) - world.quality(p["prompt"], p["rejected"]) for p in pairs]
     errors, ties = sum(g < 0 for g in gaps), sum(g == 0 for g in gaps)
@@ -139,19 +123,19 @@ def test_label_error_rate_equals_a_hand_count(tmp_path, init_dir, capsys):
     multi = read_jsonl(DATA / "multi_train.jsonl")[:8]
     for r in multi:
         r["scores"] = [-world.quality(r["prompt"], x) for x in r["responses"]]
-    result, pairs = select(tmp_path, write_jsonl(tmp_path / "neg.jsonl", multi), init_dir, "--strategy=centroid",
+    result, pairs = select(tmp_path, write_jsonl(tmp_path / "neg.jsonl", multi), tiny_plain, "--strategy=centroid",
                            name="neg_out.jsonl")
     assert len(pairs) + result["skipped_ties"] == 8 and pairs
     assert result["oracle"]["label_error"] == 1.0 and result["oracle"]["mean_quality_gap"] < 0
 
 
-def test_annotator_labels_are_seeded_and_ignore_list_order(tmp_path, init_dir, multi):
+def test_annotator_labels_are_seeded_and_ignore_list_order(tmp_path, tiny_plain, multi):
     data = write_jsonl(tmp_path / "multi.jsonl", multi)
-    _, first = select(tmp_path, data, init_dir, "--label=annotator", "--strategy=easy", name="a.jsonl")
-    _, second = select(tmp_path, data, init_dir, "--label=annotator", "--strategy=easy", name="b.jsonl")
+    _, first = select(tmp_path, data, tiny_plain, "--label=annotator", "--strategy=easy", name="a.jsonl")
+    _, second = select(tmp_path, data, tiny_plain, "--label=annotator", "--strategy=easy", name="b.jsonl")
     assert first == second and len(first) == 6  # the annotator always states a preference: no prompt skipped
     reversed_records = [{**r, "responses": r["responses"][::-1]} for r in multi]
-    _, rev = select(tmp_path, write_jsonl(tmp_path / "rev.jsonl", reversed_records), init_dir, "--label=annotator",
+    _, rev = select(tmp_path, write_jsonl(tmp_path / "rev.jsonl", reversed_records), tiny_plain, "--label=annotator",
                     "--strategy=easy", name="c.jsonl")
     assert [(p["chosen"], p["rejected"]) for p in rev] == [(p["chosen"], p["rejected"]) for p in first]
     # the same pair, the annotator's coin by hand: Bradley-Terry with the seeded generator
@@ -161,7 +145,7 @@ def test_annotator_labels_are_seeded_and_ignore_list_order(tmp_path, init_dir, m
     assert p["chosen"] == (a if prefers_a else b)
 
 
-def test_default_model_is_trained_first_when_missing(tmp_path, init_dir, multi, monkeypatch, capsys):
+def test_default_model_is_trained_first_when_missing(tmp_path, tiny_plain, multi, monkeypatch, capsys):
     import shutil
 
     import train_sft
@@ -169,7 +153,7 @@ def test_default_model_is_trained_first_when_missing(tmp_path, init_dir, multi, 
 
     def fake_sft(argv):  # stands in for the few-minute SFT run: puts a model where it would write one
         calls.append(argv)
-        shutil.copytree(init_dir, tmp_path / "out" / "sft" / "model")
+        shutil.copytree(tiny_plain, tmp_path / "out" / "sft" / "model")
 
     monkeypatch.setattr(train_sft, "main", fake_sft)
     monkeypatch.chdir(tmp_path)
@@ -189,22 +173,22 @@ def test_default_model_is_trained_first_when_missing(tmp_path, init_dir, multi, 
     (["--data=data/prefs_train.jsonl", "--strategy=centroid"], "--strategy=centroid: needs several responses"),
     (["--data=data/prefs_train.jsonl", "--label=annotator"], "--label=annotator: pairs keep the chosen/rejected"),
 ])
-def test_bad_flags(flags, message, init_dir, monkeypatch):
+def test_bad_flags(flags, message, tiny_plain, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(InputError, match=re.escape(message)):
-        select_pairs.main([f"--model={init_dir}", *flags])
+        select_pairs.main([f"--model={tiny_plain}", *flags])
 
 
-def test_annotator_refuses_prompts_outside_the_world(tmp_path, init_dir):
+def test_annotator_refuses_prompts_outside_the_world(tmp_path, tiny_plain):
     data = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "Tell me a joke.", "responses": ["No.", "Why not."],
                                                "scores": [1, 2]}])
     with pytest.raises(InputError, match="--label=annotator: the tiny world's annotator judges its own prompts"):
-        select_pairs.main([f"--data={data}", f"--model={init_dir}", "--label=annotator"])
+        select_pairs.main([f"--data={data}", f"--model={tiny_plain}", "--label=annotator"])
 
 
-def test_errors_are_one_line_and_torchrun_is_refused(init_dir):
+def test_errors_are_one_line_and_torchrun_is_refused(tiny_plain):
     env = {**os.environ, "WORLD_SIZE": "2"}
-    proc = subprocess.run([sys.executable, "select_pairs.py", f"--model={init_dir}"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "select_pairs.py", f"--model={tiny_plain}"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: select_pairs.py runs in one process (a forward with no "

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,40 +23,26 @@ TOK = ROOT / "data" / "tokenizer"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_dir(TOK)
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
-                                    max_seq_len=128))
-    model.init_weights()
-    return save_pretrained(model, tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
-def rows(tok):
+def rows(tiny_tok):
     examples = read_jsonl(ROOT / "data" / "sft_val.jsonl")[:8]
-    return tokenize_sft(examples, tok, "hh", max_len=128)
+    return tokenize_sft(examples, tiny_tok, "hh", max_len=128)
 
 
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_accumulation_equals_one_big_batch_and_the_token_mean(init_dir, rows, tok):
-    base = load_pretrained(init_dir).train()
+def test_accumulation_equals_one_big_batch_and_the_token_mean(tiny_plain, rows, tiny_tok):
+    base = load_pretrained(tiny_plain).train()
     no_autocast = torch.autocast("cpu", enabled=False)
     results = {}
     for mb in (8, 2, 3):
         model = copy.deepcopy(base)
-        loss_sum, n = train_sft.sft_gradients(model, rows, mb, dist.Dist(), tok.pad_id, no_autocast)
+        loss_sum, n = train_sft.sft_gradients(model, rows, mb, dist.Dist(), tiny_tok.pad_id, no_autocast)
         results[mb] = (loss_sum.item(), n.item(), grads(model))
     # the definition: mean over every response token of the step, from one padded batch
     model = copy.deepcopy(base)
-    batch = collate_sft(rows, tok.pad_id)
+    batch = collate_sft(rows, tiny_tok.pad_id)
     logits = model(batch["input_ids"])
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     loss.backward()
@@ -70,18 +55,18 @@ def test_accumulation_equals_one_big_batch_and_the_token_mean(init_dir, rows, to
             torch.testing.assert_close(g[name], expected[name], atol=1e-6, rtol=1e-4)
 
 
-def test_micro_batch_without_response_tokens_is_zero_not_nan(init_dir, rows, tok):
-    model = load_pretrained(init_dir).train()
+def test_micro_batch_without_response_tokens_is_zero_not_nan(tiny_plain, rows, tiny_tok):
+    model = load_pretrained(tiny_plain).train()
     empty = [{"ids": r["ids"], "mask": [0] * len(r["ids"])} for r in rows[:2]]
-    loss_sum, n = train_sft.sft_gradients(model, empty, 2, dist.Dist(), tok.pad_id,
+    loss_sum, n = train_sft.sft_gradients(model, empty, 2, dist.Dist(), tiny_tok.pad_id,
                                                  torch.autocast("cpu", enabled=False))
     assert loss_sum.item() == 0.0 and n.item() == 1  # clamped count, no division by zero
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() == 0 for p in model.parameters())
 
 
-def args(init_dir, out, *extra):
+def args(tiny_plain, out, *extra):
     """Small, fast flags; a flag repeated in extra wins (argparse keeps the last)."""
-    return [f"--init={init_dir}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
+    return [f"--init={tiny_plain}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
             f"--val_data={ROOT}/data/sft_val.jsonl", "--eval_data=", "--batch_size=8", "--micro_batch_size=4",
             "--max_len=128", "--warmup_steps=2", "--eval_every=3", "--save_every=0", "--device=cpu",
             "--dtype=float32", *extra]
@@ -91,12 +76,12 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_continues_exactly(init_dir, tmp_path):
-    train_sft.main(args(init_dir, tmp_path / "full", "--steps=6"))
-    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=6", "--stop_at=3"))
+def test_resume_continues_exactly(tiny_plain, tmp_path):
+    train_sft.main(args(tiny_plain, tmp_path / "full", "--steps=6"))
+    train_sft.main(args(tiny_plain, tmp_path / "cut", "--steps=6", "--stop_at=3"))
     state = torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)
     assert state["step"] == 3 and state["optimizer"]["state"]
-    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=6", "--resume"))
+    train_sft.main(args(tiny_plain, tmp_path / "cut", "--steps=6", "--resume"))
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert len(full) == len(cut) == 6
     assert max(abs(a - b) for a, b in zip(full, cut)) <= 1e-6
@@ -106,12 +91,12 @@ def test_resume_continues_exactly(init_dir, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
 
 
-def test_resume_drops_metrics_logged_after_the_checkpoint(init_dir, tmp_path):
-    train_sft.main(args(init_dir, tmp_path / "full", "--steps=4"))
-    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=4", "--stop_at=2"))
+def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_plain, tmp_path):
+    train_sft.main(args(tiny_plain, tmp_path / "full", "--steps=4"))
+    train_sft.main(args(tiny_plain, tmp_path / "cut", "--steps=4", "--stop_at=2"))
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # step 3 logged, then killed before its save
         f.write(json.dumps({"phase": "sft", "step": 3, "loss": 123.0}) + "\n")
-    train_sft.main(args(init_dir, tmp_path / "cut", "--steps=4", "--resume"))
+    train_sft.main(args(tiny_plain, tmp_path / "cut", "--steps=4", "--resume"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "full"), losses(tmp_path / "cut"))) <= 1e-6
@@ -125,25 +110,25 @@ def test_help_lists_each_flag_with_its_comment_and_default(capsys):
     assert "(default: 16)" in out and "--resume [RESUME] continue from" in out
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(init_dir, tmp_path):
-    train_sft.main(args(init_dir, tmp_path / "run", "--steps=2"))
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_plain, tmp_path):
+    train_sft.main(args(tiny_plain, tmp_path / "run", "--steps=2"))
     before = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
-    broken = load_pretrained(init_dir)
+    broken = load_pretrained(tiny_plain)
     with torch.no_grad():
         broken.layers[0].mlp.up.weight[0, 0] = float("nan")
-    save_pretrained(broken, tmp_path / "broken", tokenizer=Tokenizer.from_dir(init_dir))
+    save_pretrained(broken, tmp_path / "broken", tokenizer=Tokenizer.from_dir(tiny_plain))
     with pytest.raises(FloatingPointError, match="sft step 1: loss nan"):
         train_sft.main(args(tmp_path / "broken", tmp_path / "run", "--steps=2"))
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == before
 
 
 @pytest.fixture(scope="module")
-def tied_init_dir(tmp_path_factory, tok):
+def tied_init_dir(tmp_path_factory, tiny_tok):
     torch.manual_seed(1)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+    model = Transformer(ModelConfig(vocab_size=tiny_tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
                                     max_seq_len=128, tie_embeddings=True))
     model.init_weights()
-    return save_pretrained(model, tmp_path_factory.mktemp("tied") / "model", tokenizer=tok)
+    return save_pretrained(model, tmp_path_factory.mktemp("tied") / "model", tokenizer=tiny_tok)
 
 
 def torchrun(tmp_path, *argv):
@@ -170,12 +155,12 @@ def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir,
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, tmp_path):
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, tmp_path):
     one_val_row = tmp_path / "val1.jsonl"  # fewer held-out rows than ranks: rank 1 has none
     one_val_row.write_text((ROOT / "data" / "sft_val.jsonl").read_text().splitlines()[0] + "\n")
     extra = ["--steps=3", f"--val_data={one_val_row}"]
-    train_sft.main(args(init_dir, tmp_path / "one", *extra))
-    torchrun(tmp_path, *args(init_dir, tmp_path / "two", *extra))
+    train_sft.main(args(tiny_plain, tmp_path / "one", *extra))
+    torchrun(tmp_path, *args(tiny_plain, tmp_path / "two", *extra))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
@@ -186,9 +171,9 @@ def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=n)
 
 
-def test_transformers_loads_the_sft_checkpoint(init_dir, tmp_path):
+def test_transformers_loads_the_sft_checkpoint(tiny_plain, tmp_path):
     transformers = reference("transformers")
-    train_sft.main(args(init_dir, tmp_path / "run", "--steps=2"))
+    train_sft.main(args(tiny_plain, tmp_path / "run", "--steps=2"))
     ours = load_pretrained(tmp_path / "run" / "model")
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
     x = torch.randint(0, ours.cfg.vocab_size, (2, 20))
@@ -203,8 +188,8 @@ ALPACAFARM = ROOT.parent / "shared" / "data" / "alpacafarm_val_qtype.json"
 
 
 @pytest.mark.skipif(not ALPACAFARM.exists(), reason="shared/data not beside the checkout")
-def test_sft_on_real_alpacafarm_data_uses_the_alpaca_template(init_dir, tmp_path, capsys):
-    train_sft.main(args(init_dir, tmp_path / "alpaca", "--steps=2", f"--data={ALPACAFARM}", "--val_data=",
+def test_sft_on_real_alpacafarm_data_uses_the_alpaca_template(tiny_plain, tmp_path, capsys):
+    train_sft.main(args(tiny_plain, tmp_path / "alpaca", "--steps=2", f"--data={ALPACAFARM}", "--val_data=",
                         "--num_samples=0"))
     out = capsys.readouterr().out
     assert "template 'alpaca'" in out and "truncated" in out  # long AlpacaFarm answers are cut to --max_len

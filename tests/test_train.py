@@ -1,7 +1,6 @@
 """nanoalign/train.py: schedule, data order, the non-finite guard, multi-model checkpoints, resume, and the
 input checks of the scripts built on it (train_sft.py here)."""
 import json
-import os
 import random
 import signal
 import subprocess

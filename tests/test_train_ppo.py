@@ -11,41 +11,16 @@ import pytest
 import torch
 
 import train_ppo
-from nanoalign.checkpoint import load_pretrained, save_pretrained
+from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
-from nanoalign.model import ModelConfig, Transformer
 from nanoalign.reward import RewardModel
-from nanoalign.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_dir(ROOT / "data" / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
-                                    max_seq_len=128))
-    model.init_weights()
-    with torch.no_grad():  # make EOS likely (~50%), so rollouts end at different lengths, some cut by the cap
-        h = model(torch.tensor([tok.encode("Human: hello")]), return_hidden=True)[0].mean(0)
-        model.lm_head.weight[tok.eos_id] = 2.6 * h / h.norm()
-    return save_pretrained(model, tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, init_dir, tok):
-    rm = RewardModel.from_causal_lm(init_dir, generator=torch.Generator().manual_seed(1))
-    return rm.save_pretrained(tmp_path_factory.mktemp("rm") / "model", tokenizer=tok)
-
-
-def args(init_dir, rm_dir, out, *extra):
+def args(tiny_init, tiny_rm, out, *extra):
     """Small, fast flags; a flag repeated in extra wins (argparse keeps the last)."""
-    return [f"--init={init_dir}", f"--reward_model={rm_dir}", f"--out_dir={out}", f"--data={ROOT}/data/sft_val.jsonl",
+    return [f"--init={tiny_init}", f"--reward_model={tiny_rm}", f"--out_dir={out}", f"--data={ROOT}/data/sft_val.jsonl",
             f"--eval_data={ROOT}/data/prompts_test.jsonl", "--eval_prompts=4", "--eval_every=2",
             "--rollout_batch_size=8", "--gen_batch_size=4", "--mini_batch_size=4", "--micro_batch_size=2",
             "--ppo_epochs=2", "--max_prompt_len=64", "--max_new_tokens=10", "--lr=1e-3", "--critic_lr=1e-3",
@@ -74,16 +49,16 @@ def assert_same_run(a, b, tol):
         torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=0, msg=k)
 
 
-def test_resume_continues_exactly(init_dir, rm_dir, tmp_path):
+def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     """Stopped after step 2 and resumed: the same metrics and final policy and critic as a run that never
     stopped. The KL coefficient, the running score statistics and both optimizers come from the checkpoint."""
-    train_ppo.main(args(init_dir, rm_dir, tmp_path / "full", "--steps=4"))
-    train_ppo.main(args(init_dir, rm_dir, tmp_path / "cut", "--steps=4", "--stop_at=2"))
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "full", "--steps=4"))
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--stop_at=2"))
     state = torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)
     assert state["step"] == 2 and state["models"] == ["policy", "critic"]
     assert state["extra"]["score_stats"]["count"] == 16 and state["extra"]["kl_ctl"]["value"] != 0.2
     assert state["optimizer"]["state"] and state["optimizer/critic"]["state"]
-    train_ppo.main(args(init_dir, rm_dir, tmp_path / "cut", "--steps=4", "--resume"))
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--resume"))
     assert_same_run(tmp_path / "full", tmp_path / "cut", 1e-6)
     run = metrics(tmp_path / "full")
     assert [r["step"] for r in run] == [0, 1, 2, 3, 4] and "eval/mean_quality" in run[2]
@@ -101,20 +76,20 @@ def test_resume_continues_exactly(init_dir, rm_dir, tmp_path):
         assert abs(b["objective/kl_coef"] - a["objective/kl_coef"] * (1 + error * 8 / 100)) < 1e-12
 
 
-def test_value_warmup_updates_only_the_critic(init_dir, rm_dir, tmp_path):
-    train_ppo.main(args(init_dir, rm_dir, tmp_path / "warm", "--steps=2", "--value_warmup_steps=2", "--eval_data="))
+def test_value_warmup_updates_only_the_critic(tiny_init, tiny_rm, tmp_path):
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "warm", "--steps=2", "--value_warmup_steps=2", "--eval_data="))
     ckpt = tmp_path / "warm" / "model"
-    before, after = load_pretrained(init_dir).state_dict(), load_pretrained(ckpt).state_dict()
+    before, after = load_pretrained(tiny_init).state_dict(), load_pretrained(ckpt).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     critic = RewardModel.from_pretrained(ckpt / "critic").state_dict()
-    assert not torch.equal(critic["score.weight"], RewardModel.from_pretrained(rm_dir).state_dict()["score.weight"])
+    assert not torch.equal(critic["score.weight"], RewardModel.from_pretrained(tiny_rm).state_dict()["score.weight"])
     run = metrics(tmp_path / "warm")
     assert [r["objective/kl"] for r in run] == [0.0, 0.0] and all(r["ppo/policy_loss"] == 0 for r in run)
     assert "optimizer" not in torch.load(ckpt / "train_state.pt", weights_only=False)  # it never stepped
     # 2 warm-up steps out of 3, cut inside the warm-up and resumed: the policy moves at the third step only, and
     # exactly as without the cut (a saved never-stepped AdamW would come back one bias-correction step off)
     for name, cut in (("once", []), ("cut", ["--stop_at=1"]), ("cut", ["--resume"])):
-        train_ppo.main(args(init_dir, rm_dir, tmp_path / name, "--steps=3", "--value_warmup_steps=2", "--eval_data=",
+        train_ppo.main(args(tiny_init, tiny_rm, tmp_path / name, "--steps=3", "--value_warmup_steps=2", "--eval_data=",
                             *cut))
     assert_same_run(tmp_path / "once", tmp_path / "cut", 1e-6)
     after = load_pretrained(tmp_path / "once" / "model").state_dict()
@@ -123,14 +98,14 @@ def test_value_warmup_updates_only_the_critic(init_dir, rm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("reward", ["oracle", "r3_random_qtype"])
-def test_text_rewards_run_with_a_zero_initialised_critic(init_dir, tmp_path, reward):
+def test_text_rewards_run_with_a_zero_initialised_critic(tiny_init, tmp_path, reward):
     """No reward model: the critic is the init's trunk with a zero value head, so every first value is 0."""
     out = tmp_path / reward
-    train_ppo.main(args(init_dir, "", out, "--steps=1", f"--reward={reward}", "--eval_data=", "--ppo_epochs=1"))
+    train_ppo.main(args(tiny_init, "", out, "--steps=1", f"--reward={reward}", "--eval_data=", "--ppo_epochs=1"))
     run = metrics(out)[0]
     assert run["ppo/explained_variance"] == 0.0  # V = 0 everywhere: 1 - Var[R] / Var[R]
     critic = RewardModel.from_pretrained(out / "model" / "critic")
-    trunk = load_pretrained(init_dir).state_dict()
+    trunk = load_pretrained(tiny_init).state_dict()
     assert critic.score.weight.abs().sum() > 0  # trained from zero
     assert critic.trunk.tok_emb.weight.shape == trunk["tok_emb.weight"].shape
 
@@ -148,9 +123,9 @@ def test_text_rewards_run_with_a_zero_initialised_critic(init_dir, tmp_path, rew
     ("--data=nope.jsonl", "--data=nope.jsonl: not found"),
     ("--max_prompt_len=120", "--max_prompt_len + --max_new_tokens = 130 exceeds the model's context length 128"),
 ])
-def test_bad_flags_are_refused_with_one_line(init_dir, rm_dir, tmp_path, flag, message):
+def test_bad_flags_are_refused_with_one_line(tiny_init, tiny_rm, tmp_path, flag, message):
     with pytest.raises(InputError, match=message.replace("+", r"\+").replace("[", r"\[").replace("(", r"\(")):
-        train_ppo.main(args(init_dir, rm_dir, tmp_path / "bad", flag))
+        train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "bad", flag))
     assert not (tmp_path / "bad" / "model").exists()
 
 
@@ -162,14 +137,14 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_match_one_process(init_dir, rm_dir, tmp_path):
+def test_torchrun_two_ranks_match_one_process(tiny_init, tiny_rm, tmp_path):
     """Each rank samples its chunks of the global batch (generators of (seed, step, chunk)), the rollouts are
     exchanged, the normalisers are global: two ranks make the updates of one process."""
     extra = ["--steps=2", "--eval_every=1"]
-    train_ppo.main(args(init_dir, rm_dir, tmp_path / "one", *extra))
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "one", *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_ppo.py"),
-           *args(init_dir, rm_dir, tmp_path / "two", *extra)]
+           *args(tiny_init, tiny_rm, tmp_path / "two", *extra)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(tmp_path / "one", tmp_path / "two", 1e-4)

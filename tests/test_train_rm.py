@@ -14,29 +14,14 @@ import torch.nn.functional as F
 
 import train_rm
 from nanoalign import dist, train
-from nanoalign.checkpoint import save_pretrained
 from nanoalign.cli import InputError
 from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs, tokenize_sft
-from nanoalign.model import ModelConfig, Transformer
+from nanoalign.model import ModelConfig
 from nanoalign.reward import RewardModel
 from nanoalign.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_dir(ROOT / "data" / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
-                                    max_seq_len=128))
-    model.init_weights()
-    return save_pretrained(model, tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +33,9 @@ def files(tmp_path_factory):
     return d
 
 
-def args(init_dir, files, out, *extra):
+def args(tiny_plain, files, out, *extra):
     """Small, fast flags; a flag repeated in extra wins (argparse keeps the last)."""
-    return [f"--init={init_dir}", f"--out_dir={out}", f"--data={files}/train.jsonl", f"--val_data={files}/val.jsonl",
+    return [f"--init={tiny_plain}", f"--out_dir={out}", f"--data={files}/train.jsonl", f"--val_data={files}/val.jsonl",
             f"--offset_data={files}/demos.jsonl", "--batch_size=8", "--micro_batch_size=4", "--max_len=128",
             "--warmup_steps=2", "--eval_every=2", "--save_every=0", "--lr=1e-3", "--device=cpu", "--dtype=float32",
             *extra]
@@ -64,16 +49,16 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_the_step_loss_is_the_mean_over_every_pair_of_the_step(init_dir, tok):
+def test_the_step_loss_is_the_mean_over_every_pair_of_the_step(tiny_plain, tiny_tok):
     """Any micro-batch size gives the gradients of -mean log sigmoid(r_w - r_l) over the step's pairs, with each
     response scored alone (no padding at all)."""
-    pairs = tokenize_pairs(read_jsonl(ROOT / "data" / "prefs_val.jsonl")[:6], tok, "hh", 128)
-    base = RewardModel.from_causal_lm(init_dir, generator=torch.Generator().manual_seed(0)).train()
+    pairs = tokenize_pairs(read_jsonl(ROOT / "data" / "prefs_val.jsonl")[:6], tiny_tok, "hh", 128)
+    base = RewardModel.from_causal_lm(tiny_plain, generator=torch.Generator().manual_seed(0)).train()
     results = {}
     for mb in (6, 1, 4):
         rm = copy.deepcopy(base)
         loss_sum = train.accumulate_gradients(rm, train.micro_batches(pairs, mb), lambda p: train_rm.pair_sums(
-            rm, p, tok.pad_id, NO_AUTOCAST)[0], 6.0, dist.Dist())
+            rm, p, tiny_tok.pad_id, NO_AUTOCAST)[0], 6.0, dist.Dist())
         results[mb] = loss_sum.item(), grads(rm)
     rm = copy.deepcopy(base)
     score = lambda ids: rm(torch.tensor([ids]))[0]  # noqa: E731
@@ -86,8 +71,8 @@ def test_the_step_loss_is_the_mean_over_every_pair_of_the_step(init_dir, tok):
             torch.testing.assert_close(g[name], expected, atol=1e-6, rtol=1e-4, msg=f"micro-batch {mb}: {name}")
 
 
-def test_a_few_steps_log_the_accuracy_and_save_a_normalised_reward_model(init_dir, files, tok, tmp_path, capsys):
-    train_rm.main(args(init_dir, files, tmp_path / "run", "--steps=4"))
+def test_a_few_steps_log_the_accuracy_and_save_a_normalised_reward_model(tiny_plain, files, tiny_tok, tmp_path, capsys):
+    train_rm.main(args(tiny_plain, files, tmp_path / "run", "--steps=4"))
     out = capsys.readouterr().out
     assert "held-out accuracy before training" in out and "held-out accuracy" in out and "on 12 pairs" in out
     logged = records(tmp_path / "run")
@@ -104,20 +89,20 @@ def test_a_few_steps_log_the_accuracy_and_save_a_normalised_reward_model(init_di
     # the saved model: transformers' layout with the pad id, and the demonstrations average exactly 0
     model_dir = tmp_path / "run" / "model"
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == tok.pad_id
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == tiny_tok.pad_id
     rm = RewardModel.from_pretrained(model_dir)
     assert rm.offset == config["nanoalign_reward_offset"] == last["offset"] != 0.0
-    demos = collate_sft(tokenize_sft(read_jsonl(files / "demos.jsonl"), tok, "hh", 128), tok.pad_id)
+    demos = collate_sft(tokenize_sft(read_jsonl(files / "demos.jsonl"), tiny_tok, "hh", 128), tiny_tok.pad_id)
     with torch.no_grad():
         assert abs(rm(demos["input_ids"], demos["attention_mask"]).mean().item()) <= 1e-5
     assert (model_dir / "train_state.pt").exists() and Tokenizer.from_dir(model_dir).template == "hh"
 
 
-def test_resume_continues_exactly(init_dir, files, tmp_path):
-    train_rm.main(args(init_dir, files, tmp_path / "full", "--steps=6"))
-    train_rm.main(args(init_dir, files, tmp_path / "cut", "--steps=6", "--stop_at=3"))
+def test_resume_continues_exactly(tiny_plain, files, tmp_path):
+    train_rm.main(args(tiny_plain, files, tmp_path / "full", "--steps=6"))
+    train_rm.main(args(tiny_plain, files, tmp_path / "cut", "--steps=6", "--stop_at=3"))
     assert torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)["step"] == 3
-    train_rm.main(args(init_dir, files, tmp_path / "cut", "--steps=6", "--resume"))
+    train_rm.main(args(tiny_plain, files, tmp_path / "cut", "--steps=6", "--resume"))
     full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
     assert [r["step"] for r in full] == [r["step"] for r in cut] == list(range(7))
     for key in ("rm/loss", "rm/accuracy", "eval/loss"):
@@ -130,13 +115,13 @@ def test_resume_continues_exactly(init_dir, files, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
 
 
-def test_init_from_a_reward_model_keeps_its_head_and_offset(tok, files, tmp_path):
+def test_init_from_a_reward_model_keeps_its_head_and_offset(tiny_tok, files, tmp_path):
     torch.manual_seed(0)
-    rm = RewardModel(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+    rm = RewardModel(ModelConfig(vocab_size=tiny_tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
                                  max_seq_len=128), offset=0.5)
     with torch.no_grad():
         rm.score.weight.fill_(0.3)  # no draw of the N(0, 1/sqrt(d+1)) init could give this
-    rm.save_pretrained(tmp_path / "rm", tokenizer=tok)
+    rm.save_pretrained(tmp_path / "rm", tokenizer=tiny_tok)
     train_rm.main(args(tmp_path / "rm", files, tmp_path / "run", "--steps=1", "--lr=1e-9", "--offset_data="))
     trained = RewardModel.from_pretrained(tmp_path / "run" / "model")
     assert trained.offset == 0.5  # --offset_data= keeps it
@@ -157,15 +142,15 @@ def test_init_from_a_reward_model_keeps_its_head_and_offset(tok, files, tmp_path
     ("--data=no/such.jsonl", "--data=no/such.jsonl: not found"),
     ("--offset_data=no_demos.jsonl", "--offset_data=no_demos.jsonl: not found"),
 ])
-def test_bad_flags_are_refused_before_any_work(init_dir, files, tmp_path, flag, message):
+def test_bad_flags_are_refused_before_any_work(tiny_plain, files, tmp_path, flag, message):
     with pytest.raises(InputError, match=message):
-        train_rm.main(args(init_dir, files, tmp_path / "run", flag))
+        train_rm.main(args(tiny_plain, files, tmp_path / "run", flag))
     assert not (tmp_path / "run").exists()
 
 
-def test_a_context_longer_than_the_model_is_refused(init_dir, files, tmp_path):
+def test_a_context_longer_than_the_model_is_refused(tiny_plain, files, tmp_path):
     with pytest.raises(InputError, match="--max_len=512: the model's context length is 128"):
-        train_rm.main(args(init_dir, files, tmp_path / "run", "--max_len=512"))
+        train_rm.main(args(tiny_plain, files, tmp_path / "run", "--max_len=512"))
 
 
 def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
@@ -175,18 +160,18 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_default_init_is_trained_first_with_train_sft(init_dir, files, tmp_path, monkeypatch, capsys):
+def test_a_missing_default_init_is_trained_first_with_train_sft(tiny_plain, files, tmp_path, monkeypatch, capsys):
     import train_sft
 
     calls = []
 
     def fake_sft(argv):  # stands in for the minutes of the real one: leaves a checkpoint where it would
         calls.append(argv)
-        shutil.copytree(init_dir, tmp_path / "out" / "sft" / "model")
+        shutil.copytree(tiny_plain, tmp_path / "out" / "sft" / "model")
 
     monkeypatch.setattr(train_sft, "main", fake_sft)
     monkeypatch.chdir(tmp_path)
-    small = args(init_dir, files, tmp_path / "rm", "--steps=1")[1:]  # every flag but --init
+    small = args(tiny_plain, files, tmp_path / "rm", "--steps=1")[1:]  # every flag but --init
     train_rm.main(small)
     assert calls == [["--device=cpu"]]
     assert "out/sft/model not found: training the tiny SFT model first" in capsys.readouterr().out
@@ -197,14 +182,14 @@ def test_a_missing_default_init_is_trained_first_with_train_sft(init_dir, files,
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, files, tmp_path):
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path):
     """Rank 1 builds the reward model on the meta device (from_config) and receives rank 0's weights, head
     included; the losses, the offset and the saved weights equal those of one process."""
     extra = ["--steps=3"]
-    train_rm.main(args(init_dir, files, tmp_path / "one", *extra))
+    train_rm.main(args(tiny_plain, files, tmp_path / "one", *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_rm.py"),
-           *args(init_dir, files, tmp_path / "two", *extra)]
+           *args(tiny_plain, files, tmp_path / "two", *extra)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
