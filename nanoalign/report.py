@@ -440,7 +440,7 @@ def build_report(run_dirs, out_dir, smooth: float = 0.6) -> Path:
                       "Mean ± sample standard deviation (ddof=1) over seeds; one seed: the value alone.", ""]
         names = list(dict.fromkeys(n for runs in arms.values() for r in runs for n in r["series"]))
         for group in groups_of(names) if mpl is not None else []:
-            png = figures / f"{slug}_{re.sub(r'[^a-z]+', '_', group[0]).strip('_')}.png"
+            png = figures / f"{slug}_{re.sub(r'[^a-z]+', '_', group[0].lower()).strip('_')}.png"
             plot_experiment(mpl, {a: r for a, r in arms.items() if r}, title, group, png, smooth)
             lines += [f"### {group[0]}", "", f"![{title}: {group[0]}]({png.relative_to(out_dir).as_posix()})", ""]
             n_figures += 1
