@@ -108,7 +108,8 @@ def series(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for r in records:
         for key, value in r.items():
             if key != "step" and _is_number(value):
-                name = f"{key} [{r.get('phase')}]" if several else key
+                phase = r.get("phase")  # (Hbat: the SFT stages' records carry one, the preference stages' none)
+                name = f"{key} [{phase}]" if several and phase is not None else key
                 by_metric.setdefault(name, {})[r["step"]] = float(value)  # a step logged again keeps its last value
     return {name: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for name, d in by_metric.items()}
 

@@ -182,6 +182,9 @@ def test_series_keeps_a_repeated_steps_last_value_and_splits_phases():
     assert list(got) == ["loss [pretrain]", "loss [sft]"]  # a bool is not a metric
     assert got["loss [pretrain]"][0].tolist() == [1, 2] and got["loss [pretrain]"][1].tolist() == [3.0, 2.5]
     assert report.series(records[:3])["loss"][1].tolist() == [3.0, 2.5]  # one phase: plain names
+    # Hbat: SFT stages carry a phase, the preference stages none: their metrics keep plain names
+    hbat = [{"step": 1, "loss": 1.0, "phase": "sft"}, {"step": 2, "loss": 0.7, "ppo/kl": 0.1}]
+    assert list(report.series(hbat)) == ["loss [sft]", "loss", "ppo/kl"]
 
 
 def test_ema_by_hand():
