@@ -19,29 +19,10 @@ from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
 from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs
 from nanoalign.generate import generate
-from nanoalign.model import ModelConfig, Transformer
 from nanoalign.tokenizer import Tokenizer, encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFS = ROOT / "data" / "prefs_val.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_dir(ROOT / "data" / "tokenizer")
-
-
-def tiny(tok, seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
-                                    max_seq_len=128))
-    model.init_weights()
-    return model
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, tok):
-    return save_pretrained(tiny(tok), tmp_path_factory.mktemp("init") / "model", tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +36,13 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rows(tok):
-    return tokenize_pairs(read_jsonl(PREFS)[:12], tok, "hh", max_len=128)
+def rows(tiny_tok):
+    return tokenize_pairs(read_jsonl(PREFS)[:12], tiny_tok, "hh", max_len=128)
 
 
-def args(init_dir, out, files, *extra):
+def args(tiny_plain, out, files, *extra):
     """Small, fast flags; a flag repeated in extra wins (argparse keeps the last)."""
-    return [f"--init={init_dir}", f"--out_dir={out}", f"--data={files}/train.jsonl", f"--val_data={files}/val.jsonl",
+    return [f"--init={tiny_plain}", f"--out_dir={out}", f"--data={files}/train.jsonl", f"--val_data={files}/val.jsonl",
             f"--eval_prompts={files}/prompts.jsonl", "--batch_size=8", "--micro_batch_size=4", "--max_len=128",
             "--warmup_steps=2", "--eval_every=2", "--save_every=0", "--max_new_tokens=6", "--num_samples=0",
             "--device=cpu", "--dtype=float32", "--lr=1e-3", *extra]
@@ -79,11 +60,11 @@ def alone(model, ids, mask):
     return dpo.response_logps(model, collate_sft([{"ids": ids, "mask": mask}], pad_id=0)).item()
 
 
-def test_cached_reference_logps_equal_those_of_each_sequence_alone(init_dir, rows, tok, tmp_path, capsys):
+def test_cached_reference_logps_equal_those_of_each_sequence_alone(tiny_plain, rows, tiny_tok, tmp_path, capsys):
     cache = tmp_path / "ref_logps.pt"
-    computed = dpo.reference_logps(init_dir, {"train": rows[:7], "val": rows[7:]}, tok.pad_id, cache, dist.Dist(), 3)
+    computed = dpo.reference_logps(tiny_plain, {"train": rows[:7], "val": rows[7:]}, tiny_tok.pad_id, cache, dist.Dist(), 3)
     assert "computing 7 train + 5 val pairs" in capsys.readouterr().out
-    model = load_pretrained(init_dir)
+    model = load_pretrained(tiny_plain)
     for split, part in (("train", rows[:7]), ("val", rows[7:])):
         expected = torch.tensor([[alone(model, r["chosen_ids"], r["chosen_mask"]),
                                   alone(model, r["rejected_ids"], r["rejected_mask"])] for r in part])
@@ -91,12 +72,12 @@ def test_cached_reference_logps_equal_those_of_each_sequence_alone(init_dir, row
         assert ((computed[split] - expected).abs() <= 1e-6 * expected.abs()).all()
         n_tokens = dpo.response_lengths(part)
         assert (computed[split] / n_tokens - expected / n_tokens).abs().max().item() <= 1e-6
-    reused = dpo.reference_logps(init_dir, {"train": rows[:7], "val": rows[7:]}, tok.pad_id, cache, dist.Dist(), 3)
+    reused = dpo.reference_logps(tiny_plain, {"train": rows[:7], "val": rows[7:]}, tiny_tok.pad_id, cache, dist.Dist(), 3)
     assert "reused" in capsys.readouterr().out
     assert all(torch.equal(reused[k], computed[k]) for k in computed)
 
 
-def test_ipo_reference_values_are_the_per_token_average(rows, tok):
+def test_ipo_reference_values_are_the_per_token_average(rows, tiny_tok):
     logps = torch.tensor([[-6.0, -3.0]] * len(rows))
     out = dpo.with_reference(rows, logps, average=True)
     n_chosen, n_rejected = sum(rows[0]["chosen_mask"]), sum(rows[0]["rejected_mask"])  # response tokens + EOS
@@ -104,13 +85,13 @@ def test_ipo_reference_values_are_the_per_token_average(rows, tok):
     assert dpo.with_reference(rows, logps)[0]["ref_chosen"] == -6.0 and "ref_chosen" not in rows[0]
 
 
-def test_changing_the_data_or_the_reference_recomputes_the_cache(init_dir, rows, tok, tmp_path, capsys):
+def test_changing_the_data_or_the_reference_recomputes_the_cache(tiny_plain, rows, tiny_tok, tmp_path, capsys):
     cache, d = tmp_path / "ref_logps.pt", dist.Dist()
     ref = tmp_path / "ref"
-    shutil.copytree(init_dir, ref)
+    shutil.copytree(tiny_plain, ref)
 
     def logps(splits):
-        out = dpo.reference_logps(ref, splits, tok.pad_id, cache, d, 4)
+        out = dpo.reference_logps(ref, splits, tiny_tok.pad_id, cache, d, 4)
         return out, "computing" in capsys.readouterr().out
 
     _, computed = logps({"train": rows})
@@ -127,7 +108,7 @@ def test_changing_the_data_or_the_reference_recomputes_the_cache(init_dir, rows,
     model = load_pretrained(ref)
     with torch.no_grad():
         model.layers[1].mlp.down.weight[0, 0] += 0.5
-    save_pretrained(model, ref, tokenizer=tok)
+    save_pretrained(model, ref, tokenizer=tiny_tok)
     changed, computed = logps({"val": edited})
     assert computed and not torch.equal(changed["val"], before["val"])
     config = json.loads((ref / "config.json").read_text())
@@ -137,7 +118,7 @@ def test_changing_the_data_or_the_reference_recomputes_the_cache(init_dir, rows,
     assert not logps({"val": edited})[1]
 
 
-def test_no_reference_model_is_alive_while_the_policy_trains(init_dir, files, tmp_path, monkeypatch):
+def test_no_reference_model_is_alive_while_the_policy_trains(tiny_plain, files, tmp_path, monkeypatch):
     frozen, alive_at_steps = [], []
     place, optimizer_step = train.place, train.optimizer_step
 
@@ -153,7 +134,7 @@ def test_no_reference_model_is_alive_while_the_policy_trains(init_dir, files, tm
 
     monkeypatch.setattr(train, "place", spy_place)
     monkeypatch.setattr(train, "optimizer_step", spy_step)
-    train_dpo.main(args(init_dir, tmp_path / "run", files, "--steps=2", "--eval_prompts="))
+    train_dpo.main(args(tiny_plain, tmp_path / "run", files, "--steps=2", "--eval_prompts="))
     assert len(frozen) == 1 and alive_at_steps == [0, 0]
 
 
@@ -165,8 +146,8 @@ def test_no_reference_model_is_alive_while_the_policy_trains(init_dir, files, tm
     ("cdpo", ["--label_smoothing=0.2"], math.log(2)),  # -(0.8 + 0.2) log sigmoid(0)
     ("ipo", ["--beta=0.5"], 1.0),                      # (0 - 1 / (2 * 0.5))^2
 ])
-def test_each_loss_runs_and_starts_from_the_reference(init_dir, files, tmp_path, capsys, loss, extra, step0_loss):
-    train_dpo.main(args(init_dir, tmp_path / "run", files, "--steps=3", f"--loss={loss}", *extra))
+def test_each_loss_runs_and_starts_from_the_reference(tiny_plain, files, tmp_path, capsys, loss, extra, step0_loss):
+    train_dpo.main(args(tiny_plain, tmp_path / "run", files, "--steps=3", f"--loss={loss}", *extra))
     out = capsys.readouterr().out
     log = records(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3]
@@ -178,7 +159,7 @@ def test_each_loss_runs_and_starts_from_the_reference(init_dir, files, tmp_path,
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "margins/unscaled"):
         assert abs(first[key]) <= 1e-6, key
     # the policy's log-probs at step 1 are the cached reference ones of the step's pairs (IPO: per token)
-    rows = tokenize_pairs(read_jsonl(files / "train.jsonl"), Tokenizer.from_dir(init_dir), "hh", 128, 128)
+    rows = tokenize_pairs(read_jsonl(files / "train.jsonl"), Tokenizer.from_dir(tiny_plain), "hh", 128, 128)
     ref = torch.load(tmp_path / "run" / "ref_logps.pt")["logps"]["train"]
     with_ref = dpo.with_reference(rows, ref, average=loss == "ipo")
     batch = [with_ref[i] for i in train.batch_indices(0, len(rows), 8, 0)]
@@ -192,11 +173,11 @@ def test_each_loss_runs_and_starts_from_the_reference(init_dir, files, tmp_path,
     assert f"{loss.upper()} (beta" in out and "win rate of DPO vs SFT" in out
 
 
-def test_resume_continues_exactly(init_dir, files, tmp_path, capsys):
-    train_dpo.main(args(init_dir, tmp_path / "full", files, "--steps=4"))
-    train_dpo.main(args(init_dir, tmp_path / "cut", files, "--steps=4", "--stop_at=2", "--eval_prompts="))
+def test_resume_continues_exactly(tiny_plain, files, tmp_path, capsys):
+    train_dpo.main(args(tiny_plain, tmp_path / "full", files, "--steps=4"))
+    train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--stop_at=2", "--eval_prompts="))
     capsys.readouterr()
-    train_dpo.main(args(init_dir, tmp_path / "cut", files, "--steps=4", "--resume"))
+    train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume"))
     out = capsys.readouterr().out
     assert "reference log-probs: reused" in out and "resumed from" in out
     full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
@@ -210,27 +191,27 @@ def test_resume_continues_exactly(init_dir, files, tmp_path, capsys):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
 
 
-def test_an_unchanged_policy_ties_with_the_reference_on_every_prompt(init_dir, files, tmp_path, tok):
+def test_an_unchanged_policy_ties_with_the_reference_on_every_prompt(tiny_plain, files, tmp_path, tiny_tok):
     # an update of 1e-12 is below float32 resolution for these weights: the DPO model answers like its reference
-    train_dpo.main(args(init_dir, tmp_path / "run", files, "--steps=1", "--lr=1e-12", "--warmup_steps=0", "--val_data="))
+    train_dpo.main(args(tiny_plain, tmp_path / "run", files, "--steps=1", "--lr=1e-12", "--warmup_steps=0", "--val_data="))
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["win_rate_vs_sft"] == 0.5 and result["mean_quality/dpo"] == result["mean_quality/sft"]
     # sample_answers is generate() with the template, greedy, decoded to the stop token
     prompts = [r["prompt"] for r in read_jsonl(files / "prompts.jsonl")]
-    model = load_pretrained(init_dir)
-    gen = generate(model, [encode_prompt(tok, prompts[0], "hh")], 6, temperature=0.0, stop_ids=tok.stop_ids,
-                   pad_id=tok.pad_id)
-    expected = tok.decode(gen.tokens[0, :int(gen.mask[0].sum())].tolist()).strip()
-    assert evaluate.sample_answers(model, tok, prompts, "hh", 6, batch_size=2)[0] == expected
+    model = load_pretrained(tiny_plain)
+    gen = generate(model, [encode_prompt(tiny_tok, prompts[0], "hh")], 6, temperature=0.0, stop_ids=tiny_tok.stop_ids,
+                   pad_id=tiny_tok.pad_id)
+    expected = tiny_tok.decode(gen.tokens[0, :int(gen.mask[0].sum())].tolist()).strip()
+    assert evaluate.sample_answers(model, tiny_tok, prompts, "hh", 6, batch_size=2)[0] == expected
 
 
-def test_hh_transcripts_and_the_template_saved_with_the_init(init_dir, tok, tmp_path, capsys):
+def test_hh_transcripts_and_the_template_saved_with_the_init(tiny_plain, tiny_tok, tmp_path, capsys):
     hh = tmp_path / "hh.jsonl"
     pairs = read_jsonl(PREFS)[:8]
     hh.write_text("".join(json.dumps({"chosen": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['chosen']}",
                                       "rejected": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['rejected']}"}) + "\n"
                           for p in pairs))
-    flags = args(init_dir, tmp_path / "run", tmp_path, f"--data={hh}", "--val_data=", "--eval_prompts=", "--steps=1")
+    flags = args(tiny_plain, tmp_path / "run", tmp_path, f"--data={hh}", "--val_data=", "--eval_prompts=", "--steps=1")
     with pytest.raises(ValueError, match="missing key 'prompt'.*pass --format=hh"):
         train_dpo.main(flags)
     train_dpo.main(flags + ["--format=hh"])
@@ -241,9 +222,9 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(init_dir, tok, tmp_
     hh_ref, ref = (torch.load(tmp_path / r / "ref_logps.pt")["logps"]["train"] for r in ("run", "run2"))
     assert torch.equal(hh_ref, ref)
     # no --template: the one saved with the init checkpoint
-    tok.template = "plain"
-    plain = save_pretrained(load_pretrained(init_dir), tmp_path / "plain", tokenizer=tok)
-    tok.template = None
+    tiny_tok.template = "plain"
+    plain = save_pretrained(load_pretrained(tiny_plain), tmp_path / "plain", tokenizer=tiny_tok)
+    tiny_tok.template = None
     capsys.readouterr()
     train_dpo.main(flags + [f"--data={tmp_path}/pairs.jsonl", f"--init={plain}", f"--out_dir={tmp_path}/run3"])
     assert "template 'plain'" in capsys.readouterr().out
@@ -265,9 +246,9 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(init_dir, tok, tmp_
     (["--max_len=200"], "--max_len=200: does not fit the context of"),
     (["--max_new_tokens=128"], "--max_new_tokens=128: does not fit the context of"),
 ])
-def test_bad_flags_are_refused_before_any_work(init_dir, files, tmp_path, flag, message):
+def test_bad_flags_are_refused_before_any_work(tiny_plain, files, tmp_path, flag, message):
     with pytest.raises(InputError) as e:
-        train_dpo.main(args(init_dir, tmp_path / "run", files, *flag))
+        train_dpo.main(args(tiny_plain, tmp_path / "run", files, *flag))
     assert str(e.value).startswith(message)
     assert not (tmp_path / "run").exists()
 
@@ -279,14 +260,14 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(init_dir, files, tmp_path):
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path):
     """The reference log-probs split over the ranks, the batch split over the ranks, the held-out pairs
     (10: 5 a rank in batches of 4, so rank 1 runs a dummy forward), the answers on rank 0: all equal one process."""
     flags = ["--steps=3", "--loss=ipo", "--beta=0.5"]
-    train_dpo.main(args(init_dir, tmp_path / "one", files, *flags))
+    train_dpo.main(args(tiny_plain, tmp_path / "one", files, *flags))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_dpo.py"),
-           *args(init_dir, tmp_path / "two", files, *flags)]
+           *args(tiny_plain, tmp_path / "two", files, *flags)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
