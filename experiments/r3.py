@@ -5,7 +5,7 @@ R3, built from an off-the-shelf relevance model and the reference answers alone 
 pairs), comes close to PPO with a reward model trained on preferences; and each regulariser is needed, since
 relevance alone is hacked (the policy copies the prompt, which is maximally relevant to itself, or rambles).
 
-    python experiments/r3.py                   # 7 arms x 3 seeds, 23-27 minutes on a 2-core CPU
+    python experiments/r3.py                   # 7 arms x 3 seeds, ~23 minutes on a 2-core CPU
     python experiments/r3.py --quick           # 1 seed, tiny budgets: the whole recipe end to end (into exp/r3_quick)
     python experiments/r3.py --arms=rm,r3 --seeds=1 --out=exp/r3_try   # a subset
     python -m nanoalign.report exp/r3          # the training curves of every arm, overlaid, and the table
@@ -50,9 +50,11 @@ metrics.jsonl). Starting the two processes takes ~8 s, the evaluation of 100 pro
 each, for both models) ~8 s. So --steps=25: ~110 s a job for rm, length, oracle and ~130 s for the four
 relevance arms on idle cores, 11 x ~125 s = 23 minutes; measured on a machine busy with other work, the r3 job
 took 157 s (5.7 s a step), which would make ~27 minutes. 30 steps would not fit that margin. (train_ppo's own
-default is 60 steps: this experiment trains every arm for less than that, the same for all.) With so few steps
-train_ppo's learning rate (2e-5) leaves every policy within KL ~0.2 of the SFT model, where the arms differ by
-noise; --lr=1e-4 moves them (KL ~1 measured in one probe), enough for what each reward pulls toward to show.
+default is 60 steps: this experiment trains every arm for less than that, the same for all.) At train_ppo's
+learning rate (2e-5) the policies stay within KL ~0.1-0.4 of the SFT model, and the oracle arm, PPO on the true
+quality, ends at or above SFT: the loop works, and what separates the arms is small. --lr=1e-4 moves them
+further (KL 1-3.5) but in 25 steps every arm, the oracle's too, ends below SFT: at that step size the policies
+drift faster than any reward pulls them (the README shows both).
 
 Results: exp/r3/results.json and results.md (mean ± std over seeds); each run in exp/r3/<arm>/seed<k>/ (the PPO
 run's metrics.jsonl and model/, eval_vs_sft.json with the answers, commands.txt, log.txt). Rerunning skips the
@@ -94,7 +96,7 @@ class Config:
     arms: str = ",".join(ARMS)  # the arms to run, comma-separated (train_ppo.py --reward values)
     seeds: int = 3              # seeds 0..seeds-1 per arm
     steps: int = 25             # PPO steps per run (see Budget)
-    lr: float = 1e-4            # policy learning rate of every arm (see Budget: at train_ppo's 2e-5 the policies barely move)
+    lr: float = 2e-5            # policy learning rate of every arm (train_ppo's; see Budget for 1e-4)
     rollout_batch_size: int = 64  # prompts sampled per PPO step
     eval_prompts: int = 100     # held-out prompts each policy and the SFT model answer (the first N)
     diversity_samples: int = 4  # answers sampled per prompt for self-BLEU
