@@ -68,3 +68,23 @@ def tiny_rm(tmp_path_factory, tiny_init, tiny_tok):
 
     rm = RewardModel.from_causal_lm(tiny_init, generator=torch.Generator().manual_seed(1))
     return rm.save_pretrained(tmp_path_factory.mktemp("tiny_rm") / "model", tokenizer=tiny_tok)
+
+
+# --- torchrun: the same script on two CPU ranks (gloo), for the "two ranks equal one process" tests
+
+
+def _torchrun(script, *argv, cwd, timeout=300):
+    """Run `torchrun --standalone --nproc_per_node=2 script argv...` in cwd with one thread per rank; fails the
+    test with the end of stderr if it exits non-zero."""
+    import subprocess
+
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(script), *map(str, argv)]
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    return _torchrun

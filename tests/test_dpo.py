@@ -3,7 +3,6 @@ the flag checks, data parallelism (torchrun + FSDP2), and (slow) the default tin
 import gc
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -260,16 +259,12 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path):
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path, torchrun):
     """The reference log-probs split over the ranks, the batch split over the ranks, the held-out pairs
     (10: 5 a rank in batches of 4, so rank 1 runs a dummy forward), the answers on rank 0: all equal one process."""
     flags = ["--steps=3", "--loss=ipo", "--beta=0.5"]
     train_dpo.main(args(tiny_plain, tmp_path / "one", files, *flags))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_dpo.py"),
-           *args(tiny_plain, tmp_path / "two", files, *flags)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "train_dpo.py", *args(tiny_plain, tmp_path / "two", files, *flags), cwd=tmp_path)
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):

@@ -2,9 +2,7 @@
 Linear(2, 2) (two units: weight and bias), and under torchrun + FSDP2 against one process."""
 import json
 import math
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,14 +157,11 @@ def test_freeze_top_freezes_the_top_fraction():
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(tmp_path):
+def test_torchrun_two_ranks_fsdp_matches_one_process(tmp_path, torchrun):
     """Scores, Ω, penalty values (on every rank), gradients and the Fisher of an FSDP2-sharded Transformer
     equal those of one process; the penalty is backpropagated unscaled beside the world_size-scaled task loss."""
     out = tmp_path / "ewc.json"
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "ewc_dist_check.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "tests" / "ewc_dist_check.py", out, cwd=tmp_path)
     r = json.loads(out.read_text())
     assert r["dtensors"] == [False, True]
     one, two = r["scores"]

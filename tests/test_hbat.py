@@ -3,7 +3,6 @@ splits, the two-stage pipeline reproduced exactly, the EWC penalty where (and on
 stage's reference, resume anywhere in the schedule, torchrun = one process, and the flag checks."""
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -326,16 +325,12 @@ def test_the_script_prints_a_bad_hbat_flag_as_one_line():
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_alternating_dpo_matches_one_process(tiny_init, files, tmp_path):
+def test_torchrun_two_ranks_alternating_dpo_matches_one_process(tiny_init, files, tmp_path, torchrun):
     """Sharded parameters: the anchors, the scores, Ω, the penalty and its gradient (weight 1 beside the task
     loss's world_size) give the losses and penalties of one process."""
     extra = ["--ewc_temperature=1e13"]
     train_dpo.main(dpo_args(tiny_init, tmp_path / "one", files, *extra))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_dpo.py"),
-           *dpo_args(tiny_init, tmp_path / "two", files, *extra)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "train_dpo.py", *dpo_args(tiny_init, tmp_path / "two", files, *extra), cwd=tmp_path, timeout=600)
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert sum("ewc/penalty" in r for r in one) == 6 and max(r.get("ewc/penalty", 0) for r in one) > 0
     assert_same_records(tmp_path / "one", tmp_path / "two", 1e-4, skip=("pairs_per_s", "tok_per_s",

@@ -1,9 +1,7 @@
 """train_sft.py: the loss normalisation, gradient accumulation, data parallelism (torchrun + FSDP2) and resume."""
 import copy
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,20 +129,13 @@ def tied_init_dir(tmp_path_factory, tiny_tok):
     return save_pretrained(model, tmp_path_factory.mktemp("tied") / "model", tokenizer=tiny_tok)
 
 
-def torchrun(tmp_path, *argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_sft.py"), *argv]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir, tmp_path):
+def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir, tmp_path, torchrun):
     """Rank 0 loads and broadcasts the shards (the others start from an empty meta model), then a run cut
     at step 2 resumes under torchrun; all of it equals one process."""
     train_sft.main(args(tied_init_dir, tmp_path / "one", "--steps=4"))
-    torchrun(tmp_path, *args(tied_init_dir, tmp_path / "two", "--steps=4", "--stop_at=2"))
-    torchrun(tmp_path, *args(tied_init_dir, tmp_path / "two", "--steps=4", "--resume"))
+    torchrun(ROOT / "train_sft.py", *args(tied_init_dir, tmp_path / "two", "--steps=4", "--stop_at=2"), cwd=tmp_path)
+    torchrun(ROOT / "train_sft.py", *args(tied_init_dir, tmp_path / "two", "--steps=4", "--resume"), cwd=tmp_path)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
@@ -155,12 +146,12 @@ def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir,
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, tmp_path):
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, tmp_path, torchrun):
     one_val_row = tmp_path / "val1.jsonl"  # fewer held-out rows than ranks: rank 1 has none
     one_val_row.write_text((ROOT / "data" / "sft_val.jsonl").read_text().splitlines()[0] + "\n")
     extra = ["--steps=3", f"--val_data={one_val_row}"]
     train_sft.main(args(tiny_plain, tmp_path / "one", *extra))
-    torchrun(tmp_path, *args(tiny_plain, tmp_path / "two", *extra))
+    torchrun(ROOT / "train_sft.py", *args(tiny_plain, tmp_path / "two", *extra), cwd=tmp_path)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4

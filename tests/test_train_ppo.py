@@ -1,7 +1,6 @@
 """train_ppo.py: resume exactness, value warm-up, the reward switch, bad flags, torchrun = one process, and (slow)
 the tiny-world run raising the held-out oracle quality."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -137,16 +136,12 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_match_one_process(tiny_init, tiny_rm, tmp_path):
+def test_torchrun_two_ranks_match_one_process(tiny_init, tiny_rm, tmp_path, torchrun):
     """Each rank samples its chunks of the global batch (generators of (seed, step, chunk)), the rollouts are
     exchanged, the normalisers are global: two ranks make the updates of one process."""
     extra = ["--steps=2", "--eval_every=1"]
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "one", *extra))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_ppo.py"),
-           *args(tiny_init, tiny_rm, tmp_path / "two", *extra)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "train_ppo.py", *args(tiny_init, tiny_rm, tmp_path / "two", *extra), cwd=tmp_path, timeout=600)
     assert_same_run(tmp_path / "one", tmp_path / "two", 1e-4)
 
 

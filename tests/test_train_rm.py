@@ -2,7 +2,6 @@
 tiny-world default run (slow)."""
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -182,16 +181,12 @@ def test_a_missing_default_init_is_trained_first_with_train_sft(tiny_plain, file
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path):
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path, torchrun):
     """Rank 1 builds the reward model on the meta device (from_config) and receives rank 0's weights, head
     included; the losses, the offset and the saved weights equal those of one process."""
     extra = ["--steps=3"]
     train_rm.main(args(tiny_plain, files, tmp_path / "one", *extra))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_rm.py"),
-           *args(tiny_plain, files, tmp_path / "two", *extra)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "train_rm.py", *args(tiny_plain, files, tmp_path / "two", *extra), cwd=tmp_path)
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     for key in ("rm/loss", "eval/loss", "offset"):
         a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
