@@ -1,14 +1,16 @@
 """experiments/real.py and experiments/hbat.py in --quick mode, end to end on tiny random models and a few
 records: every arm and metric lands in results.json and results.md, the numbers are the runs' own, and a second
-run skips the finished runs."""
+run skips the finished runs; bad flags stop them before any run."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from experiments import hbat, real
 from nanoalign import world
+from nanoalign.cli import InputError
 from nanoalign.data import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +85,16 @@ def test_hbat_quick_runs_every_arm_for_dpo_and_ppo(tmp_path, monkeypatch, tiny_i
     fisher, modified = results["arms"]["dpo/fisher"]["ewc_memory_mb"][0], results["arms"]["dpo/hbat"]["ewc_memory_mb"][0]
     assert fisher == pytest.approx(2 * modified)
     assert (out / "results.md").read_text().count("| dpo/") == 6
+
+
+@pytest.mark.parametrize("main, flag, message", [
+    (real.main, "--seeds=0", "--seeds=0: must be positive"),
+    (real.main, "--parallel=0", "--parallel=0: must be positive"),
+    (hbat.main, "--method=sft", "--method=sft: choose one of dpo, ppo, both"),
+    (hbat.main, "--splits=0", "--splits=0: must be positive"),
+    (hbat.main, "--ppo_steps=-1", "--ppo_steps=-1: must be positive"),
+])
+def test_bad_flags_are_one_line_errors_before_any_run(main, flag, message, tmp_path):
+    with pytest.raises(InputError, match=re.escape(message)):
+        main([f"--out={tmp_path / 'exp'}", flag])
+    assert not (tmp_path / "exp").exists()
