@@ -10,6 +10,8 @@ selected pairs as a preference JSONL that `train_dpo.py --data=...` reads.
     python select_pairs.py --strategy=centroid --label=annotator
     python select_pairs.py --data=data/prefs_train.jsonl --strategy=hard --fraction=0.5
     python select_pairs.py --model=meta-llama/Llama-2-7b-hf --data=shp_train.jsonl --format=shp --device=cuda
+    python select_pairs.py --sample=8 --data=data/prefs_train.jsonl --strategy=random --label=annotator \
+        --out=out/onpolicy/pairs.jsonl                          # on-policy pairs: the SFT model's own answers
 
 Two kinds of input, detected from the records (or --format):
 - pairs, one {prompt, chosen, rejected} per record (HH-style, or --format=hh transcripts): keep --fraction of
@@ -21,6 +23,14 @@ Two kinds of input, detected from the records (or --format):
   random = any pair. Which one is chosen is decided by --label: scores = the higher score (equal scores: the
   prompt is skipped and counted), annotator = the tiny world's noisy Bradley-Terry annotator, seeded per
   prompt. Never by the order of the list (the authors' script takes list order: a bug).
+- --sample=K: the responses are not read but generated: K answers to each distinct prompt of --data (any JSONL
+  with a "prompt"), sampled from --model at --temperature; their distinct non-empty texts are the prompt's
+  responses, and the rest is the several-responses path above with --label=annotator (sampled answers carry
+  no scores). A prompt whose K answers are all the same text has no pair and is counted as skipped.
+  These are on-policy pairs: the setting DPO's derivation assumes (pairs drawn from pi_ref = the SFT model)
+  and the one InstructGPT's reward model was trained on (labellers ranking the SFT model's samples). Pairs
+  written by the world (data/prefs_*.jsonl) are corruptions of the reference answer, mostly unlike anything
+  the SFT model writes: on them DPO moves the model little (see the README's DPO section).
 
 Printed: the counts, the quantiles of the cosine over every candidate pair and over the pairs written, and,
 when every prompt belongs to the tiny world, the label-error rate against its oracle (the fraction of written
@@ -44,8 +54,10 @@ import torch
 
 from nanoalign import real, train, world
 from nanoalign.checkpoint import load_pretrained, resolve_dir
-from nanoalign.cli import InputError, check_choice, check_device, check_positive, check_range, parse_config, run
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
+                           parse_config, run)
 from nanoalign.data import read_hh, read_jsonl, read_shp
+from nanoalign.evaluate import sample_answers
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
 
 
@@ -57,7 +69,10 @@ class Config:
     strategy: str = "easy"      # easy / hard / random; several responses per prompt also: centroid
     fraction: float = 0.5       # pairs input: the fraction of pairs kept
     label: str = "scores"       # several responses: which is chosen, by the data's scores or the tiny world's annotator
-    model: str = "out/sft/model"  # the model to align embeds the responses (dir or hub id)
+    model: str = "out/sft/model"  # the model to align embeds the responses (dir or hub id), and samples them with --sample
+    sample: int = 0             # K > 0: generate K answers per prompt of --data with --model instead of reading responses
+    temperature: float = 1.0    # --sample: sampling temperature
+    max_new_tokens: int = 48    # --sample: length cap of each sampled answer
     template: str = "auto"      # prompt template; auto: the one saved with the model, else hh
     out: str = ""               # output JSONL; empty: out/real/pairs_<strategy>.jsonl
     max_len: int = 256          # tokens per prompt + response (capped at the model's context)
@@ -83,7 +98,16 @@ def check_config(cfg: Config) -> None:
     check_choice(cfg, "template", ("auto", *TEMPLATES))
     check_choice(cfg, "dtype", ("float32", "bfloat16"))
     check_range(cfg, "fraction", 0.0, 1.0, low_open=True)
-    check_positive(cfg, "max_len", "max_response_len", "batch_size")
+    check_positive(cfg, "max_len", "max_response_len", "batch_size", "max_new_tokens")
+    check_non_negative(cfg, "sample")
+    if cfg.sample:
+        check_positive(cfg, "temperature")
+        if cfg.sample < 2:
+            raise InputError(f"--sample={cfg.sample}: a pair needs at least 2 answers per prompt")
+        if cfg.label != "annotator":
+            raise InputError(f"--label={cfg.label}: sampled answers have no scores; --sample needs --label=annotator")
+        if cfg.format not in ("auto", "pairs", "multi"):
+            raise InputError(f"--format={cfg.format}: --sample reads the prompts of a .jsonl with a \"prompt\" field")
     check_device(cfg)
     train.check_files(cfg, "data")
 
@@ -108,7 +132,15 @@ def detect_format(path: str, fmt: str) -> str:
 
 
 def load_records(cfg: Config) -> tuple[str, list[dict]]:
-    """("pairs" or "multi", records); every record checked, errors name the file and line."""
+    """("pairs" or "multi", records); every record checked, errors name the file and line. With --sample: "sample"
+    and one record per distinct prompt (its first record's fields; the responses are generated later)."""
+    if cfg.sample:
+        first = {}
+        for r in read_jsonl(cfg.data, ("prompt",)):
+            first.setdefault(r["prompt"], r)
+        records = list(first.values())
+        check_world_prompts(cfg, records)
+        return "sample", records
     fmt = detect_format(cfg.data, cfg.format)
     if fmt in ("pairs", "hh"):
         if cfg.strategy == "centroid":
@@ -120,11 +152,31 @@ def load_records(cfg: Config) -> tuple[str, list[dict]]:
         return "pairs", read_hh(cfg.data) if fmt == "hh" else read_jsonl(cfg.data, ("prompt", "chosen", "rejected"))
     required = ("prompt", "responses", "scores") if cfg.label == "scores" else ("prompt", "responses")
     records = read_shp(cfg.data, multi=True) if fmt == "shp" else read_jsonl(cfg.data, required)
+    check_world_prompts(cfg, records)
+    return "multi", records
+
+
+def check_world_prompts(cfg: Config, records: list[dict]) -> None:
     outside = [r["prompt"] for r in records if not world.is_world_prompt(r["prompt"])]
     if cfg.label == "annotator" and outside:
         raise InputError(f"--label=annotator: the tiny world's annotator judges its own prompts only; {cfg.data} "
                          f"holds {outside[0]!r:.80}")
-    return "multi", records
+
+
+def sample_responses(model, tok, records: list[dict], template: str, cfg: Config) -> tuple[list[dict], int]:
+    """(records with "responses": the distinct non-empty texts of cfg.sample answers to each prompt, the number of
+    prompts dropped because fewer than two distinct answers came out). One seeded generator for all answers."""
+    prompts = [r["prompt"] for r in records for _ in range(cfg.sample)]
+    answers = sample_answers(model, tok, prompts, template, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                             seed=cfg.seed)
+    out, dropped = [], 0
+    for k, r in enumerate(records):
+        responses = list(dict.fromkeys(a for a in answers[k * cfg.sample:(k + 1) * cfg.sample] if a))
+        if len(responses) < 2:
+            dropped += 1
+            continue
+        out.append({**r, "responses": responses})
+    return out, dropped
 
 
 def annotator_pair(record: dict, i: int, j: int, seed: int) -> dict | None:
@@ -164,8 +216,6 @@ def main(argv=None):
     kind, records = load_records(cfg)
     if not records:
         raise InputError(f"--data={cfg.data}: no records")
-    extras = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected", "responses", "scores")}
-              for r in records]
 
     # --- models
     if cfg.model == Config.model and not Path(cfg.model).exists():
@@ -187,8 +237,17 @@ def main(argv=None):
     def embed(examples):
         return real.embed_responses(model, tok, examples, template, max_len, cfg.batch_size, max_response_len)
 
-    # --- loop: embed, measure, select, label
+    # --- loop: (sample,) embed, measure, select, label
     skipped_ties = 0
+    if kind == "sample":
+        t1, asked = time.time(), len(records)
+        records, skipped_ties = sample_responses(model, tok, records, template, cfg)
+        kind = "multi"
+        print(f"sampled {cfg.sample} answers to each of {asked} prompts at temperature {cfg.temperature} in "
+              f"{time.time() - t1:.1f} s: {sum(len(r['responses']) for r in records)} distinct, "
+              f"{skipped_ties} prompts with a single distinct answer")
+    extras = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected", "responses", "scores")}
+              for r in records]
     if kind == "pairs":
         e = embed([{"prompt": r["prompt"], "response": r[side]} for side in ("chosen", "rejected") for r in records])
         candidates = real.pair_cosine(e[:len(records)], e[len(records):])  # (N,)
@@ -218,7 +277,7 @@ def main(argv=None):
                 continue
             pairs.append({**pair, **extras[k], "cosine": cos[i, j].item()})
         candidates = torch.cat(candidates)
-        described = f"{len(records)} prompts with {len(e)} responses"
+        described = f"{len(records)} prompts with {len(e)} {'sampled ' if cfg.sample else ''}responses"
     print(f"embedded {len(e)} responses with {ckpt} (template {template!r}) in {time.time() - t0:.1f} s")
 
     # --- save

@@ -164,7 +164,36 @@ def test_default_model_is_trained_first_when_missing(tmp_path, tiny_plain, multi
     assert len(read_jsonl(tmp_path / "out" / "real" / "pairs_easy.jsonl")) == 5  # the default output path
 
 
+def test_sample_pairs_the_models_own_answers(tmp_path, tiny_init, tiny_tok):
+    """--sample=K: K seeded answers per distinct prompt from the model; a pair is two of that prompt's distinct
+    answers, labelled by the seeded annotator; prompts with one distinct answer are skipped and counted."""
+    from nanoalign.evaluate import sample_answers
+
+    records = read_jsonl(DATA / "prompts_test.jsonl")[:5]
+    data = write_jsonl(tmp_path / "prompts.jsonl", records + records[:2])  # repeated prompts are sampled once
+    result, pairs = select(tmp_path, data, tiny_init, "--sample=3", "--label=annotator", "--strategy=random",
+                           "--max_new_tokens=6", "--seed=4")
+    prompts = [r["prompt"] for r in records]
+    answers = sample_answers(load_pretrained(tiny_init), tiny_tok, [p for p in prompts for _ in range(3)], "hh",
+                             max_new_tokens=6, temperature=1.0, batch_size=7, seed=4)
+    distinct = {p: set(a for a in answers[3 * k:3 * k + 3] if a) for k, p in enumerate(prompts)}
+    pairable = [p for p in prompts if len(distinct[p]) >= 2]
+    assert 0 < len(pairable) and result["skipped_ties"] == len(prompts) - len(pairable)
+    assert [p["prompt"] for p in pairs] == pairable
+    for p in pairs:
+        assert p["chosen"] != p["rejected"] and {p["chosen"], p["rejected"]} <= distinct[p["prompt"]]
+        a, b = sorted((p["chosen"], p["rejected"]))
+        prefers_a = world.annotate(p["prompt"], a, b, random.Random(f"4:{p['prompt']}"))
+        assert p["chosen"] == (a if prefers_a else b)
+        assert p["reference"] == next(r["reference"] for r in records if r["prompt"] == p["prompt"])
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--sample=4"], "--label=scores: sampled answers have no scores; --sample needs --label=annotator"),
+    (["--sample=1", "--label=annotator"], "--sample=1: a pair needs at least 2 answers per prompt"),
+    (["--sample=-1"], "--sample=-1: must be"),
+    (["--sample=4", "--label=annotator", "--temperature=0"], "--temperature=0.0: must be"),
+    (["--sample=4", "--label=annotator", "--format=hh"], "--format=hh: --sample reads the prompts"),
     (["--strategy=best"], "--strategy=best: choose one of easy, hard, random, centroid"),
     (["--label=votes"], "--label=votes: choose one of scores, annotator"),
     (["--fraction=0"], "--fraction=0.0: must be in (0.0, 1.0]"),
