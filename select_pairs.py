@@ -243,6 +243,9 @@ def main(argv=None):
         t1, asked = time.time(), len(records)
         records, skipped_ties = sample_responses(model, tok, records, template, cfg)
         kind = "multi"
+        if not records:
+            raise InputError(f"--sample={cfg.sample}: every prompt got {cfg.sample} identical answers, so there is no "
+                             f"pair to label; raise --temperature (now {cfg.temperature})")
         print(f"sampled {cfg.sample} answers to each of {asked} prompts at temperature {cfg.temperature} in "
               f"{time.time() - t1:.1f} s: {sum(len(r['responses']) for r in records)} distinct, "
               f"{skipped_ties} prompts with a single distinct answer")

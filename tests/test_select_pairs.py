@@ -188,6 +188,12 @@ def test_sample_pairs_the_models_own_answers(tmp_path, tiny_init, tiny_tok):
         assert p["reference"] == next(r["reference"] for r in records if r["prompt"] == p["prompt"])
 
 
+def test_sample_with_no_pair_left_is_one_error(tmp_path, tiny_init):
+    data = write_jsonl(tmp_path / "prompts.jsonl", read_jsonl(DATA / "prompts_test.jsonl")[:3])
+    with pytest.raises(InputError, match=r"--sample=2: every prompt got 2 identical answers.*--temperature \(now 1e-06\)"):
+        select(tmp_path, data, tiny_init, "--sample=2", "--label=annotator", "--temperature=1e-6")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--sample=4"], "--label=scores: sampled answers have no scores; --sample needs --label=annotator"),
     (["--sample=1", "--label=annotator"], "--sample=1: a pair needs at least 2 answers per prompt"),
