@@ -26,7 +26,7 @@ Two kinds of input, detected from the records (or --format):
 - --sample=K: the responses are not read but generated: K answers to each distinct prompt of --data (any JSONL
   with a "prompt"), sampled from --model at --temperature; their distinct non-empty texts are the prompt's
   responses, and the rest is the several-responses path above with --label=annotator (sampled answers carry
-  no scores). A prompt whose K answers are all the same text has no pair and is counted as skipped.
+  no scores). A prompt with fewer than two distinct non-empty answers has no pair and is counted as skipped.
   These are on-policy pairs: the setting DPO's derivation assumes (pairs drawn from pi_ref = the SFT model)
   and the one InstructGPT's reward model was trained on (labellers ranking the SFT model's samples). Pairs
   written by the world (data/prefs_*.jsonl) are corruptions of the reference answer, mostly unlike anything
@@ -74,7 +74,7 @@ class Config:
     temperature: float = 1.0    # --sample: sampling temperature
     max_new_tokens: int = 48    # --sample: length cap of each sampled answer
     template: str = "auto"      # prompt template; auto: the one saved with the model, else hh
-    out: str = ""               # output JSONL; empty: out/real/pairs_<strategy>.jsonl
+    out: str = ""               # output JSONL; empty: out/real/pairs_<strategy>.jsonl (--sample: onpolicy_<strategy>.jsonl)
     max_len: int = 256          # tokens per prompt + response (capped at the model's context)
     max_response_len: int = 128  # tokens of a response that enter its embedding
     batch_size: int = 32        # responses per forward
@@ -175,7 +175,10 @@ def sample_responses(model, tok, records: list[dict], template: str, cfg: Config
         if len(responses) < 2:
             dropped += 1
             continue
-        out.append({**r, "responses": responses})
+        # the fields of the record the prompt came from, less those that described its old responses
+        kept = {k: v for k, v in r.items() if k not in ("chosen", "rejected", "chosen_score", "rejected_score",
+                                                         "cosine", "responses", "scores")}
+        out.append({**kept, "responses": responses})
     return out, dropped
 
 
@@ -233,6 +236,9 @@ def main(argv=None):
     template = (tok.template or "hh") if cfg.template == "auto" else cfg.template
     max_len = min(cfg.max_len, model.cfg.max_seq_len)
     max_response_len = min(cfg.max_response_len, max_len - 1)
+    if cfg.sample and cfg.max_new_tokens > model.cfg.max_seq_len - 2:
+        raise InputError(f"--max_new_tokens={cfg.max_new_tokens}: leaves no room for a prompt in the context of "
+                         f"{ckpt} ({model.cfg.max_seq_len} tokens)")
 
     def embed(examples):
         return real.embed_responses(model, tok, examples, template, max_len, cfg.batch_size, max_response_len)
@@ -244,11 +250,12 @@ def main(argv=None):
         records, skipped_ties = sample_responses(model, tok, records, template, cfg)
         kind = "multi"
         if not records:
-            raise InputError(f"--sample={cfg.sample}: every prompt got {cfg.sample} identical answers, so there is no "
-                             f"pair to label; raise --temperature (now {cfg.temperature})")
+            raise InputError(f"--sample={cfg.sample}: no prompt got two distinct non-empty answers, so there is no "
+                             f"pair to label; raise --temperature (now {cfg.temperature}) or --max_new_tokens (now "
+                             f"{cfg.max_new_tokens})")
         print(f"sampled {cfg.sample} answers to each of {asked} prompts at temperature {cfg.temperature} in "
               f"{time.time() - t1:.1f} s: {sum(len(r['responses']) for r in records)} distinct, "
-              f"{skipped_ties} prompts with a single distinct answer")
+              f"{skipped_ties} prompts with fewer than two distinct non-empty answers")
     extras = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected", "responses", "scores")}
               for r in records]
     if kind == "pairs":
@@ -284,7 +291,7 @@ def main(argv=None):
     print(f"embedded {len(e)} responses with {ckpt} (template {template!r}) in {time.time() - t0:.1f} s")
 
     # --- save
-    out = Path(cfg.out or f"out/real/pairs_{cfg.strategy}.jsonl")
+    out = Path(cfg.out or f"out/real/{'onpolicy' if cfg.sample else 'pairs'}_{cfg.strategy}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)

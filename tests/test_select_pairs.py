@@ -190,8 +190,35 @@ def test_sample_pairs_the_models_own_answers(tmp_path, tiny_init, tiny_tok):
 
 def test_sample_with_no_pair_left_is_one_error(tmp_path, tiny_init):
     data = write_jsonl(tmp_path / "prompts.jsonl", read_jsonl(DATA / "prompts_test.jsonl")[:3])
-    with pytest.raises(InputError, match=r"--sample=2: every prompt got 2 identical answers.*--temperature \(now 1e-06\)"):
+    with pytest.raises(InputError, match=r"--sample=2: no prompt got two distinct non-empty answers.*--temperature "
+                                         r"\(now 1e-06\) or --max_new_tokens \(now 48\)"):
         select(tmp_path, data, tiny_init, "--sample=2", "--label=annotator", "--temperature=1e-6")
+    with pytest.raises(InputError, match=r"--max_new_tokens=100000: leaves no room for a prompt in the context of "):
+        select(tmp_path, data, tiny_init, "--sample=2", "--label=annotator", "--max_new_tokens=100000")
+
+
+def test_sample_dedupes_drops_empty_answers_and_counts_skipped_prompts(tmp_path, tiny_plain, monkeypatch):
+    """The answers stand in for the sampler (one list, K per prompt, in prompt order): duplicates and empty answers
+    go, prompts left with fewer than two answers are skipped and counted, fields of old responses are dropped."""
+    records = read_jsonl(DATA / "prompts_test.jsonl")[:4]
+    records[3] = {**records[3], "chosen": "old", "rejected": "old too", "chosen_score": 1.0, "rejected_score": 0.0}
+    canned = ["x", "x", "", "a", "b", "a", "", "", "", "p", "q", "r"]
+    calls = []
+
+    def fake_sample(model, tok, prompts, template, max_new_tokens, temperature, batch_size, seed):
+        calls.append((prompts, max_new_tokens, temperature, seed))
+        return canned
+
+    monkeypatch.setattr(select_pairs, "sample_answers", fake_sample)
+    data = write_jsonl(tmp_path / "prompts.jsonl", records)
+    result, pairs = select(tmp_path, data, tiny_plain, "--sample=3", "--label=annotator", "--strategy=random",
+                           "--temperature=0.7", "--seed=2")
+    prompts = [r["prompt"] for r in records]
+    assert calls == [([p for p in prompts for _ in range(3)], 48, 0.7, 2)]
+    assert result["skipped_ties"] == 2 and [p["prompt"] for p in pairs] == [prompts[1], prompts[3]]
+    assert {pairs[0]["chosen"], pairs[0]["rejected"]} == {"a", "b"}
+    assert {pairs[1]["chosen"], pairs[1]["rejected"]} <= {"p", "q", "r"}
+    assert "chosen_score" not in pairs[1] and pairs[1]["reference"] == records[3]["reference"]
 
 
 @pytest.mark.parametrize("flags, message", [
