@@ -5,7 +5,7 @@ about to be aligned and pick pairs by the cosine of their two embeddings. DPO on
 (easy, or the responses nearest two k-means centroids) beats random pairs, which beat the most similar (hard)
 pairs, because similar pairs carry more label errors: an annotator shown two near-identical answers guesses.
 
-    python experiments/real.py                 # 7 arms x 3 seeds, ~15 minutes on a 2-core laptop CPU
+    python experiments/real.py                 # 11 arms x 3 seeds, ~25 minutes on a 2-core laptop CPU
     python experiments/real.py --quick         # 1 seed, tiny budgets: a smoke run of the whole recipe
     python -m nanoalign.report exp/real        # the curves of every arm, overlaid, and the table
 
@@ -16,6 +16,11 @@ Arms (select_pairs.py, then train_dpo.py on what it wrote, from the same SFT mod
   multi/<strategy>. About 500 pairs each (ties skipped), DPO for --multi_steps x 32 pairs (~2 epochs).
 - one pair per prompt (data/prefs_train.jsonl, 3000 annotator-labelled pairs, HH-style): keep 50% by easy, hard
   or random; pairs/<strategy>. 1500 pairs each, DPO for --pairs_steps x 32 pairs (~1 epoch).
+- on-policy (select_pairs.py --sample=8): 8 answers of the SFT model itself, sampled at temperature 1, to each of
+  the 1240 distinct prompts of data/prefs_train.jsonl; one pair per prompt by easy, hard, random or centroid,
+  labelled by the annotator; sampled/<strategy>. About 910 pairs each (a prompt whose 8 answers are all the
+  same text has no pair), DPO for --sampled_steps x 32 pairs (~3.5 epochs) at --sampled_lr (1e-4, the other
+  arms' rate, turns these into repeated phrases). The same seed samples the same answers for every strategy.
 Each seed changes the random selection, the annotator's coin flips and DPO's data order.
 
 Metrics per run:
@@ -27,8 +32,9 @@ Metrics per run:
 - greedy answers to the 300 held-out prompts (data/prompts_test.jsonl) against the SFT model's, judged by the
   oracle: win_rate (ties count half), mean_quality.
 
-Budget: 21 runs, 2 side by side with one thread each (nanoalign/experiment.py). One run: embedding 2,500-6,000
-responses (~10 s), DPO (~1 s a step), evaluating two models on 300 prompts (~15 s).
+Budget: 33 runs, 2 side by side with one thread each (nanoalign/experiment.py). One run: sampling ~10,000
+answers (sampled/ arms, ~40 s), embedding 2,500-6,000 responses (~10 s), DPO (~1 s a step), evaluating two models
+on 300 prompts (~15 s).
 Results: exp/real/results.json and results.md (mean ± std over seeds), each run in exp/real/<arm>/seed<k>/
 (pairs.jsonl, the DPO run, vs_sft.json, log.txt). Rerunning skips the runs that finished.
 """
@@ -57,6 +63,8 @@ class Config:
     seeds: int = 3              # seeds 0..seeds-1 per arm
     multi_steps: int = 30       # DPO steps on the ~500 pairs of a several-responses arm (x batch_size pairs)
     pairs_steps: int = 45       # DPO steps on the 1500 pairs of a one-pair-per-prompt arm
+    sampled_steps: int = 100    # DPO steps on the ~910 on-policy pairs of a sampled/ arm
+    sampled_lr: float = 3e-5    # DPO learning rate of the sampled/ arms (the others: train_dpo's default)
     batch_size: int = 32        # pairs per DPO step
     eval_prompts: int = 300     # held-out prompts the win rate is measured on (the first N of data/prompts_test.jsonl)
     multi_data: str = "data/multi_train.jsonl"  # several scored responses per prompt (the multi/ arms)
@@ -74,6 +82,10 @@ ARMS = {  # arm -> select_pairs flags (the data: --multi_data or --pairs_data, b
     "pairs/easy": ["--strategy=easy", "--fraction=0.5"],
     "pairs/hard": ["--strategy=hard", "--fraction=0.5"],
     "pairs/random": ["--strategy=random", "--fraction=0.5"],
+    "sampled/easy": ["--sample=8", "--strategy=easy", "--label=annotator"],
+    "sampled/hard": ["--sample=8", "--strategy=hard", "--label=annotator"],
+    "sampled/random": ["--sample=8", "--strategy=random", "--label=annotator"],
+    "sampled/centroid": ["--sample=8", "--strategy=centroid", "--label=annotator"],
 }
 METRICS = ["label_error", "equal_quality", "quality_gap", "cosine", "eval/rewards/accuracies",
            "eval/margins/unscaled", "win_rate", "mean_quality"]
@@ -83,9 +95,12 @@ def jobs(cfg: Config, seeds: list[int]) -> list[experiment.Job]:
     out, quick = Path(cfg.out).resolve(), cfg.quick
     result = []
     for arm, select_flags in ARMS.items():
-        multi = arm.startswith("multi/")
-        data = cfg.multi_data if multi else cfg.pairs_data
-        steps = 2 if quick else cfg.multi_steps if multi else cfg.pairs_steps
+        kind = arm.split("/")[0]
+        data = cfg.multi_data if kind == "multi" else cfg.pairs_data
+        steps = 2 if quick else {"multi": cfg.multi_steps, "pairs": cfg.pairs_steps, "sampled": cfg.sampled_steps}[kind]
+        if kind == "sampled" and quick:  # four short answers per prompt: the recipe, not the numbers
+            select_flags = [f.replace("--sample=8", "--sample=4") for f in select_flags] + ["--max_new_tokens=8"]
+        lr = [f"--lr={cfg.sampled_lr}"] if kind == "sampled" else []
         for seed in seeds:
             run_dir = out / arm / f"seed{seed}"
             result.append(experiment.Job(f"{arm}/seed{seed}", run_dir, [
@@ -95,7 +110,7 @@ def jobs(cfg: Config, seeds: list[int]) -> list[experiment.Job]:
                                   f"--val_data={cfg.val_pairs}", f"--out_dir={run_dir}", f"--steps={steps}",
                                   f"--batch_size={4 if quick else cfg.batch_size}",
                                   *(["--micro_batch_size=4", "--warmup_steps=0", "--max_len=128"] if quick else []),
-                                  "--eval_prompts=", "--save_every=0", f"--seed={seed}"),
+                                  "--eval_prompts=", "--save_every=0", f"--seed={seed}", *lr),
                 experiment.script("-m", "nanoalign.evaluate", f"--model_a={run_dir / 'model'}",
                                   f"--model_b={cfg.sft}", f"--limit={cfg.eval_prompts}",
                                   f"--out={run_dir / 'vs_sft.json'}")]))
@@ -118,7 +133,8 @@ def run_metrics(run_dir: Path) -> dict:
 
 def main(argv=None) -> dict:
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
-    check_positive(cfg, "seeds", "multi_steps", "pairs_steps", "batch_size", "eval_prompts", "parallel")
+    check_positive(cfg, "seeds", "multi_steps", "pairs_steps", "sampled_steps", "sampled_lr", "batch_size",
+                   "eval_prompts", "parallel")
     if cfg.quick:
         cfg.eval_prompts = min(cfg.eval_prompts, 8)
     seeds = [0] if cfg.quick else list(range(cfg.seeds))

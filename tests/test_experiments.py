@@ -28,7 +28,7 @@ def assert_complete(results: dict, arms, metrics):
             assert len(results["arms"][arm][m]) == 1 and math.isfinite(results["arms"][arm][m][0]), (arm, m)
 
 
-@pytest.mark.slow  # ~1-2 minutes: 21 subprocesses
+@pytest.mark.slow  # ~2 minutes: 33 subprocesses
 def test_real_quick_runs_every_arm_and_reports_the_runs_numbers(tmp_path, monkeypatch, tiny_init, capsys):
     monkeypatch.chdir(ROOT)  # the evaluation's default held-out prompts are data/prompts_test.jsonl
     out = tmp_path / "real"
@@ -53,10 +53,17 @@ def test_real_quick_runs_every_arm_and_reports_the_runs_numbers(tmp_path, monkey
     easy = read_jsonl(out / "pairs" / "easy" / "seed0" / "pairs.jsonl")
     hard = read_jsonl(out / "pairs" / "hard" / "seed0" / "pairs.jsonl")
     assert max(p["cosine"] for p in easy) <= min(p["cosine"] for p in hard)
+    # on-policy arms: every strategy of a seed selects among the same sampled answers, so per prompt the easy pair
+    # (least similar) is never more similar than the hard one (most similar)
+    sampled = {s: {p["prompt"]: p for p in read_jsonl(out / "sampled" / s / "seed0" / "pairs.jsonl")}
+               for s in ("easy", "hard")}
+    assert sampled["easy"] and sampled["easy"].keys() == sampled["hard"].keys()
+    assert set(sampled["easy"]) <= {r["prompt"] for r in read_jsonl(tmp_path / "pairs.jsonl")}
+    assert all(p["cosine"] <= sampled["hard"][k]["cosine"] + 1e-6 for k, p in sampled["easy"].items())
     # resumable: a second run trains nothing
     capsys.readouterr()
     assert real.main(flags)["arms"] == results["arms"]
-    assert "7 of 7 runs finished earlier: skipped" in capsys.readouterr().out
+    assert "11 of 11 runs finished earlier: skipped" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # ~1.5 minutes: 20 training runs and 20 evaluations
