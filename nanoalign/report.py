@@ -296,7 +296,15 @@ def _grid(mpl, n: int, title: str):
     return fig, axes[:n]
 
 
-def _draw(ax, curve, color: str, label: str, band: bool) -> None:
+def _color(i: int, n: int):
+    """The i-th of n curves' colour: matplotlib's default cycle (10 colours) while it suffices, else tab20, so
+    that up to 20 curves on one panel never share a colour."""
+    import matplotlib
+
+    return f"C{i}" if n <= 10 else matplotlib.colormaps["tab20"](i % 20)
+
+
+def _draw(ax, curve, color, label: str, band: bool) -> None:
     if curve is None:
         return
     steps, mean, low, high, raw, style = curve
@@ -327,7 +335,7 @@ def plot_run(mpl, run: dict, title: str, path: Path, smooth: float) -> bool:
     fig, axes = _grid(mpl, len(groups), title)
     for ax, (group, ylabel, names) in zip(axes, groups):
         for i, name in enumerate(names):
-            _draw(ax, across_seeds([run], name, smooth), f"C{i % 10}", name, band=False)
+            _draw(ax, across_seeds([run], name, smooth), _color(i, len(names)), name, band=False)
         _finish(ax, group, ylabel)
     fig.tight_layout()
     fig.savefig(path)
@@ -343,7 +351,8 @@ def plot_experiment(mpl, arms: dict[str, list[dict]], title: str, group: tuple, 
             seeds = [r for r in runs if metric in r["series"]]
             if seeds:
                 label = f"{arm} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
-                _draw(ax, across_seeds(seeds, metric, smooth), f"C{i % 10}", label, band=len(seeds) > 1)
+                _draw(ax, across_seeds(seeds, metric, smooth), _color(i, len(arms)), label,
+                      band=len(seeds) > 1)
         _finish(ax, metric, ylabel)
     fig.tight_layout()
     fig.savefig(path)

@@ -268,3 +268,10 @@ def test_arms_named_by_a_path_are_found_in_their_nested_directories(tmp_path, mo
     assert {arm: [r["path"] for r in runs] for arm, runs in loaded["arms"].items()} == {
         arm: [exp / arm / "seed0", exp / arm / "seed1"] for arm in results["arms"]}
     assert "dpo/joint (seed0, seed1)" in report.build_report([exp], tmp_path / "out").read_text()
+
+
+def test_curve_colours_stay_distinct_past_ten_arms():
+    pytest.importorskip("matplotlib")
+    assert [report._color(i, 10) for i in range(10)] == [f"C{i}" for i in range(10)]
+    assert len({report._color(i, 11) for i in range(11)}) == 11  # REAL's eleven arms on one panel
+    assert len({report._color(i, 20) for i in range(20)}) == 20
