@@ -165,7 +165,7 @@ def check_world_prompts(cfg: Config, records: list[dict]) -> None:
 
 def sample_responses(model, tok, records: list[dict], template: str, cfg: Config) -> tuple[list[dict], int]:
     """(records with "responses": the distinct non-empty texts of cfg.sample answers to each prompt, the number of
-    prompts dropped because fewer than two distinct answers came out). One seeded generator for all answers."""
+    prompts dropped because fewer than two distinct non-empty answers came out). One seeded generator for all."""
     prompts = [r["prompt"] for r in records for _ in range(cfg.sample)]
     answers = sample_answers(model, tok, prompts, template, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                              seed=cfg.seed)
@@ -176,8 +176,8 @@ def sample_responses(model, tok, records: list[dict], template: str, cfg: Config
             dropped += 1
             continue
         # the fields of the record the prompt came from, less those that described its old responses
-        kept = {k: v for k, v in r.items() if k not in ("chosen", "rejected", "chosen_score", "rejected_score",
-                                                         "cosine", "responses", "scores")}
+        kept = {key: value for key, value in r.items()
+                if key not in ("chosen", "rejected", "chosen_score", "rejected_score", "cosine", "responses", "scores")}
         out.append({**kept, "responses": responses})
     return out, dropped
 
