@@ -175,10 +175,7 @@ def sample_responses(model, tok, records: list[dict], template: str, cfg: Config
         if len(responses) < 2:
             dropped += 1
             continue
-        # the fields of the record the prompt came from, less those that described its old responses
-        kept = {key: value for key, value in r.items()
-                if key not in ("chosen", "rejected", "chosen_score", "rejected_score", "cosine", "responses", "scores")}
-        out.append({**kept, "responses": responses})
+        out.append({**r, "responses": responses})
     return out, dropped
 
 
@@ -256,8 +253,11 @@ def main(argv=None):
         print(f"sampled {cfg.sample} answers to each of {asked} prompts at temperature {cfg.temperature} in "
               f"{time.time() - t1:.1f} s: {sum(len(r['responses']) for r in records)} distinct, "
               f"{skipped_ties} prompts with fewer than two distinct non-empty answers")
-    extras = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected", "responses", "scores")}
-              for r in records]
+    # the records' other fields travel with their pairs, less those that describe responses (with --sample, the
+    # input record's old ones, scores included)
+    dropped = ("prompt", "chosen", "rejected", "responses", "scores") + (("chosen_score", "rejected_score")
+                                                                        if cfg.sample else ())
+    extras = [{k: v for k, v in r.items() if k not in dropped} for r in records]
     if kind == "pairs":
         e = embed([{"prompt": r["prompt"], "response": r[side]} for side in ("chosen", "rejected") for r in records])
         candidates = real.pair_cosine(e[:len(records)], e[len(records):])  # (N,)

@@ -82,11 +82,12 @@ ARMS = {  # arm -> select_pairs flags (the data: --multi_data or --pairs_data, b
     "pairs/easy": ["--strategy=easy", "--fraction=0.5"],
     "pairs/hard": ["--strategy=hard", "--fraction=0.5"],
     "pairs/random": ["--strategy=random", "--fraction=0.5"],
-    "sampled/easy": ["--sample=8", "--strategy=easy", "--label=annotator"],
-    "sampled/hard": ["--sample=8", "--strategy=hard", "--label=annotator"],
-    "sampled/random": ["--sample=8", "--strategy=random", "--label=annotator"],
-    "sampled/centroid": ["--sample=8", "--strategy=centroid", "--label=annotator"],
+    "sampled/easy": ["--strategy=easy", "--label=annotator"],  # + --sample=SAMPLES (jobs)
+    "sampled/hard": ["--strategy=hard", "--label=annotator"],
+    "sampled/random": ["--strategy=random", "--label=annotator"],
+    "sampled/centroid": ["--strategy=centroid", "--label=annotator"],
 }
+SAMPLES = 8  # answers of the SFT model per prompt in the sampled/ arms
 METRICS = ["label_error", "equal_quality", "quality_gap", "cosine", "eval/rewards/accuracies",
            "eval/margins/unscaled", "win_rate", "mean_quality"]
 
@@ -98,8 +99,9 @@ def jobs(cfg: Config, seeds: list[int]) -> list[experiment.Job]:
         kind = arm.split("/")[0]
         data = cfg.multi_data if kind == "multi" else cfg.pairs_data
         steps = 2 if quick else {"multi": cfg.multi_steps, "pairs": cfg.pairs_steps, "sampled": cfg.sampled_steps}[kind]
-        if kind == "sampled" and quick:  # four short answers per prompt: the recipe, not the numbers
-            select_flags = [f.replace("--sample=8", "--sample=4") for f in select_flags] + ["--max_new_tokens=8"]
+        if kind == "sampled":  # quick: four short answers per prompt, the recipe, not the numbers
+            select_flags = [f"--sample={4 if quick else SAMPLES}", *select_flags,
+                            *(["--max_new_tokens=8"] if quick else [])]
         lr = [f"--lr={cfg.sampled_lr}"] if kind == "sampled" else []
         for seed in seeds:
             run_dir = out / arm / f"seed{seed}"
