@@ -1,17 +1,20 @@
 """Run by tests/test_ewc.py as `torchrun --standalone --nproc_per_node=2 tests/ewc_dist_check.py OUT.json`.
 
-Each EWC statistic of an FSDP2-sharded Transformer against the same model unsharded (on rank 0 alone);
-rank 0 writes both sides, or their largest differences for tensors, as JSON for the test to compare."""
+Each EWC statistic of an FSDP2-sharded Transformer against the same model unsharded (computed on every
+rank, so no rank waits alone in a collective); rank 0 writes both sides, or their largest differences for tensors, as JSON for the test to compare."""
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from nanoalign import dist, ewc
-from nanoalign.model import ModelConfig, Transformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from nanoalign import dist, ewc  # noqa: E402
+from nanoalign.model import ModelConfig, Transformer  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=2, hidden_dim=64, max_seq_len=32)
 LAM = 2.0
@@ -93,8 +96,10 @@ def main():
     two = run(build(d), d, ids)
     penalties = [None] * d.world_size
     torch_dist.all_gather_object(penalties, two["penalty"])
+    # every rank runs the one-process reference, so no rank waits alone in a collective while another computes
+    # (rank 0 alone doing it left rank 1 in the closing barrier; under CPU load gloo then aborted it now and then)
+    one = run(build(dist.Dist()), dist.Dist(), ids)
     if d.is_main:
-        one = run(build(dist.Dist()), dist.Dist(), ids)
         result = {k: [one[k], two[k]] for k in ("dtensors", "scores", "omega_t1", "omega", "entropy", "penalty",
                                                 "fisher_penalty", "frozen", "frozen_without_grad")}
         result["penalty_on_each_rank"] = penalties
