@@ -292,15 +292,10 @@ def _checked_config(ckpt: Path):
     return cfg, names, files
 
 
-def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transformer:
-    ckpt = resolve_dir(path_or_hub_id)
-    cfg, names, files = _checked_config(ckpt)
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
-    model.to_empty(device=device)
-    model.tie_weights()
-    params = dict(model.named_parameters(remove_duplicate=False))
-
+def copy_tensors(params: dict, names: dict, files: dict, n_head: int, ckpt: Path, device, dtype) -> None:
+    """Copy each checkpoint tensor into its parameter(s), one file opened at a time. names maps a file's
+    tensor to our parameter name, or to three (q, k, v) for NeoX's fused attention projection; every shape is
+    checked against the config first, with a one-line error naming the tensor and the file."""
     by_file: dict[Path, list[str]] = {}
     for k in names:
         by_file.setdefault(files[k], []).append(k)
@@ -315,9 +310,19 @@ def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transf
                     if list(t.shape) != expected_shape:
                         raise ValueError(f"tensor {k} in {file} has shape {list(t.shape)}, expected {expected_shape} "
                                          f"for the config in {ckpt / 'config.json'}")
-                    parts = split_qkv(t, cfg.n_head) if len(targets) == 3 else [t]
+                    parts = split_qkv(t, n_head) if len(targets) == 3 else [t]  # NeoX's fused q, k, v
                     for n, part in zip(targets, parts):
                         params[n].copy_(part.to(device=device, dtype=dtype))
+
+
+def load_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32) -> Transformer:
+    ckpt = resolve_dir(path_or_hub_id)
+    cfg, names, files = _checked_config(ckpt)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
+    model.to_empty(device=device)
+    model.tie_weights()
+    copy_tensors(dict(model.named_parameters(remove_duplicate=False)), names, files, cfg.n_head, ckpt, device, dtype)
     return model.eval()
 
 

@@ -38,8 +38,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import (IGNORED_SUFFIXES, atomic_write_dir, config_from_hf, config_to_hf, hf_names, hf_state_dict,
-                         load_pretrained, model_config, open_tensors, read_config, resolve_dir, split_qkv, tensor_files)
+from .checkpoint import (IGNORED_SUFFIXES, atomic_write_dir, config_from_hf, config_to_hf, copy_tensors, hf_names,
+                         hf_state_dict, load_pretrained, model_config, open_tensors, read_config, resolve_dir,
+                         tensor_files)
 from .model import ModelConfig, Transformer
 
 OFFSET_KEY = "nanoalign_reward_offset"  # config.json key of the offset (transformers ignores unknown keys)
@@ -103,24 +104,7 @@ class RewardModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, offset).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
         model.to_empty(device=device)
-        params = dict(model.named_parameters())
-        by_file: dict[Path, list[str]] = {}
-        for k in names:
-            by_file.setdefault(files[k], []).append(k)
-        with torch.no_grad():
-            for file, keys in by_file.items():
-                with open_tensors(file) as f:
-                    for k in keys:
-                        t = f.get_tensor(k)
-                        targets = names[k] if isinstance(names[k], tuple) else (names[k],)
-                        expected = [params[n].shape for n in targets]
-                        expected_shape = [sum(s[0] for s in expected), *expected[0][1:]]
-                        if list(t.shape) != expected_shape:
-                            raise ValueError(f"tensor {k} in {file} has shape {list(t.shape)}, expected "
-                                             f"{expected_shape} for the config in {ckpt / 'config.json'}")
-                        parts = split_qkv(t, cfg.n_head) if len(targets) == 3 else [t]  # NeoX's fused q, k, v
-                        for n, part in zip(targets, parts):
-                            params[n].copy_(part.to(device=device, dtype=dtype))
+        copy_tensors(dict(model.named_parameters()), names, files, cfg.n_head, ckpt, device, dtype)
         return model.eval()
 
     @classmethod
