@@ -1,5 +1,7 @@
 import importlib
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,25 @@ def reference(module: str):
         if os.environ.get("NANOALIGN_REQUIRE_REFERENCE") == "1":
             pytest.fail(f"reference implementation {module!r} is required (NANOALIGN_REQUIRE_REFERENCE=1): {e}")
         pytest.skip(f"reference implementation {module!r} not installed ({e})")
+
+
+# --- train_sft.py at a test's size (tests/test_sft.py, tests/test_train.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sft_args(init, out, *extra):
+    """Small, fast train_sft flags (the held-out examples as data, no checkpoints between steps); a flag
+    repeated in extra wins (argparse keeps the last)."""
+    return [f"--init={init}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
+            f"--val_data={ROOT}/data/sft_val.jsonl", "--eval_data=", "--batch_size=8", "--micro_batch_size=4",
+            "--max_len=128", "--warmup_steps=2", "--eval_every=3", "--save_every=0", "--device=cpu",
+            "--dtype=float32", *extra]
+
+
+def logged_losses(out):
+    """The training loss of every step a run logged to out/metrics.jsonl."""
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- tiny checkpoints shared by the script tests: a random 2-layer model, the same model ending about half its

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_sft
-from conftest import reference
+from conftest import logged_losses as losses, reference, sft_args as args
 from nanoalign import dist
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.data import collate_sft, read_jsonl, tokenize_sft
@@ -60,18 +60,6 @@ def test_micro_batch_without_response_tokens_is_zero_not_nan(tiny_plain, rows, t
                                                  torch.autocast("cpu", enabled=False))
     assert loss_sum.item() == 0.0 and n.item() == 1  # clamped count, no division by zero
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() == 0 for p in model.parameters())
-
-
-def args(tiny_plain, out, *extra):
-    """Small, fast flags; a flag repeated in extra wins (argparse keeps the last)."""
-    return [f"--init={tiny_plain}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
-            f"--val_data={ROOT}/data/sft_val.jsonl", "--eval_data=", "--batch_size=8", "--micro_batch_size=4",
-            "--max_len=128", "--warmup_steps=2", "--eval_every=3", "--save_every=0", "--device=cpu",
-            "--dtype=float32", *extra]
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_continues_exactly(tiny_plain, tmp_path):

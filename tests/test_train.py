@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_sft
+from conftest import logged_losses as losses, sft_args
 from nanoalign import dist, train
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
@@ -41,14 +42,7 @@ def init_dir(tmp_path_factory, tok):
 
 
 def args(init_dir, out, *extra):
-    return [f"--init={init_dir}", f"--out_dir={out}", "--mode=sft", f"--data={ROOT}/data/sft_val.jsonl",
-            f"--val_data={ROOT}/data/sft_val.jsonl", "--eval_data=", "--batch_size=8", "--micro_batch_size=4",
-            "--max_len=128", "--warmup_steps=2", "--eval_every=3", "--save_every=1", "--device=cpu",
-            "--dtype=float32", *extra]
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return sft_args(init_dir, out, "--save_every=1", *extra)
 
 
 # --- schedule and order
