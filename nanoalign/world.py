@@ -30,6 +30,10 @@ The annotator is a noisy Bradley-Terry judge: P(a preferred to b) = sigmoid((q(a
 its error rate is ~40% on near-ties (gap < 0.05), ~7% at gap 0.25 and ~0 above 0.5 (measured: data/world.json).
 Preference pairs are labelled by it, so a known fraction (~6%) of chosen/rejected pairs is wrong, as in real data.
 
+The SFT demonstrations are the references: SFT imitates ideal answers. `--padded_demos=F` builds a variant whose
+demonstrator pads a fraction F of its SFT answers with one to three filler sentences (every other file stays
+byte-identical), to study what preference learning does with a flaw the demonstrations teach.
+
 `python -m nanoalign.world` rebuilds data/ byte for byte from the seed (all randomness flows from one
 random.Random; the BPE tokenizer trained by `tokenizers` is deterministic) and prints a summary.
 """
@@ -369,6 +373,19 @@ def make_splits(rng, tau=TAU):
     return data
 
 
+def pad_demonstrations(records, fraction, rng):
+    """A chatty demonstrator: each SFT response, with probability `fraction`, becomes the reference followed by
+    one to three distinct filler sentences (oracle quality 1 - 0.15 per filler). The reference, prompt and
+    family stay; other records are unchanged. Real demonstrations are rarely all ideal; this makes the gap
+    between what SFT imitates and what the preferences reward visible (README, "Padded demonstrations")."""
+    out = []
+    for r in records:
+        if rng.random() < fraction:
+            r = {**r, "response": " ".join([r["reference"]] + rng.sample(FILLERS, rng.randint(1, 3)))}
+        out.append(r)
+    return out
+
+
 def make_pretrain(sft_prompts, rng, n_docs=4000):
     """Plain-text documents: half world knowledge (facts, who lives where, sums), half hh dialogues whose
     answers are mostly, not always, good, so the base model speaks the language but still needs aligning."""
@@ -409,13 +426,19 @@ def _write_jsonl(path, records):
         f.writelines(json.dumps(r, sort_keys=True, ensure_ascii=True) + "\n" for r in records)
 
 
-def build(out_dir="data", seed=0, tau=TAU):
-    """Write the whole world to out_dir (see INTERFACES.md); returns the summary written to world.json."""
+def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0):
+    """Write the whole world to out_dir (see INTERFACES.md); returns the summary written to world.json.
+    padded_demos > 0 pads that fraction of the SFT training responses (pad_demonstrations) with an rng of its
+    own, so every other file is byte-identical to the default world's."""
+    if not 0.0 <= padded_demos <= 1.0:
+        raise ValueError(f"--padded_demos={padded_demos} must be a fraction in [0, 1]")
     out, rng = Path(out_dir), random.Random(seed)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     data = make_splits(rng, tau)
     sft_prompts = list(dict.fromkeys(r["prompt"] for r in data["sft_train"]))
     data["pretrain"] = [{"text": t} for t in make_pretrain(sft_prompts, rng)]
+    if padded_demos:
+        data["sft_train"] = pad_demonstrations(data["sft_train"], padded_demos, random.Random(seed + 2))
     for name, records in data.items():
         _write_jsonl(out / f"{name}.jsonl", records)
 
@@ -437,6 +460,10 @@ def build(out_dir="data", seed=0, tau=TAU):
                "qtypes": {q: sum(r["qtype"] == q for r in data["sft_train"]) for q in ("CONSTRAINED", "OPENENDED")},
                "prefs_train_mislabelled": round(wrong / len(data["prefs_train"]), 4),
                "annotator_error_by_gap": annotator_error_by_gap(triples, rng, tau)}
+    if padded_demos:
+        summary["padded_demos"] = {"fraction": padded_demos, "padded": sum(
+            r["response"] != r["reference"] for r in data["sft_train"]), "sft_train_mean_quality": round(
+            sum(quality(r["prompt"], r["response"]) for r in data["sft_train"]) / len(data["sft_train"]), 4)}
     (out / "world.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
 
@@ -445,14 +472,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--padded_demos", type=float, default=0.0,
+                        help="pad this fraction of the SFT training responses with filler sentences (default: none)")
     args = parser.parse_args()
-    summary = build(args.out, args.seed)
+    try:
+        summary = build(args.out, args.seed, padded_demos=args.padded_demos)
+    except ValueError as e:
+        parser.error(str(e))
     for path in sorted(Path(args.out).rglob("*.json*")):
         print(f"{str(path):40s} {path.stat().st_size / 1e3:8.1f} kB")
     print("counts:", summary["counts"])
     print(f"prefs_train mislabelled by the annotator: {summary['prefs_train_mislabelled']:.1%}")
     for row in summary["annotator_error_by_gap"]:
         print(f"annotator error at gap ({row['gap'][0]:.2f}, {row['gap'][1]:.2f}]: {row['error']} (n={row['n']})")
+    if "padded_demos" in summary:
+        pads = summary["padded_demos"]
+        print(f"sft_train: {pads['padded']} responses padded with filler, mean oracle quality "
+              f"{pads['sft_train_mean_quality']:.3f}")
 
 
 if __name__ == "__main__":

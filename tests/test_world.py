@@ -92,6 +92,31 @@ def test_references_are_perfect_and_sft_responses_are_references(built):
             assert r.get("response", r["reference"]) == r["reference"]
 
 
+def test_padded_demos_change_only_the_sft_responses(built, tmp_path):
+    """--padded_demos pads about that fraction of the SFT training answers, each the reference plus one to three
+    distinct fillers scored 1 - 0.15 per filler; every other file is the default world's, byte for byte."""
+    summary = world.build(tmp_path, seed=0, padded_demos=0.5)
+    default, padded = _files(built), _files(tmp_path)
+    assert {k for k in default if default[k] != padded[k]} == {"sft_train.jsonl", "world.json"}
+    rows, base = _read(tmp_path, "sft_train"), _read(built, "sft_train")
+    assert [{**r, "response": None} for r in rows] == [{**r, "response": None} for r in base]
+    n_padded = 0
+    for r in rows:
+        if r["response"] == r["reference"]:
+            continue
+        n_padded += 1
+        assert r["response"].startswith(r["reference"] + " ")
+        fillers = r["response"][len(r["reference"]) + 1:]
+        used = [f.strip() for f in fillers.split(".")[:-1]]  # each filler is one sentence ending in "."
+        assert fillers == " ".join(f + "." for f in used) and fillers.endswith(".")
+        assert 1 <= len(used) <= 3 and len(set(used)) == len(used) and {u + "." for u in used} <= set(world.FILLERS)
+        assert world.quality(r["prompt"], r["response"]) == pytest.approx(1 - 0.15 * len(used))
+    assert abs(n_padded / len(rows) - 0.5) < 0.03  # 4000 coin flips: 3% is ~4 standard deviations
+    assert summary["padded_demos"]["padded"] == n_padded
+    with pytest.raises(ValueError, match="--padded_demos=1.5"):
+        world.build(tmp_path / "bad", padded_demos=1.5)
+
+
 def test_oracle_ranks_the_reference_above_every_corruption():
     rng = random.Random(0)
     prompts = [world.sample_prompt(rng, f) for f in world.FAMILIES[:4] for _ in range(200)] + world._open_prompts()
