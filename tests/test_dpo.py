@@ -1,6 +1,5 @@
 """train_dpo.py and nanoalign/dpo.py: the reference log-prob cache, the step-0 values of each loss, resume,
-the flag checks, data parallelism (torchrun + FSDP2), and (slow) the default tiny-world run against the SFT model
-and DPO from an SFT model trained on padded demonstrations."""
+the flag checks, data parallelism (torchrun + FSDP2), and (slow) the default tiny-world run against the SFT model."""
 import gc
 import json
 import math
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import train_dpo
-from nanoalign import dist, dpo, evaluate, train, world
+from nanoalign import dist, dpo, evaluate, train
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
 from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs
@@ -299,38 +298,3 @@ def test_default_tiny_world_run_learns_the_preferences_without_losing_to_the_sft
     assert log[-1]["eval/rewards/margins"] > log[0]["eval/rewards/margins"]
     assert result["win_rate_vs_sft"] > 0.47
     assert result["mean_quality/dpo"] >= result["mean_quality/sft"] - 0.01
-
-
-@pytest.mark.slow
-def test_on_policy_dpo_beats_the_sft_model_when_its_demonstrations_are_padded(tmp_path):
-    """README "Padded demonstrations", end to end at the scripts' defaults (~9 minutes on 2 cores): SFT on the
-    world whose demonstrator pads 70% of its answers with filler sentences; DPO on the world's pairs pads more of
-    its greedy answers and loses to that SFT model, DPO on pairs of the SFT model's own samples (annotator
-    labels) pads fewer and beats it under the oracle, with held-out implicit-reward accuracy above chance on
-    held-out on-policy pairs. Measured, seeds 0/1/2: world pairs win rate 0.21/0.19/0.18, on-policy
-    0.568/0.572/0.572 (quality 0.651/0.650/0.664 vs SFT 0.637)."""
-    def script(*argv):
-        proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=3600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def padded(model):
-        answers = evaluate.sample_answers(load_pretrained(model), Tokenizer.from_dir(model), prompts, "hh")
-        return sum(any(f in a for f in world.FILLERS) for a in answers)
-
-    prompts = [r["prompt"] for r in read_jsonl(ROOT / "data" / "prompts_test.jsonl")]
-    world.build(tmp_path / "data", padded_demos=0.7)
-    script(ROOT / "train_sft.py", f"--data={tmp_path}/data/sft_train.jsonl", f"--out_dir={tmp_path}/sft")
-    sft = tmp_path / "sft" / "model"
-    for name, data in [("train", "prefs_train"), ("val", "prefs_val")]:
-        script(ROOT / "select_pairs.py", "--sample=8", "--label=annotator", "--strategy=random",
-               f"--data=data/{data}.jsonl", f"--model={sft}", f"--out={tmp_path}/onpolicy_{name}.jsonl")
-    script(ROOT / "train_dpo.py", f"--init={sft}", f"--data={tmp_path}/onpolicy_train.jsonl", "--lr=3e-5",
-           f"--val_data={tmp_path}/onpolicy_val.jsonl", f"--out_dir={tmp_path}/onpolicy")
-    script(ROOT / "train_dpo.py", f"--init={sft}", f"--out_dir={tmp_path}/world_pairs")
-    on_policy = json.loads((tmp_path / "onpolicy" / "eval.json").read_text())
-    world_pairs = json.loads((tmp_path / "world_pairs" / "eval.json").read_text())
-    assert on_policy["win_rate_vs_sft"] > 0.53 and on_policy["mean_quality/dpo"] > on_policy["mean_quality/sft"]
-    assert on_policy["eval/rewards/accuracies"] > 0.5
-    assert world_pairs["win_rate_vs_sft"] < 0.4
-    assert padded(tmp_path / "onpolicy" / "model") < padded(sft) < padded(tmp_path / "world_pairs" / "model")
