@@ -1,5 +1,4 @@
 import importlib
-import json
 import os
 from pathlib import Path
 
@@ -37,9 +36,16 @@ def sft_args(init, out, *extra):
             "--dtype=float32", *extra]
 
 
+def logged(out):
+    """Every record a run logged to out/metrics.jsonl (read by the reader nanoalign.report draws from)."""
+    from nanoalign.report import load_metrics
+
+    return load_metrics(Path(out) / "metrics.jsonl")
+
+
 def logged_losses(out):
     """The training loss of every step a run logged to out/metrics.jsonl."""
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in logged(out)]
 
 
 # --- tiny checkpoints shared by the script tests: a random 2-layer model, the same model ending about half its

@@ -1,7 +1,8 @@
 """Run by tests/test_ewc.py as `torchrun --standalone --nproc_per_node=2 tests/ewc_dist_check.py OUT.json`.
 
 Each EWC statistic of an FSDP2-sharded Transformer against the same model unsharded (computed on every
-rank, so no rank waits alone in a collective); rank 0 writes both sides, or their largest differences for tensors, as JSON for the test to compare."""
+rank, so no rank waits alone in a collective); rank 0 writes both sides, or their largest differences for
+tensors, as JSON for the test to compare."""
 import json
 import sys
 from pathlib import Path

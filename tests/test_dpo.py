@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_dpo
+from conftest import logged as records
 from nanoalign import dist, dpo, evaluate, train
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
@@ -45,10 +46,6 @@ def args(tiny_plain, out, files, *extra):
             f"--eval_prompts={files}/prompts.jsonl", "--batch_size=8", "--micro_batch_size=4", "--max_len=128",
             "--warmup_steps=2", "--eval_every=2", "--save_every=0", "--max_new_tokens=6", "--num_samples=0",
             "--device=cpu", "--dtype=float32", "--lr=1e-3", *extra]
-
-
-def records(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- the reference log-prob cache

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import logged
 from nanoalign import evaluate, world
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.data import read_jsonl
@@ -68,10 +69,9 @@ def test_ppo_against_a_reward_model_of_the_sft_models_own_answers_raises_oracle_
     above the SFT model's. Measured: held-out accuracy 64.7%, quality 0.637 -> 0.653 after 60 steps."""
     script(ROOT / "train_rm.py", f"--init={padded}/sft/model", f"--data={padded}/onpolicy_train.jsonl",
            f"--val_data={padded}/onpolicy_val.jsonl", f"--out_dir={padded}/rm_onpolicy")
-    rm = [json.loads(line) for line in (padded / "rm_onpolicy" / "metrics.jsonl").read_text().splitlines()]
+    rm = logged(padded / "rm_onpolicy")
     assert rm[-1]["eval/accuracy"] > 0.55
     script(ROOT / "train_ppo.py", f"--init={padded}/sft/model", f"--reward_model={padded}/rm_onpolicy/model",
            f"--out_dir={padded}/ppo")
-    run = [json.loads(line) for line in (padded / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in run if "eval/mean_quality" in r]
+    evals = [r for r in logged(padded / "ppo") if "eval/mean_quality" in r]
     assert evals[-1]["eval/mean_quality"] >= evals[0]["eval/mean_quality"] + 0.008, evals

@@ -1,6 +1,5 @@
 """train_ppo.py: resume exactness, value warm-up, the reward switch, bad flags, torchrun = one process, and (slow)
 the tiny-world run raising the held-out oracle quality."""
-import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import train_ppo
+from conftest import logged as metrics
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
 from nanoalign.reward import RewardModel
@@ -24,10 +24,6 @@ def args(tiny_init, tiny_rm, out, *extra):
             "--rollout_batch_size=8", "--gen_batch_size=4", "--mini_batch_size=4", "--micro_batch_size=2",
             "--ppo_epochs=2", "--max_prompt_len=64", "--max_new_tokens=10", "--lr=1e-3", "--critic_lr=1e-3",
             "--kl_horizon=100", "--save_every=0", "--device=cpu", "--dtype=float32", *extra]
-
-
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(ckpt):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_rm
+from conftest import logged as records
 from nanoalign import dist, train
 from nanoalign.cli import InputError
 from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs, tokenize_sft
@@ -38,10 +39,6 @@ def args(tiny_plain, files, out, *extra):
             f"--offset_data={files}/demos.jsonl", "--batch_size=8", "--micro_batch_size=4", "--max_len=128",
             "--warmup_steps=2", "--eval_every=2", "--save_every=0", "--lr=1e-3", "--device=cpu", "--dtype=float32",
             *extra]
-
-
-def records(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def grads(model):

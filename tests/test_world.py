@@ -108,7 +108,7 @@ def test_padded_demos_change_only_the_sft_responses(built, tmp_path):
         assert r["response"].startswith(r["reference"] + " ")
         fillers = r["response"][len(r["reference"]) + 1:]
         used = [f.strip() for f in fillers.split(".")[:-1]]  # each filler is one sentence ending in "."
-        assert fillers == " ".join(f + "." for f in used) and fillers.endswith(".")
+        assert fillers == " ".join(f + "." for f in used)
         assert 1 <= len(used) <= 3 and len(set(used)) == len(used) and {u + "." for u in used} <= set(world.FILLERS)
         assert world.quality(r["prompt"], r["response"]) == pytest.approx(1 - 0.15 * len(used))
     assert abs(n_padded / len(rows) - 0.5) < 0.03  # 4000 coin flips: 3% is ~4 standard deviations
