@@ -4,6 +4,8 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are a world of one
 to a process group. With them: NCCL on CUDA (one GPU per process), gloo on CPU, and FSDP2's
 `fully_shard` on every transformer block and then on the root, so each rank holds 1/N of the weights,
 gradients and optimizer state, and parameters are gathered one block at a time during forward/backward.
+`torchrun --nproc_per_node=1` takes that same path with one rank (a process group, FSDP2 over a mesh of
+one): it changes nothing in the result, and it is how a machine with one GPU runs NCCL and FSDP2.
 
 Gotchas:
 - FSDP averages gradients over ranks. Our losses are already divided by the token count of the whole
@@ -30,6 +32,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # started by torchrun: a process group joined, models sharded (any world size)
 
     @property
     def is_main(self) -> bool:
@@ -37,12 +40,12 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.launched
 
 
 def init_dist(device: str = "cpu") -> Dist:
-    """Join the torchrun process group if there is one; pick this rank's device."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    """Join the torchrun process group if there is one (one rank too); pick this rank's device."""
+    if "RANK" not in os.environ:
         return Dist(device=torch.device(device))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
@@ -52,7 +55,10 @@ def init_dist(device: str = "cpu") -> Dist:
     else:
         dev = torch.device("cpu")
         dist.init_process_group("gloo")
-    return Dist(rank, world, local, dev)
+    if rank == 0:
+        print(f"torchrun: {world} rank{'s' * (world > 1)}, {dist.get_backend()} process group, models sharded by "
+              f"FSDP2, rank 0 on {dev}", flush=True)
+    return Dist(rank, world, local, dev, launched=True)
 
 
 def close(d: Dist):

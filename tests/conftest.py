@@ -97,15 +97,25 @@ def tiny_rm(tmp_path_factory, tiny_init, tiny_tok):
     return rm.save_pretrained(tmp_path_factory.mktemp("tiny_rm") / "model", tokenizer=tiny_tok)
 
 
-# --- torchrun: the same script on two CPU ranks (gloo), for the "two ranks equal one process" tests
+# --- torchrun: the same script on two CPU ranks (gloo), for the "two ranks equal one process" tests; on a machine
+# with CUDA the same tests run again on the GPUs (NCCL), one rank per GPU, up to two: with a single GPU that is
+# one rank, which still takes the distributed path (a process group, FSDP2 over a mesh of one)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
 
 
-def _torchrun(script, *argv, cwd, timeout=300):
-    """Run `torchrun --standalone --nproc_per_node=2 script argv...` in cwd with one thread per rank; fails the
-    test with the end of stderr if it exits non-zero."""
+def ranks(device: str) -> int:
+    """The ranks a torchrun test starts on this device: 2 CPU processes, or one per GPU up to 2."""
+    return 2 if device == "cpu" else min(2, torch.cuda.device_count())
+
+
+def _torchrun(script, *argv, cwd, timeout=300, nproc=2):
+    """Run `torchrun --standalone --nproc_per_node=nproc script argv...` in cwd with one thread per rank; fails
+    the test with the end of stderr if it exits non-zero."""
     import subprocess
 
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(script), *map(str, argv)]
+    cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(script), *map(str, argv)]
     proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]

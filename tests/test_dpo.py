@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_dpo
-from conftest import logged as records
+from conftest import DEVICES, logged as records, ranks
 from nanoalign import dist, dpo, evaluate, train
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
@@ -256,12 +256,14 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path, torchrun):
+@pytest.mark.parametrize("device", DEVICES)
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path, torchrun, device):
     """The reference log-probs split over the ranks, the batch split over the ranks, the held-out pairs
     (10: 5 a rank in batches of 4, so rank 1 runs a dummy forward), the answers on rank 0: all equal one process."""
-    flags = ["--steps=3", "--loss=ipo", "--beta=0.5"]
+    flags = ["--steps=3", "--loss=ipo", "--beta=0.5", f"--device={device}"]
     train_dpo.main(args(tiny_plain, tmp_path / "one", files, *flags))
-    torchrun(ROOT / "train_dpo.py", *args(tiny_plain, tmp_path / "two", files, *flags), cwd=tmp_path)
+    torchrun(ROOT / "train_dpo.py", *args(tiny_plain, tmp_path / "two", files, *flags), cwd=tmp_path,
+             nproc=ranks(device))
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):

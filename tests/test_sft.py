@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_sft
-from conftest import logged_losses as losses, reference, sft_args as args
+from conftest import DEVICES, logged_losses as losses, ranks, reference, sft_args as args
 from nanoalign import dist
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.data import collate_sft, read_jsonl, tokenize_sft
@@ -118,12 +118,16 @@ def tied_init_dir(tmp_path_factory, tiny_tok):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir, tmp_path, torchrun):
+@pytest.mark.parametrize("device", DEVICES)
+def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir, tmp_path, torchrun, device):
     """Rank 0 loads and broadcasts the shards (the others start from an empty meta model), then a run cut
     at step 2 resumes under torchrun; all of it equals one process."""
-    train_sft.main(args(tied_init_dir, tmp_path / "one", "--steps=4"))
-    torchrun(ROOT / "train_sft.py", *args(tied_init_dir, tmp_path / "two", "--steps=4", "--stop_at=2"), cwd=tmp_path)
-    torchrun(ROOT / "train_sft.py", *args(tied_init_dir, tmp_path / "two", "--steps=4", "--resume"), cwd=tmp_path)
+    on, n = f"--device={device}", ranks(device)
+    train_sft.main(args(tied_init_dir, tmp_path / "one", "--steps=4", on))
+    torchrun(ROOT / "train_sft.py", *args(tied_init_dir, tmp_path / "two", "--steps=4", "--stop_at=2", on), cwd=tmp_path,
+             nproc=n)
+    torchrun(ROOT / "train_sft.py", *args(tied_init_dir, tmp_path / "two", "--steps=4", "--resume", on), cwd=tmp_path,
+             nproc=n)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
@@ -134,12 +138,16 @@ def test_torchrun_resume_with_tied_embeddings_matches_one_process(tied_init_dir,
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, tmp_path, torchrun):
+@pytest.mark.parametrize("device", DEVICES)
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, tmp_path, torchrun, device):
     one_val_row = tmp_path / "val1.jsonl"  # fewer held-out rows than ranks: rank 1 has none
     one_val_row.write_text((ROOT / "data" / "sft_val.jsonl").read_text().splitlines()[0] + "\n")
-    extra = ["--steps=3", f"--val_data={one_val_row}"]
+    extra = ["--steps=3", f"--val_data={one_val_row}", f"--device={device}"]
     train_sft.main(args(tiny_plain, tmp_path / "one", *extra))
-    torchrun(ROOT / "train_sft.py", *args(tiny_plain, tmp_path / "two", *extra), cwd=tmp_path)
+    proc = torchrun(ROOT / "train_sft.py", *args(tiny_plain, tmp_path / "two", *extra), cwd=tmp_path,
+                    nproc=ranks(device))
+    backend = "gloo" if device == "cpu" else "nccl"
+    assert f"{backend} process group, models sharded by FSDP2" in proc.stdout, proc.stdout[-2000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4

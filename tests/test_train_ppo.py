@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_ppo
-from conftest import logged as metrics
+from conftest import DEVICES, logged as metrics, ranks
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
 from nanoalign.reward import RewardModel
@@ -132,12 +132,14 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_match_one_process(tiny_init, tiny_rm, tmp_path, torchrun):
+@pytest.mark.parametrize("device", DEVICES)
+def test_torchrun_two_ranks_match_one_process(tiny_init, tiny_rm, tmp_path, torchrun, device):
     """Each rank samples its chunks of the global batch (generators of (seed, step, chunk)), the rollouts are
     exchanged, the normalisers are global: two ranks make the updates of one process."""
-    extra = ["--steps=2", "--eval_every=1"]
+    extra = ["--steps=2", "--eval_every=1", f"--device={device}"]
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "one", *extra))
-    torchrun(ROOT / "train_ppo.py", *args(tiny_init, tiny_rm, tmp_path / "two", *extra), cwd=tmp_path, timeout=600)
+    torchrun(ROOT / "train_ppo.py", *args(tiny_init, tiny_rm, tmp_path / "two", *extra), cwd=tmp_path, timeout=600,
+             nproc=ranks(device))
     assert_same_run(tmp_path / "one", tmp_path / "two", 1e-4)
 
 

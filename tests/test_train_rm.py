@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_rm
-from conftest import logged as records
+from conftest import DEVICES, logged as records, ranks
 from nanoalign import dist, train
 from nanoalign.cli import InputError
 from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs, tokenize_sft
@@ -178,12 +178,14 @@ def test_a_missing_default_init_is_trained_first_with_train_sft(tiny_plain, file
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path, torchrun):
+@pytest.mark.parametrize("device", DEVICES)
+def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path, torchrun, device):
     """Rank 1 builds the reward model on the meta device (from_config) and receives rank 0's weights, head
     included; the losses, the offset and the saved weights equal those of one process."""
-    extra = ["--steps=3"]
+    extra = ["--steps=3", f"--device={device}"]
     train_rm.main(args(tiny_plain, files, tmp_path / "one", *extra))
-    torchrun(ROOT / "train_rm.py", *args(tiny_plain, files, tmp_path / "two", *extra), cwd=tmp_path)
+    torchrun(ROOT / "train_rm.py", *args(tiny_plain, files, tmp_path / "two", *extra), cwd=tmp_path,
+             nproc=ranks(device))
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     for key in ("rm/loss", "eval/loss", "offset"):
         a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
