@@ -1,10 +1,13 @@
-"""nanoalign vs transformers on CPU, fp32: one training step (fwd + loss + bwd) and batched greedy generation,
-and nanoalign's batch-1 decoding against the weight-streaming floor.
+"""nanoalign vs transformers: one training step (fwd + loss + bwd) and batched greedy generation, and
+nanoalign's batch-1 decoding against the weight-streaming floor. CPU fp32 by default; on a GPU also the
+sampler replayed as a CUDA graph, and the training step's model FLOP utilisation (MFU).
 
     python bench/bench_model.py                 # ~34M-param LLaMA, B=8 T=256 training, 8 x (32 + 128) generation
     python bench/bench_model.py --quick         # small config, a smoke run of a few seconds
     python bench/bench_model.py --threads 1 --clock cpu --skip-train   # on a machine shared with other jobs
     python bench/bench_model.py --skip-train --profile                  # where a decode step spends its time
+    python bench/bench_model.py --device cuda --dtype bfloat16          # GPU: + CUDA graph, + MFU
+    python bench/bench_model.py --device cuda --dtype bfloat16 --config 1b --batch 8 --seq 1024   # ~1.1B LLaMA
 
 Both implementations compute the same function: the nanoalign model is saved with save_pretrained and loaded
 into transformers' LlamaForCausalLM, and the logits (and the greedy tokens) are checked to agree. The two
@@ -21,7 +24,16 @@ last-level cache (a read stream from DRAM, like the weights', which is true of t
 (time of N new tokens - time of 1 new token) / (N - 1), which leaves the prompt's forward out, and is
 printed as a percentage of the floor (100% = as fast as the memory allows).
 
-Targets (nanoalign / transformers): training >= 1.15x, generation >= 2x.
+On CUDA every timing waits for the device first (torch.cuda.synchronize). --dtype bfloat16 trains the
+way the training scripts do (fp32 weights, bf16 autocast) and generates with bf16 weights (both models). A
+third contestant then joins generation: generate(..., cuda_graph=True), each decode step one graph replay
+(the capture is timed with it, once per call, as a PPO rollout would pay it). The two libraries' bf16
+kernels round differently, so their greedy tokens can part after a near-tie; the agreement is printed.
+MFU counts PaLM's model FLOPs per token, 6 N + 12 L d T (N: parameters a token's forward multiplies by, the
+input embedding excepted; L layers, width d, sequence T; causal attention counted whole), against the peak
+of a large matmul in the same dtype measured in the same run and, on a known GPU, its nominal dense peak.
+
+Targets (nanoalign / transformers): training >= 1.15x, generation >= 2x; MFU >= 40% (GPU, ~1B, bf16).
 """
 from __future__ import annotations
 
@@ -50,8 +62,23 @@ clock = time.perf_counter  # --clock cpu: time.process_time
 TARGET_TRAIN = 1.15
 TARGET_GEN = 2.0
 
-FULL = dict(vocab_size=8192, dim=512, n_layer=8, n_head=8, hidden_dim=1376, max_seq_len=512)
-QUICK = dict(vocab_size=1024, dim=128, n_layer=2, n_head=4, hidden_dim=344, max_seq_len=256)
+TARGET_MFU = 0.40
+CONFIGS = {
+    "full": dict(vocab_size=8192, dim=512, n_layer=8, n_head=8, hidden_dim=1376, max_seq_len=512),
+    "quick": dict(vocab_size=1024, dim=128, n_layer=2, n_head=4, hidden_dim=344, max_seq_len=256),
+    # TinyLlama-1.1B's shape: LLaMA-2 architecture, grouped-query attention with 4 key/value heads
+    "1b": dict(vocab_size=32000, dim=2048, n_layer=22, n_head=32, n_kv_head=4, hidden_dim=5632, max_seq_len=2048),
+}
+# nominal dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name()
+NOMINAL_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+DEVICE = torch.device("cpu")
+
+
+def tick() -> float:
+    """The clock, once the device has finished what it was given."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return clock()
 
 
 def parse_args(argv=None):
@@ -60,7 +87,11 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed training steps per implementation first")
     ap.add_argument("--gen-repeats", type=int, default=None, help="timed generations per implementation (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--quick", action="store_true", help="small config and shapes for a smoke run")
+    ap.add_argument("--quick", action="store_true", help="small config and shapes for a smoke run (= --config quick)")
+    ap.add_argument("--config", default=None, choices=sorted(CONFIGS), help="model shape (default: full, or quick)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16 (CUDA only): autocast training, bf16 weights for generation")
     ap.add_argument("--batch", type=int, default=None, help="training batch size (default 8, quick 4)")
     ap.add_argument("--seq", type=int, default=None, help="training sequence length (default 256, quick 64)")
     ap.add_argument("--gen-batch", type=int, default=8)
@@ -76,7 +107,13 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to PATH as JSON")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    q = args.quick
+    if args.config is None:
+        args.config = "quick" if args.quick else "full"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device=cuda: no CUDA device is available")
+    if args.dtype != "float32" and args.device != "cuda":
+        ap.error(f"--dtype={args.dtype}: needs --device=cuda (the CPU benchmark is fp32)")
+    q = args.config == "quick"
     args.steps = args.steps if args.steps is not None else (3 if q else 6)
     args.gen_repeats = args.gen_repeats if args.gen_repeats is not None else 3
     args.batch = args.batch if args.batch is not None else (4 if q else 8)
@@ -102,58 +139,67 @@ def build_pair(cfg: ModelConfig, tmp: Path, seed: int):
         ref = LlamaForCausalLM.from_pretrained(tmp / "ckpt", dtype=torch.float32, attn_implementation="sdpa")
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
-    return ours.float().eval(), ref.float().eval()
+    return ours.float().eval().to(DEVICE), ref.float().eval().to(DEVICE)
 
 
 def check_same_function(ours, ref, V: int, seed: int) -> float:
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randint(0, V, (2, 64), generator=g)
+    x = torch.randint(0, V, (2, 64), generator=g).to(DEVICE)
     with torch.no_grad():
         a, b = ours(x), ref(input_ids=x, use_cache=False).logits
     diff = (a - b).abs().max().item()
     scale = b.abs().max().item()
-    assert diff <= 1e-4 * max(1.0, scale), f"logits differ: max |diff| {diff:.3g} (max |logit| {scale:.3g})"
+    tol = 1e-4 if DEVICE.type == "cpu" else 1e-3  # cuBLAS picks its reduction order by shape
+    assert diff <= tol * max(1.0, scale), f"logits differ: max |diff| {diff:.3g} (max |logit| {scale:.3g})"
     return diff
 
 
 # --- (a) training step
 
-def train_step_ours(model, x, y):
-    logits = model(x)
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+def autocast(dtype: str):
+    """As the training scripts run (nanoalign.train.autocast): fp32 weights, bf16 matmuls on CUDA."""
+    return torch.autocast(DEVICE.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def train_step_ours(model, x, y, dtype="float32"):
+    with autocast(dtype):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
     loss.backward()
     model.zero_grad(set_to_none=True)
     return loss.item()
 
 
-def train_step_ref(model, x, y):
-    logits = model(input_ids=x, use_cache=False).logits  # no cache object during training (HF's fastest path)
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+def train_step_ref(model, x, y, dtype="float32"):
+    with autocast(dtype):
+        logits = model(input_ids=x, use_cache=False).logits  # no cache object during training (HF's fastest path)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
     loss.backward()
     model.zero_grad(set_to_none=True)
     return loss.item()
 
 
-def bench_train(ours, ref, V: int, B: int, T: int, steps: int, warmup: int, seed: int):
+def bench_train(ours, ref, V: int, B: int, T: int, steps: int, warmup: int, seed: int, dtype: str = "float32"):
     g = torch.Generator().manual_seed(seed + 2)
-    data = torch.randint(0, V, (B, T + 1), generator=g)
+    data = torch.randint(0, V, (B, T + 1), generator=g).to(DEVICE)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     ours.train(), ref.train()
     losses = {}
     for _ in range(warmup):
-        losses["nanoalign"] = train_step_ours(ours, x, y)
-        losses["transformers"] = train_step_ref(ref, x, y)
+        losses["nanoalign"] = train_step_ours(ours, x, y, dtype)
+        losses["transformers"] = train_step_ref(ref, x, y, dtype)
     times = {"nanoalign": [], "transformers": []}
     for i in range(steps):
         order = [("nanoalign", train_step_ours, ours), ("transformers", train_step_ref, ref)]
         if i % 2:  # A B, B A, A B, ... so neither side always runs right after the other
             order.reverse()
         for name, fn, m in order:
-            t0 = clock()
-            losses[name] = fn(m, x, y)
-            times[name].append(clock() - t0)
+            t0 = tick()
+            losses[name] = fn(m, x, y, dtype)
+            times[name].append(tick() - t0)
     ours.eval(), ref.eval()
-    assert abs(losses["nanoalign"] - losses["transformers"]) < 1e-3, f"losses differ: {losses}"
+    tol = 1e-3 if dtype == "float32" else 2e-2  # bf16 autocast: the two libraries' kernels round differently
+    assert abs(losses["nanoalign"] - losses["transformers"]) < tol, f"losses differ: {losses}"
     tokens = B * T
     return {name: {"times_s": ts, "median_s": statistics.median(ts), "tokens_per_s": tokens / statistics.median(ts)}
             for name, ts in times.items()} | {"tokens_per_step": tokens, "loss": losses["nanoalign"]}
@@ -165,6 +211,10 @@ def gen_ours(model, prompts, n):
     return generate(model, prompts.tolist(), n, temperature=0.0, pad_id=0).tokens
 
 
+def gen_graph(model, prompts, n):
+    return generate(model, prompts.tolist(), n, temperature=0.0, pad_id=0, cuda_graph=True).tokens
+
+
 def gen_ref(model, prompts, n):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,31 +223,45 @@ def gen_ref(model, prompts, n):
     return out[:, prompts.shape[1]:]
 
 
+def agreement(a, b) -> dict:
+    """How far two (B, N) greedy token tables agree: identical, the matching fraction, the first step that differs."""
+    assert a.shape == b.shape, f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    same = a == b
+    identical = bool(same.all())
+    return {"identical_tokens": identical, "token_match_frac": same.float().mean().item(),
+            "first_diff_step": None if identical else int((~same).any(0).nonzero()[0])}
+
+
+def describe(agree: dict) -> str:
+    if agree["identical_tokens"]:
+        return "True"
+    return f"False (match {agree['token_match_frac']:.3f}, first diff at step {agree['first_diff_step']})"
+
+
 def bench_gen(ours, ref, V: int, B: int, P: int, N: int, repeats: int, seed: int):
     g = torch.Generator().manual_seed(seed + 3)
-    prompts = torch.randint(1, V, (B, P), generator=g)
-    # warm up both (shorter) and check they agree token for token on the full run below
-    gen_ours(ours, prompts, min(N, 8)), gen_ref(ref, prompts, min(N, 8))
-    times = {"nanoalign": [], "transformers": []}
+    prompts = torch.randint(1, V, (B, P), generator=g).to(DEVICE)
+    contestants = [("nanoalign", gen_ours, ours), ("transformers", gen_ref, ref)]
+    if DEVICE.type == "cuda":
+        contestants.append(("nanoalign_graph", gen_graph, ours))
+    for name, fn, m in contestants:  # warm up (shorter); the full runs below are compared token for token
+        fn(m, prompts, min(N, 8))
+    times = {name: [] for name, _, _ in contestants}
     outs = {}
     for i in range(repeats):
-        order = [("nanoalign", gen_ours, ours), ("transformers", gen_ref, ref)]
-        if i % 2:
-            order.reverse()
+        order = contestants[i % len(contestants):] + contestants[:i % len(contestants)]  # rotate who goes first
         for name, fn, m in order:
-            t0 = clock()
+            t0 = tick()
             outs[name] = fn(m, prompts, N)
-            times[name].append(clock() - t0)
-    a, b = outs["nanoalign"], outs["transformers"]
-    assert a.shape == b.shape == (B, N), f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
-    same = (a == b)
-    identical = bool(same.all())
-    first_diff = None if identical else int((~same).any(0).nonzero()[0])
+            times[name].append(tick() - t0)
+    assert outs["nanoalign"].shape == (B, N), tuple(outs["nanoalign"].shape)
     tokens = B * N
-    return {name: {"times_s": ts, "median_s": statistics.median(ts), "tokens_per_s": tokens / statistics.median(ts)}
-            for name, ts in times.items()} | {"tokens_generated": tokens, "identical_tokens": identical,
-                                              "token_match_frac": same.float().mean().item(),
-                                              "first_diff_step": first_diff}
+    res = {name: {"times_s": ts, "median_s": statistics.median(ts), "tokens_per_s": tokens / statistics.median(ts)}
+           for name, ts in times.items()}
+    res |= {"tokens_generated": tokens} | agreement(outs["nanoalign"], outs["transformers"])
+    if "nanoalign_graph" in outs:  # the graph replays the very same step: its tokens must equal the eager loop's
+        res["graph_vs_eager"] = agreement(outs["nanoalign_graph"], outs["nanoalign"])
+    return res
 
 
 # --- (c) batch-1 decoding against the weight-streaming floor
@@ -211,37 +275,72 @@ def streamed_bytes(model) -> int:
 
 
 def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
-    """Bytes per second, the best of `repeats` timed sums over a float32 buffer of nbytes."""
-    buf = torch.ones(nbytes // 4)
+    """Bytes per second, the best of `repeats` timed sums over a float32 buffer of nbytes (on the device)."""
+    buf = torch.ones(nbytes // 4, device=DEVICE)
     buf.sum()  # touch every page first
     best = float("inf")
     for _ in range(repeats):
-        t0 = clock()
+        t0 = tick()
         buf.sum()
-        best = min(best, clock() - t0)
+        best = min(best, tick() - t0)
     return buf.numel() * 4 / best
 
 
 def bench_floor(model, V: int, P: int, N: int, repeats: int, seed: int):
+    """Batch-1 decode time per token against the floor, for the eager loop and (on CUDA) the graphed one."""
     g = torch.Generator().manual_seed(seed + 4)
     prompt = torch.randint(1, V, (1, P), generator=g).tolist()
-    generate(model, prompt, 4, temperature=0.0)  # warm-up
+    variants = {"eager": {}} | ({"graph": {"cuda_graph": True}} if DEVICE.type == "cuda" else {})
+    for kw in variants.values():
+        generate(model, prompt, 4, temperature=0.0, **kw)  # warm-up
     nbytes = streamed_bytes(model)
     buffer = max(256 * 2**20, 4 * nbytes)  # far above any last-level cache
-    bandwidths, full, prompt_only = [], [], []
+    bandwidths, full, prompt_only = [], {v: [] for v in variants}, {v: [] for v in variants}
     for _ in range(repeats):  # interleaved, so that the bandwidth is measured under the same conditions
         bandwidths.append(memory_bandwidth(buffer))
-        t0 = clock()
-        generate(model, prompt, N, temperature=0.0)
-        full.append(clock() - t0)
-        t0 = clock()
-        generate(model, prompt, 1, temperature=0.0)
-        prompt_only.append(clock() - t0)
-    per_token = max(statistics.median(full) - statistics.median(prompt_only), 0.0) / (N - 1)
+        for v, kw in variants.items():
+            t0 = tick()
+            generate(model, prompt, N, temperature=0.0, **kw)
+            full[v].append(tick() - t0)
+            t0 = tick()
+            generate(model, prompt, 1, temperature=0.0, **kw)
+            prompt_only[v].append(tick() - t0)
     bandwidth = max(bandwidths)
     floor = nbytes / bandwidth
-    return {"prompt_len": P, "new_tokens": N, "streamed_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth,
-            "decode_s_per_token": per_token, "floor_s_per_token": floor, "percent_of_floor": 100 * per_token / floor}
+    res = {"prompt_len": P, "new_tokens": N, "streamed_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth,
+           "floor_s_per_token": floor}
+    for v in variants:
+        per_token = max(statistics.median(full[v]) - statistics.median(prompt_only[v]), 0.0) / (N - 1)
+        key = "" if v == "eager" else f"{v}_"
+        res |= {f"{key}decode_s_per_token": per_token, f"{key}percent_of_floor": 100 * per_token / floor}
+    return res
+
+
+# --- (d) model FLOP utilisation of the training step
+
+def flops_per_token(cfg: ModelConfig, n_matmul_params: int, T: int) -> float:
+    """PaLM's model FLOPs for one token of a training step (forward + backward): 6 N + 12 L d T."""
+    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+
+def matmul_peak(dtype: str, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul in dtype on the device: the best this machine does, measured now."""
+    n = 8192 if DEVICE.type == "cuda" else 1024
+    a = torch.randn(n, n, device=DEVICE, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=DEVICE, dtype=getattr(torch, dtype))
+    for _ in range(3):
+        a @ b
+    t0 = tick()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (tick() - t0)
+
+
+def nominal_peak(dtype: str) -> tuple[str, float] | None:
+    if DEVICE.type != "cuda" or dtype != "bfloat16":
+        return None
+    name = torch.cuda.get_device_name()
+    return next(((name, f) for key, f in NOMINAL_BF16_FLOPS.items() if key in name), None)
 
 
 def profile_generation(ours, ref, V: int, B: int, P: int, N: int, seed: int, rows: int = 12):
@@ -264,12 +363,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     import transformers
 
-    cfg = ModelConfig(**(QUICK if args.quick else FULL))
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    cfg = ModelConfig(**CONFIGS[args.config])
     if args.prompt_len + args.new_tokens > cfg.max_seq_len or args.seq > cfg.max_seq_len:
         raise SystemExit("shapes exceed max_seq_len")
     t_start = time.perf_counter()
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, fp32 CPU, clock {args.clock}")
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, {args.dtype} on {where}, clock {args.clock}")
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: 1-minute load average is {load:.2f} before starting: other processes share the CPU, "
@@ -285,18 +387,29 @@ def main(argv=None):
     print(f"sanity: max |logits diff| = {diff:.2e} (same weights, same function)")
 
     results = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-               "clock": args.clock,
+               "clock": args.clock, "device": where, "dtype": args.dtype, "config_name": args.config,
                "config": {k: getattr(cfg, k) for k in ("vocab_size", "dim", "n_layer", "n_head", "hidden_dim")},
                "params": n_params, "logits_max_abs_diff": diff}
     rows = []
     if not args.skip_train:
         print(f"training: B={args.batch} T={args.seq}, {args.warmup} warmup + {args.steps} timed steps each, interleaved ...",
               flush=True)
-        tr = bench_train(ours, ref, cfg.vocab_size, args.batch, args.seq, args.steps, args.warmup, args.seed)
+        tr = bench_train(ours, ref, cfg.vocab_size, args.batch, args.seq, args.steps, args.warmup, args.seed,
+                         args.dtype)
         tr |= {"batch": args.batch, "seq": args.seq, "ratio": tr["nanoalign"]["tokens_per_s"] / tr["transformers"]["tokens_per_s"],
                "target": TARGET_TRAIN}
+        per_token = flops_per_token(cfg, streamed_bytes(ours) // 4, args.seq)  # fp32 weights: 4 bytes each
+        peak = matmul_peak(args.dtype)
+        tr["mfu"] = {"flops_per_token": per_token, "matmul_peak_flops": peak, "nominal": nominal_peak(args.dtype)}
+        for name in ("nanoalign", "transformers"):
+            achieved = per_token * tr[name]["tokens_per_s"]
+            tr["mfu"][name] = {"flops": achieved, "of_matmul_peak": achieved / peak}
+            if tr["mfu"]["nominal"]:
+                tr["mfu"][name]["of_nominal"] = achieved / tr["mfu"]["nominal"][1]
         results["train"] = tr
         rows.append(("train fwd+bwd", tr, TARGET_TRAIN, f"B={args.batch} T={args.seq}"))
+    if args.dtype != "float32":  # generation runs on weights in the dtype itself, as inference does
+        ours.to(getattr(torch, args.dtype)), ref.to(getattr(torch, args.dtype))
     if not args.skip_gen:
         print(f"generation: B={args.gen_batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens greedy, "
               f"{args.gen_repeats} timed runs each, interleaved ...", flush=True)
@@ -305,8 +418,12 @@ def main(argv=None):
         ge |= {"batch": args.gen_batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "ratio": ge["nanoalign"]["tokens_per_s"] / ge["transformers"]["tokens_per_s"], "target": TARGET_GEN}
         results["generate"] = ge
-        rows.append(("generate (KV cache)", ge, TARGET_GEN,
-                     f"B={args.gen_batch} P={args.prompt_len} N={args.new_tokens}"))
+        shape = f"B={args.gen_batch} P={args.prompt_len} N={args.new_tokens}"
+        rows.append(("generate (KV cache)", ge, TARGET_GEN, shape))
+        if "nanoalign_graph" in ge:
+            ge["graph_ratio"] = ge["nanoalign_graph"]["tokens_per_s"] / ge["transformers"]["tokens_per_s"]
+            rows.append(("generate (CUDA graph)", {"nanoalign": ge["nanoalign_graph"], "transformers": ge["transformers"],
+                                                   "ratio": ge["graph_ratio"]}, TARGET_GEN, shape))
 
     if not args.skip_floor:
         n_floor = args.new_tokens
@@ -326,16 +443,33 @@ def main(argv=None):
         print(f"{'':<22}{'median s/run':<20}{a['median_s']:>16.3f}{b['median_s']:>20.3f}")
     if "generate" in results:
         ge = results["generate"]
-        print(f"\ngenerated tokens identical: {ge['identical_tokens']}"
-              + ("" if ge["identical_tokens"] else f" (match {ge['token_match_frac']:.3f}, first diff at step {ge['first_diff_step']})"))
+        print(f"\ngenerated tokens identical to transformers': {describe(ge)}")
+        if "graph_vs_eager" in ge:
+            print(f"CUDA-graph tokens identical to the eager loop's: {describe(ge['graph_vs_eager'])}")
     for key, label in (("train", "training"), ("generate", "generation")):
         if key in results:
             print(f"{label} ratio nanoalign/transformers = {results[key]['ratio']:.2f}x (target >= {results[key]['target']}x)")
+    if "graph_ratio" in results.get("generate", {}):
+        print(f"generation (CUDA graph) ratio nanoalign/transformers = {results['generate']['graph_ratio']:.2f}x "
+              f"(target >= {TARGET_GEN}x)")
+    if "train" in results:
+        mfu = results["train"]["mfu"]
+        nominal = mfu["nominal"]
+        for name in ("nanoalign", "transformers"):
+            m = mfu[name]
+            print(f"training MFU {name} = {100 * m['of_matmul_peak']:.1f}% of the measured {args.dtype} matmul peak "
+                  f"({mfu['matmul_peak_flops'] / 1e12:.1f} TFLOP/s)"
+                  + (f", {100 * m['of_nominal']:.1f}% of {nominal[0]}'s nominal {nominal[1] / 1e12:.0f} TFLOP/s "
+                     f"(target >= {100 * TARGET_MFU:.0f}%)" if nominal else "")
+                  + f": {m['flops'] / 1e12:.2f} TFLOP/s at {mfu['flops_per_token'] / 1e9:.2f} GFLOP/token")
     if "floor" in results:
         fl = results["floor"]
-        print(f"batch-1 decode = {1e3 * fl['decode_s_per_token']:.2f} ms/token = {fl['percent_of_floor']:.0f}% of the "
-              f"weight-streaming floor ({1e3 * fl['floor_s_per_token']:.2f} ms/token: "
-              f"{fl['streamed_bytes'] / 1e6:.1f} MB of weights at {fl['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+        for key, label in (("", "batch-1 decode"), ("graph_", "batch-1 decode (CUDA graph)")):
+            if f"{key}decode_s_per_token" in fl:
+                print(f"{label} = {1e3 * fl[f'{key}decode_s_per_token']:.3f} ms/token = "
+                      f"{fl[f'{key}percent_of_floor']:.0f}% of the weight-streaming floor "
+                      f"({1e3 * fl['floor_s_per_token']:.3f} ms/token: {fl['streamed_bytes'] / 1e6:.1f} MB of weights "
+                      f"at {fl['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
     if args.profile:
         profile_generation(ours, ref, cfg.vocab_size, args.gen_batch, args.prompt_len, min(args.new_tokens, 32),
                            args.seed)

@@ -207,3 +207,18 @@ def test_fp16_training_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--dtype=float16: train in bfloat16 or float32"):
         train_sft.main([f"--base_dir={tmp_path}/base", "--dtype=float16"])
     assert not (tmp_path / "base").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_on_cuda_tracks_fp32_and_keeps_fp32_weights(tiny_plain, tmp_path):
+    """--dtype=bfloat16 (the default on CUDA): the matmuls run in bf16 while the weights, gradients and AdamW
+    state stay fp32. Three steps follow the fp32 run's losses to bf16 precision, and the checkpoint is fp32."""
+    from safetensors import safe_open
+
+    train_sft.main(args(tiny_plain, tmp_path / "fp32", "--steps=3", "--device=cuda"))
+    train_sft.main(args(tiny_plain, tmp_path / "bf16", "--steps=3", "--device=cuda", "--dtype=bfloat16"))
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(a) == len(b) == 3 and a != b  # autocast did change the arithmetic
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 0.02 * max(a), (a, b)
+    with safe_open(tmp_path / "bf16" / "model" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
