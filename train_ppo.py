@@ -76,6 +76,7 @@ class Config:
     max_prompt_len: int = 128   # prompt tokens; a longer prompt keeps its end
     max_new_tokens: int = 48    # response tokens; an answer cut here has no EOS
     temperature: float = 1.0    # sampling temperature (> 0; all log-probs are of logits / temperature)
+    cuda_graph: bool = True     # on one GPU without torchrun, replay each decode step as a CUDA graph (0: eager loop)
     missing_eos_penalty: float = -1.0  # the score of an answer without EOS, in normalised units
     score_norm: bool = True     # normalise scores by the running mean/std of every score seen
     score_clip: float = 10.0    # then clip them to +-score_clip
@@ -269,7 +270,8 @@ def main(argv=None):
             t0 = time.time()
             batch = ppo.sample_rollouts(policy, [prompts[i] for i in index], step=run_step, seed=cfg.seed,
                                         gen_batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                        temperature=cfg.temperature, tok=tok, d=d, amp=amp)
+                                        temperature=cfg.temperature, tok=tok, d=d, amp=amp,
+                                        cuda_graph=cfg.cuda_graph)
             t1 = time.time()
             batch = ppo.rollout_forwards(batch, policy, ref, critic, micro_batch_size=cfg.micro_batch_size,
                                          temperature=cfg.temperature, vocab_size=tok.vocab_size, pad_id=tok.pad_id,

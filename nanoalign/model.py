@@ -133,9 +133,9 @@ class KVCache:
         start may instead be a one-element tensor holding the position (T = 1): the write then happens on
         the device and the whole buffer is returned, the same shapes at every step, which is what a CUDA
         graph needs (nanoalign/generate.py); the caller's mask must hide the positions not written yet."""
-        if isinstance(start, torch.Tensor):
-            self.k[layer].index_copy_(2, start, k)
-            self.v[layer].index_copy_(2, start, v)
+        if isinstance(start, torch.Tensor):  # (under autocast k, v are bf16; the slice writes below cast implicitly)
+            self.k[layer].index_copy_(2, start, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, start, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:

@@ -159,10 +159,14 @@ def select_rows(batch: dict, rows) -> dict:
 
 @torch.no_grad()
 def sample_rollouts(policy, prompts: list[list[int]], *, step: int, seed: int, gen_batch_size: int,
-                    max_new_tokens: int, temperature: float, tok, d: dist.Dist, amp) -> dict:
+                    max_new_tokens: int, temperature: float, tok, d: dist.Dist, amp, cuda_graph: bool = False) -> dict:
     """This rank's rollouts of a global batch of prompts (token ids). Chunk c (prompts c*G .. c*G + G - 1) is
     sampled by rank c % world_size. Returns {"prompt", "index" (B,), "tokens", "mask", "sampler_logprobs"
-    (B, N), "stopped" (B,)} with the response mask covering the stop token."""
+    (B, N), "stopped" (B,)} with the response mask covering the stop token.
+
+    cuda_graph: replay each decode step as a CUDA graph (generate's cuda_graph) when the policy is on a GPU and
+    not sharded; under FSDP2 the eager loop runs (FSDP's forward hooks are not captured)."""
+    graph = cuda_graph and d.device.type == "cuda" and not d.enabled
     parts = []
     n_chunks = math.ceil(len(prompts) / gen_batch_size)
     with gathered_for_generation(policy, d), amp:
@@ -170,7 +174,7 @@ def sample_rollouts(policy, prompts: list[list[int]], *, step: int, seed: int, g
             index = list(range(c * gen_batch_size, min((c + 1) * gen_batch_size, len(prompts))))
             gen = generate(policy, [prompts[i] for i in index], max_new_tokens, stop_ids=tok.stop_ids,
                            pad_id=tok.pad_id, temperature=temperature, vocab_size=tok.vocab_size,
-                           generator=rollout_generator(seed, step, c, d.device))
+                           generator=rollout_generator(seed, step, c, d.device), cuda_graph=graph)
             parts.append({"prompt": [prompts[i] for i in index], "index": torch.tensor(index, device=d.device),
                           "tokens": gen.tokens, "mask": gen.mask, "sampler_logprobs": gen.logprobs,
                           "stopped": gen.stopped})

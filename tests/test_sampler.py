@@ -285,6 +285,18 @@ def test_static_shape_step_equals_the_forward(family):
             pos += 1
 
 
+def test_both_cache_writes_cast_to_the_cache_dtype():
+    # under autocast the keys and values arrive in bf16 while the cache holds the weights' fp32: the graph's
+    # tensor-position write must store what the eager loop's slice write stores (it once raised instead)
+    cfg = tiny("llama_gqa").cfg
+    k, v = (torch.randn(2, cfg.n_kv_head, 1, cfg.head_dim).bfloat16() for _ in range(2))
+    by_slice, by_index = (KVCache(cfg, 2, 6, "cpu", torch.float32) for _ in range(2))
+    by_slice.update(0, 3, k, v)
+    by_index.update(0, torch.tensor([3]), k, v)
+    for a, b in ((by_slice.k[0], by_index.k[0]), (by_slice.v[0], by_index.v[0])):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b) and a.abs().sum() > 0
+
+
 def test_non_finite_logits_are_refused():
     model = tiny("llama_gqa")
     with torch.no_grad():
