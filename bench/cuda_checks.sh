@@ -2,8 +2,9 @@
 # Everything that needs a GPU, in one run of a few minutes on one CUDA device (CI has none, so these run by
 # hand on a machine that has one):
 #   1. the CUDA tests: CUDA-graph sampling equals the eager loop (greedy and seeded), bf16 autocast training
-#      tracks fp32, and every "torchrun equals one process" test again on the GPUs with NCCL (one rank per GPU,
-#      up to two; a single GPU still runs the process group and FSDP2, over a mesh of one);
+#      tracks fp32, PPO's graphed rollouts equal the eager loop's, and the "torchrun equals one process" tests of
+#      SFT, RM, DPO and PPO again on the GPUs with NCCL (one rank per GPU, up to two; a single GPU still runs the
+#      process group and FSDP2, over a mesh of one); -k cuda also picks a few CPU tests with "cuda" in their name;
 #   2. bench/bench_model.py on the GPU: nanoalign's eager and CUDA-graph sampler against transformers'
 #      generate (bf16 and fp32), batch-1 decoding against the weight-streaming floor, and the bf16 training
 #      step's MFU on a ~1.1B LLaMA (TinyLlama's shape).

@@ -159,16 +159,18 @@ class GraphedDecodeStep:
         args = (model, ids, pos, key_mask, cache, self.write_at, cos_table, sin_table)
         # warm up on a side stream before capturing (lazy initialisations must not happen during capture), as
         # the torch.cuda.graph docs do; the warm-ups write the cache column that the first real step overwrites
-        # before anything attends to it
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                decode_step(*args)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = decode_step(*args)  # a static output buffer, refilled by every replay
+        # before anything attends to it. Streams and capture belong to the model's GPU, which need not be the
+        # current one (--device=cuda:1 without torchrun)
+        with torch.cuda.device(ids.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    decode_step(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_step(*args)  # a static output buffer, refilled by every replay
 
     def __call__(self, column: int):
         self.write_at.fill_(column)
