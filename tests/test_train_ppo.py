@@ -10,6 +10,7 @@ import torch
 
 import train_ppo
 from conftest import DEVICES, logged as metrics, ranks
+from nanoalign import train
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
 from nanoalign.reward import RewardModel
@@ -69,6 +70,28 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     for a, b in zip(steps, steps[1:]):
         error = min(max(a["objective/kl"] / 6.0 - 1, -0.2), 0.2)
         assert abs(b["objective/kl_coef"] - a["objective/kl_coef"] * (1 + error * 8 / 100)) < 1e-12
+
+
+def test_the_reference_and_the_reward_model_are_frozen_and_never_receive_gradients(tiny_init, tiny_rm, tmp_path,
+                                                                                  monkeypatch):
+    """Of the four models, the policy and the critic train; the reference and the reward model are placed frozen
+    (no requires_grad, eval mode) and, after the PPO steps, hold no gradient and their starting weights."""
+    placed, place = [], train.place
+
+    def spy_place(model, d, trainable=True):
+        placed.append((model, trainable))
+        return place(model, d, trainable)
+
+    monkeypatch.setattr(train, "place", spy_place)
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "run", "--steps=2", "--eval_data="))
+    frozen = [m for m, trainable in placed if not trainable]
+    assert [type(m).__name__ for m in frozen] == ["RewardModel", "Transformer"]  # the reward model, the reference
+    assert sum(trainable for _, trainable in placed) == 2  # the policy and the critic
+    start = {"RewardModel": RewardModel.from_pretrained(tiny_rm).state_dict(),
+             "Transformer": load_pretrained(tiny_init).state_dict()}
+    for m in frozen:
+        assert not m.training and not any(p.requires_grad or p.grad is not None for p in m.parameters())
+        assert all(torch.equal(v, start[type(m).__name__][k]) for k, v in m.state_dict().items())
 
 
 def test_value_warmup_updates_only_the_critic(tiny_init, tiny_rm, tmp_path):
