@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from nanoalign import dist, train  # noqa: E402
 from nanoalign.checkpoint import save_pretrained  # noqa: E402
 from nanoalign.generate import generate  # noqa: E402
 from nanoalign.model import ModelConfig, Transformer  # noqa: E402
@@ -167,8 +168,8 @@ def check_same_function(ours, ref, V: int, seed: int) -> float:
 # --- (a) training step
 
 def autocast(dtype: str):
-    """As the training scripts run (nanoalign.train.autocast): fp32 weights, bf16 matmuls on CUDA."""
-    return torch.autocast(DEVICE.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    """As the training scripts run: fp32 weights, bf16 matmuls on CUDA (a no-op in fp32)."""
+    return train.autocast(dist.Dist(device=DEVICE), dtype)
 
 
 def train_step_ours(model, x, y, dtype="float32"):
@@ -277,12 +278,16 @@ def bench_gen(ours, ref, V: int, B: int, P: int, N: int, repeats: int, seed: int
 
 # --- (c) batch-1 decoding against the weight-streaming floor
 
-def streamed_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every parameter but the embedding table, of which it reads
-    one row (tied embeddings are read whole, as the output layer)."""
+def matmul_weights(model) -> list:
+    """The weights a token's forward multiplies by: every parameter but the embedding table, of which it
+    reads one row (tied embeddings count, as the output layer)."""
     emb = model.tok_emb.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters()
-               if p is not emb or model.cfg.tie_embeddings)
+    return [p for p in model.parameters() if p is not emb or model.cfg.tie_embeddings]
+
+
+def streamed_bytes(model) -> int:
+    """Bytes of weights one decode step reads (matmul_weights)."""
+    return sum(p.numel() * p.element_size() for p in matmul_weights(model))
 
 
 def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -412,7 +417,7 @@ def main(argv=None):
                          args.dtype)
         tr |= {"batch": args.batch, "seq": args.seq, "ratio": tr["nanoalign"]["tokens_per_s"] / tr["transformers"]["tokens_per_s"],
                "target": TARGET_TRAIN}
-        per_token = flops_per_token(cfg, streamed_bytes(ours) // 4, args.seq)  # fp32 weights: 4 bytes each
+        per_token = flops_per_token(cfg, sum(p.numel() for p in matmul_weights(ours)), args.seq)
         peak = matmul_peak(args.dtype)
         tr["mfu"] = {"flops_per_token": per_token, "matmul_peak_flops": peak, "nominal": nominal_peak(args.dtype)}
         for name in ("nanoalign", "transformers"):
