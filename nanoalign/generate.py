@@ -16,8 +16,14 @@ number per row, where torch.multinomial draws one per vocabulary entry (so a see
 multinomial sampler's tokens, only its distribution). The host reads the stopped flags only to end the
 loop early: every step on a CPU, every 16 steps on a GPU (where a read waits for the device), never
 without stop ids. The step itself, decode_step, reads and writes fixed buffers, so on a GPU it can be
-captured once as a CUDA graph and replayed (cuda_graph=True). On a CPU, at the benchmark's size, what
-remains is mostly matrix multiplication (python bench/bench_model.py --profile).
+captured once as a CUDA graph and replayed (cuda_graph=True).
+
+On a CPU a decode step is mostly matrix multiplication with few rows (the batch) against every weight matrix.
+F.linear re-lays-out each weight into the kernel's blocked format on every call, which at a batch of 8 costs as
+much as the multiplication itself; generate() instead packs every weight once per call with oneDNN
+(prepacked(), PackedLinear), stacking q/k/v and gate/up into one matrix each, and the model's projections run on
+the packed copies until the call returns. At the benchmark's size that halves the matmul time; what remains is
+the matmuls and attention over the cache (python bench/bench_model.py --profile).
 
 For PPO the sampler returns the log-probability of each sampled token under softmax(logits / temperature)
 with nothing filtered: that is the distribution the trainer recomputes later. top-k / top-p change the
@@ -27,6 +33,8 @@ sampling distribution, so a rollout that uses them no longer matches those log-p
 from __future__ import annotations
 
 import argparse
+import functools
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +153,77 @@ def decode_step(model: Transformer, ids, pos, key_mask, cache: KVCache, write_at
     return model.lm_head(model.norm(x))[:, -1]  # (B, V)
 
 
+# --- CPU: prepacked weights
+
+@functools.cache
+def _onednn_packing_works() -> bool:
+    """Whether this torch build prepacks linear weights with oneDNN (x86 builds do); probed once, on a toy matmul."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.randn(6, 4), torch.randn(3, 4)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none", [], "")
+        return bool(torch.allclose(y, x @ w.T, atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def can_prepack(model) -> bool:
+    """Prepacking applies to an fp32 model on the CPU, not under autocast (the packed matmul would ignore it),
+    not while FSDP2 shards it (a shard is not the weight), and with oneDNN enabled."""
+    params = list(model.parameters())
+    return (torch.backends.mkldnn.enabled and _onednn_packing_works() and not torch.is_autocast_enabled("cpu")
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 and type(p.data) is torch.Tensor
+                    for p in params))
+
+
+class PackedLinear:
+    """y = x W^T + b for one or more nn.Linear layers that share their input, their weights stacked into one
+    matrix and stored in oneDNN's blocked layout. A plain F.linear with a small batch of rows re-lays-out (packs)
+    the weight on every call, which at decode batch sizes costs about as much as the multiplication; packing once
+    per generate() call removes that, and stacking q/k/v (or gate/up) makes one large matmul of three small ones.
+    Returns one output per layer."""
+
+    def __init__(self, linears, rows: int):
+        self.splits = [lin.out_features for lin in linears]
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        biases = [lin.bias for lin in linears]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+
+    def __call__(self, x):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y.split(self.splits, dim=-1) if len(self.splits) > 1 else (y,)
+
+
+@contextmanager
+def prepacked(model: Transformer, rows: int):
+    """For the duration, every projection of the model (q/k/v as one, o, gate/up as one, down, the LM head) runs on
+    weights packed here, once; the modules' own methods are restored on exit, error or not. Same function as the
+    model's forward up to float rounding order (tests/test_sampler.py). rows: the batch the packing is tuned for."""
+    patched = []
+
+    def patch(module, name, fn):
+        setattr(module, name, fn)  # an instance attribute shadows the class's method
+        patched.append((module, name))
+
+    try:
+        for block in model.layers:
+            attn, mlp = block.attn, block.mlp
+            patch(attn, "project_qkv", PackedLinear([attn.wq, attn.wk, attn.wv], rows))
+            gate_up = PackedLinear([mlp.gate, mlp.up] if mlp.kind == "swiglu" else [mlp.up], rows)
+            patch(mlp, "project_in", gate_up if mlp.kind == "swiglu" else lambda x, up=gate_up: (None, up(x)[0]))
+            for lin in (attn.wo, mlp.down):
+                patch(lin, "forward", lambda x, packed=PackedLinear([lin], rows): packed(x)[0])
+        head = PackedLinear([model.lm_head], rows)
+        patch(model.lm_head, "forward", lambda x: head(x)[0])
+        yield model
+    finally:
+        for module, name in patched:
+            delattr(module, name)
+
+
 class GraphedDecodeStep:
     """decode_step captured once as a CUDA graph and replayed at every step: one launch instead of a few
     hundred small kernels, whose launch overhead dominates small-batch GPU decoding. Capture needs fixed
@@ -182,11 +261,13 @@ class GraphedDecodeStep:
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, stop_ids=(),
              pad_id: int = 0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              vocab_size: int | None = None, generator: torch.Generator | None = None,
-             cuda_graph: bool = False) -> Generation:
+             cuda_graph: bool = False, prepack: bool = True) -> Generation:
     """Sample up to max_new_tokens for each prompt (lists of token ids); temperature 0 means greedy.
 
     vocab_size: ids >= vocab_size are never sampled (Pythia's embedding is padded past its tokenizer).
-    cuda_graph: on a CUDA device, replay each decode step as a captured CUDA graph (GraphedDecodeStep)."""
+    cuda_graph: on a CUDA device, replay each decode step as a captured CUDA graph (GraphedDecodeStep).
+    prepack: on a CPU (fp32, no autocast, not sharded), run the projections on weights packed once for this call
+    (prepacked; False: the model's own nn.Linear calls)."""
     if problem := sampling_error(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(problem)
     param = next(model.parameters())
@@ -220,37 +301,40 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     cos_table, sin_table = (t[0, 0] for t in rope_cos_sin(torch.arange(L, device=device)[None], cfg.rotary_dim,
                                                           cfg.rope_base, param.dtype, cfg.rope_scaling))
 
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
-    hidden = model(prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
-                   cache=cache, start_pos=0, return_hidden=True)
-    logits = model.lm_head(hidden[:, -1])  # (B, V): only the last prompt position predicts the first token
-    pos = positions[:, -1:] + 1  # (B, 1), advanced in place
-    step = GraphedDecodeStep(model, ids, pos, key_mask, cache, cos_table, sin_table, P) if cuda_graph else None
-    # reading `done` back stops the loop once every row has stopped; on a GPU that read waits for the device,
-    # so it happens every 16 steps there (the extra steps only write pads), and never without stop ids
-    check_every = 1 if device.type == "cpu" else 16
-    for t in range(N):
-        nxt, logp = sample_next(logits.float()[:, :V], temperature, top_k, top_p, generator)
-        live = ~done
-        tokens[:, t] = nxt.masked_fill(done, pad_id)
-        mask[:, t] = live
-        logprobs[:, t] = logp.masked_fill(done, 0.0)
-        if len(stop):
-            hit = live & (nxt[:, None] == stop).any(-1)
-            stopped |= hit
-            done |= hit
-        if t == N - 1 or (len(stop) and t % check_every == 0 and bool(done.all())):
-            break
-        # the token just sampled sits at cache column P + t: visible from now on, for every row (a stopped
-        # row keeps decoding pads, whose outputs are masked)
-        key_mask[:, 0, 0, P + t] = True
-        ids.copy_(tokens[:, t:t + 1])
-        if step is not None:
-            logits = step(P + t)
-        else:  # the cache and the mask up to this column only: no work for the columns still empty
-            logits = decode_step(model, ids, pos, key_mask[..., :P + t + 1] if padded else None, cache, P + t,
-                                 cos_table, sin_table)
-        pos += 1
+    # on a CPU the projections run on weights packed once here, for the prompt's forward and every decode step
+    packing = prepacked(model, B) if prepack and device.type == "cpu" and can_prepack(model) else nullcontext()
+    with packing:
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
+        hidden = model(prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
+                       cache=cache, start_pos=0, return_hidden=True)
+        logits = model.lm_head(hidden[:, -1])  # (B, V): only the last prompt position predicts the first token
+        pos = positions[:, -1:] + 1  # (B, 1), advanced in place
+        step = GraphedDecodeStep(model, ids, pos, key_mask, cache, cos_table, sin_table, P) if cuda_graph else None
+        # reading `done` back stops the loop once every row has stopped; on a GPU that read waits for the device,
+        # so it happens every 16 steps there (the extra steps only write pads), and never without stop ids
+        check_every = 1 if device.type == "cpu" else 16
+        for t in range(N):
+            nxt, logp = sample_next(logits.float()[:, :V], temperature, top_k, top_p, generator)
+            live = ~done
+            tokens[:, t] = nxt.masked_fill(done, pad_id)
+            mask[:, t] = live
+            logprobs[:, t] = logp.masked_fill(done, 0.0)
+            if len(stop):
+                hit = live & (nxt[:, None] == stop).any(-1)
+                stopped |= hit
+                done |= hit
+            if t == N - 1 or (len(stop) and t % check_every == 0 and bool(done.all())):
+                break
+            # the token just sampled sits at cache column P + t: visible from now on, for every row (a stopped
+            # row keeps decoding pads, whose outputs are masked)
+            key_mask[:, 0, 0, P + t] = True
+            ids.copy_(tokens[:, t:t + 1])
+            if step is not None:
+                logits = step(P + t)
+            else:  # the cache and the mask up to this column only: no work for the columns still empty
+                logits = decode_step(model, ids, pos, key_mask[..., :P + t + 1] if padded else None, cache, P + t,
+                                     cos_table, sin_table)
+            pos += 1
     # a model that produced NaN or inf logits sampled garbage: refuse it (one host read, after the loop)
     if not bool(logprobs.isfinite().all()):
         raise ValueError("the model produced non-finite logits (NaN or inf) while sampling")

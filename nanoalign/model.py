@@ -155,12 +155,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, KV * D, bias=cfg.attn_bias)
         self.wo = nn.Linear(H * D, cfg.dim, bias=cfg.attn_bias)
 
+    def project_qkv(self, x):
+        """The three input projections, (B, T, C) -> q (B, T, H*D), k, v (B, T, KV*D). A method of its own so
+        that the CPU sampler can run them as one matmul on prepacked weights (nanoalign/generate.py)."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
         B, T, _ = x.shape
         H, KV, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
-        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        v = self.wv(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start_pos, k, v)  # (B, KV, S, D), S = start_pos + T
@@ -181,11 +187,16 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
+    def project_in(self, x):
+        """(gate, up) projections of x, gate None for the GELU MLPs (a seam for the CPU sampler, as in Attention)."""
+        return (self.gate(x) if self.kind == "swiglu" else None), self.up(x)
+
     def forward(self, x):
+        gate, up = self.project_in(x)
         if self.kind == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            return self.down(F.silu(gate) * up)
         approximate = "tanh" if self.kind == "gelu_tanh" else "none"
-        return self.down(F.gelu(self.up(x), approximate=approximate))
+        return self.down(F.gelu(up, approximate=approximate))
 
 
 class Block(nn.Module):

@@ -14,13 +14,14 @@ from a full forward, by a chi-square test (this checks the draw itself).
 """
 import itertools
 import math
+import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nanoalign.generate
-from nanoalign.generate import decode_step, filter_logits, generate, left_pad
+from nanoalign.generate import PackedLinear, can_prepack, decode_step, filter_logits, generate, left_pad, prepacked
 from nanoalign.model import KVCache, ModelConfig, Transformer, rope_cos_sin
 
 FAMILIES = {
@@ -283,6 +284,92 @@ def test_static_shape_step_equals_the_forward(family):
             logits = decode_step(model, new[:, t:t + 1], pos, key_mask, cache, torch.tensor([P + t]), cos, sin)
             torch.testing.assert_close(logits, full[:, P + t], atol=1e-5, rtol=1e-5)
             pos += 1
+
+
+PATCHED = {"attn": "project_qkv", "mlp": "project_in", "wo": "forward", "down": "forward"}
+
+
+def patched_names(model):
+    """The instance attributes prepacked() sets, present on the model right now."""
+    found = [name for name in ("forward",) if name in model.lm_head.__dict__]
+    for block in model.layers:
+        for part, name in PATCHED.items():
+            module = getattr(block.attn, part, None) or getattr(block.mlp, part, None) or getattr(block, part)
+            found += [name] if name in module.__dict__ else []
+    return found
+
+
+def test_onednn_prepacking_is_available_on_x86():
+    # the CPU sampler's speed rests on it; on an x86 build of torch its absence is a regression, not a skip
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN prepacking is only required of x86 builds of torch")
+    assert can_prepack(tiny("llama_gqa"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepacked_projections_compute_the_models_forward_and_are_removed_after(family):
+    model = tiny(family)
+    if not can_prepack(model):
+        pytest.skip("this torch build cannot prepack weights with oneDNN")
+    ids, mask = left_pad(ROWS, pad_id=0)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask)
+        with prepacked(model, rows=len(ROWS)):
+            assert len(patched_names(model)) == 1 + 4 * model.cfg.n_layer  # every projection runs packed
+            packed = model(ids, attention_mask=mask)
+        after = model(ids, attention_mask=mask)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert patched_names(model) == [] and torch.equal(after, plain)
+
+
+def test_prepacked_restores_the_model_when_the_body_raises():
+    model = tiny("llama_gqa")
+    if not can_prepack(model):
+        pytest.skip("this torch build cannot prepack weights with oneDNN")
+    with pytest.raises(RuntimeError, match="boom"):
+        with prepacked(model, rows=2):
+            raise RuntimeError("boom")
+    assert patched_names(model) == []
+
+
+def test_packed_linear_stacks_layers_and_adds_their_biases():
+    if not can_prepack(tiny("neox")):
+        pytest.skip("this torch build cannot prepack weights with oneDNN")
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, n) for n in (5, 3)]
+    x = torch.randn(2, 3, 8)
+    outs = PackedLinear(layers, rows=6)(x)
+    assert [o.shape for o in outs] == [(2, 3, 5), (2, 3, 3)]
+    for out, layer in zip(outs, layers):
+        torch.testing.assert_close(out, x @ layer.weight.detach().T + layer.bias.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_prepacking_is_refused_where_it_would_change_the_arithmetic():
+    model = tiny("llama_gqa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_prepack(model)  # the packed fp32 matmul would ignore autocast
+    assert not can_prepack(tiny("llama_gqa").bfloat16())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_and_without_prepacking_gives_the_same_tokens(family, monkeypatch):
+    model = tiny(family)
+    if not can_prepack(model):
+        pytest.skip("this torch build cannot prepack weights with oneDNN")
+    calls = []
+    original = PackedLinear.__call__
+    monkeypatch.setattr(PackedLinear, "__call__", lambda self, x: calls.append(1) or original(self, x))
+    stops = stop_ids_for(model, 12)
+    for temperature in (0.0, 0.8):
+        kw = dict(stop_ids=stops, pad_id=0, temperature=temperature)
+        calls.clear()
+        packed = generate(model, ROWS, 12, generator=torch.Generator().manual_seed(3), **kw)
+        assert len(calls) > 12 * model.cfg.n_layer  # the prompt's forward and every decode step ran packed
+        calls.clear()
+        plain = generate(model, ROWS, 12, generator=torch.Generator().manual_seed(3), prepack=False, **kw)
+        assert calls == []
+        assert packed.tokens.tolist() == plain.tokens.tolist() and packed.mask.tolist() == plain.mask.tolist()
+        torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
 
 
 def test_both_cache_writes_cast_to_the_cache_dtype():
