@@ -171,10 +171,10 @@ def _onednn_packing_works() -> bool:
 def can_prepack(model) -> bool:
     """Prepacking applies to an fp32 model on the CPU, not under autocast (the packed matmul would ignore it),
     not while FSDP2 shards it (a shard is not the weight), and with oneDNN enabled."""
-    params = list(model.parameters())
-    return (torch.backends.mkldnn.enabled and _onednn_packing_works() and not torch.is_autocast_enabled("cpu")
-            and all(p.device.type == "cpu" and p.dtype == torch.float32 and type(p.data) is torch.Tensor
-                    for p in params))
+    plain_fp32 = all(p.device.type == "cpu" and p.dtype == torch.float32 and type(p.data) is torch.Tensor
+                     for p in model.parameters())
+    return (plain_fp32 and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
+            and _onednn_packing_works())
 
 
 class PackedLinear:
