@@ -161,7 +161,7 @@ def _onednn_packing_works() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w, x = torch.randn(6, 4), torch.randn(3, 4)
+        w, x = torch.arange(24.0).view(6, 4) / 24, torch.arange(12.0).view(3, 4) / 12  # not the global RNG's draws
         y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none", [], "")
         return bool(torch.allclose(y, x @ w.T, atol=1e-5))
     except (AttributeError, RuntimeError):
@@ -200,13 +200,22 @@ class PackedLinear:
 @contextmanager
 def prepacked(model: Transformer, rows: int):
     """For the duration, every projection of the model (q/k/v as one, o, gate/up as one, down, the LM head) runs on
-    weights packed here, once; the modules' own methods are restored on exit, error or not. Same function as the
-    model's forward up to float rounding order (tests/test_sampler.py). rows: the batch the packing is tuned for."""
+    weights packed here, once; whatever the modules had before is restored on exit, error or not (so it nests).
+    Same function as the model's forward up to float rounding order (tests/test_sampler.py). rows: the batch the
+    packing is tuned for.
+
+    Inference only: the packed matmul has no backward, so it refuses to run with gradients on. While it is active
+    the model holds a second copy of its projection weights, its weights must not change, forward hooks on
+    wq/wk/wv/gate/up do not fire (their matmul is the stacked one), and the model must not be used from another
+    thread."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("prepacked() is for inference: the packed matmul has no backward (use torch.no_grad())")
+    missing = object()
     patched = []
 
     def patch(module, name, fn):
+        patched.append((module, name, module.__dict__.get(name, missing)))
         setattr(module, name, fn)  # an instance attribute shadows the class's method
-        patched.append((module, name))
 
     try:
         for block in model.layers:
@@ -220,8 +229,11 @@ def prepacked(model: Transformer, rows: int):
         patch(model.lm_head, "forward", lambda x: head(x)[0])
         yield model
     finally:
-        for module, name in patched:
-            delattr(module, name)
+        for module, name, before in reversed(patched):
+            if before is missing:
+                delattr(module, name)
+            else:
+                setattr(module, name, before)
 
 
 class GraphedDecodeStep:

@@ -326,10 +326,40 @@ def test_prepacked_restores_the_model_when_the_body_raises():
     model = tiny("llama_gqa")
     if not can_prepack(model):
         pytest.skip("this torch build cannot prepack weights with oneDNN")
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         with prepacked(model, rows=2):
             raise RuntimeError("boom")
     assert patched_names(model) == []
+
+
+def test_prepacked_nests_keeps_earlier_overrides_and_refuses_gradients():
+    model = tiny("llama_gqa")
+    if not can_prepack(model):
+        pytest.skip("this torch build cannot prepack weights with oneDNN")
+    ids = torch.tensor([[3, 4, 5]])
+    own_head = model.lm_head.forward  # a user's instance-level override must survive a generate() call
+    model.lm_head.forward = lambda x: own_head(x) * 2
+    with torch.no_grad():
+        doubled = model(ids)
+        with prepacked(model, rows=1):
+            outer = model.layers[0].attn.project_qkv
+            with prepacked(model, rows=1):
+                pass
+            assert model.layers[0].attn.project_qkv is outer  # the inner exit gave the outer packing back
+            torch.testing.assert_close(model(ids), 0.5 * doubled, atol=1e-5, rtol=1e-5)  # packed head, not doubled
+        assert patched_names(model) == ["forward"] and torch.equal(model(ids), doubled)
+    with pytest.raises(RuntimeError, match="for inference"):
+        with prepacked(model, rows=1):
+            pass
+
+
+def test_the_oneDNN_probe_leaves_the_global_random_stream_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    nanoalign.generate._onednn_packing_works.cache_clear()  # the probe runs once a process: make it run here
+    torch.manual_seed(0)
+    nanoalign.generate._onednn_packing_works()
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_packed_linear_stacks_layers_and_adds_their_biases():
@@ -351,25 +381,28 @@ def test_prepacking_is_refused_where_it_would_change_the_arithmetic():
     assert not can_prepack(tiny("llama_gqa").bfloat16())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_with_and_without_prepacking_gives_the_same_tokens(family, monkeypatch):
-    model = tiny(family)
+@pytest.mark.parametrize("family,tied", [("llama_gqa", False), ("neox", False), ("llama_gqa", True)])
+def test_generate_with_and_without_prepacking_gives_the_same_tokens(family, tied, monkeypatch):
+    model = tiny(family, tie_embeddings=tied)
     if not can_prepack(model):
         pytest.skip("this torch build cannot prepack weights with oneDNN")
     calls = []
     original = PackedLinear.__call__
     monkeypatch.setattr(PackedLinear, "__call__", lambda self, x: calls.append(1) or original(self, x))
     stops = stop_ids_for(model, 12)
-    for temperature in (0.0, 0.8):
-        kw = dict(stop_ids=stops, pad_id=0, temperature=temperature)
-        calls.clear()
-        packed = generate(model, ROWS, 12, generator=torch.Generator().manual_seed(3), **kw)
-        assert len(calls) > 12 * model.cfg.n_layer  # the prompt's forward and every decode step ran packed
-        calls.clear()
-        plain = generate(model, ROWS, 12, generator=torch.Generator().manual_seed(3), prepack=False, **kw)
-        assert calls == []
-        assert packed.tokens.tolist() == plain.tokens.tolist() and packed.mask.tolist() == plain.mask.tolist()
-        torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+    for rows in (ROWS, [[7]], [[7], [8, 9]]):  # left-padded rows, and one-token prompts
+        for temperature in (0.0, 0.8):
+            kw = dict(stop_ids=stops, pad_id=0, temperature=temperature)
+            calls.clear()
+            packed = generate(model, rows, 12, generator=torch.Generator().manual_seed(3), **kw)
+            # the prompt's forward and every decode step but the last token's (never fed back) ran packed: 4 stacked
+            # projections a layer and the head
+            assert len(calls) == int(packed.mask.sum(1).max()) * (4 * model.cfg.n_layer + 1)
+            calls.clear()
+            plain = generate(model, rows, 12, generator=torch.Generator().manual_seed(3), prepack=False, **kw)
+            assert calls == []
+            assert packed.tokens.tolist() == plain.tokens.tolist() and packed.mask.tolist() == plain.mask.tolist()
+            torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
 
 
 def test_both_cache_writes_cast_to_the_cache_dtype():
