@@ -62,7 +62,10 @@ def init_dist(device: str = "cpu") -> Dist:
 
 
 def close(d: Dist):
+    """Leave the process group, every rank together: a rank tearing its gloo connections down while another still
+    uses them can abort the other ("terminate called without an active exception"), so all ranks meet first."""
     if d.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
