@@ -182,7 +182,7 @@ class PackedLinear:
     matrix and stored in oneDNN's blocked layout. A plain F.linear with a small batch of rows re-lays-out (packs)
     the weight on every call, which at decode batch sizes costs about as much as the multiplication; packing once
     per generate() call removes that, and stacking q/k/v (or gate/up) makes one large matmul of three small ones.
-    Returns one output per layer."""
+    Returns the layer's output, or a tuple of one output per layer when it stacks several."""
 
     def __init__(self, linears, rows: int):
         self.splits = [lin.out_features for lin in linears]
@@ -194,7 +194,7 @@ class PackedLinear:
     def __call__(self, x):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
         y = y.view(*x.shape[:-1], y.shape[-1])
-        return y.split(self.splits, dim=-1) if len(self.splits) > 1 else (y,)
+        return y.split(self.splits, dim=-1) if len(self.splits) > 1 else y
 
 
 @contextmanager
@@ -221,12 +221,13 @@ def prepacked(model: Transformer, rows: int):
         for block in model.layers:
             attn, mlp = block.attn, block.mlp
             patch(attn, "project_qkv", PackedLinear([attn.wq, attn.wk, attn.wv], rows))
-            gate_up = PackedLinear([mlp.gate, mlp.up] if mlp.kind == "swiglu" else [mlp.up], rows)
-            patch(mlp, "project_in", gate_up if mlp.kind == "swiglu" else lambda x, up=gate_up: (None, up(x)[0]))
+            if mlp.kind == "swiglu":
+                patch(mlp, "project_in", PackedLinear([mlp.gate, mlp.up], rows))
+            else:  # GELU: no gate
+                patch(mlp, "project_in", lambda x, up=PackedLinear([mlp.up], rows): (None, up(x)))
             for lin in (attn.wo, mlp.down):
-                patch(lin, "forward", lambda x, packed=PackedLinear([lin], rows): packed(x)[0])
-        head = PackedLinear([model.lm_head], rows)
-        patch(model.lm_head, "forward", lambda x: head(x)[0])
+                patch(lin, "forward", PackedLinear([lin], rows))
+        patch(model.lm_head, "forward", PackedLinear([model.lm_head], rows))
         yield model
     finally:
         for module, name, before in reversed(patched):
@@ -314,7 +315,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                                                           cfg.rope_base, param.dtype, cfg.rope_scaling))
 
     # on a CPU the projections run on weights packed once here, for the prompt's forward and every decode step
-    packing = prepacked(model, B) if prepack and device.type == "cpu" and can_prepack(model) else nullcontext()
+    packing = prepacked(model, B) if prepack and can_prepack(model) else nullcontext()
     with packing:
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
         hidden = model(prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,

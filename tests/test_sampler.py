@@ -286,17 +286,10 @@ def test_static_shape_step_equals_the_forward(family):
             pos += 1
 
 
-PATCHED = {"attn": "project_qkv", "mlp": "project_in", "wo": "forward", "down": "forward"}
-
-
 def patched_names(model):
     """The instance attributes prepacked() sets, present on the model right now."""
-    found = [name for name in ("forward",) if name in model.lm_head.__dict__]
-    for block in model.layers:
-        for part, name in PATCHED.items():
-            module = getattr(block.attn, part, None) or getattr(block.mlp, part, None) or getattr(block, part)
-            found += [name] if name in module.__dict__ else []
-    return found
+    modules = [model.lm_head] + [m for b in model.layers for m in (b.attn, b.mlp, b.attn.wo, b.mlp.down)]
+    return [name for m in modules for name in ("forward", "project_qkv", "project_in") if name in m.__dict__]
 
 
 def test_onednn_prepacking_is_available_on_x86():
