@@ -214,6 +214,8 @@ def main(argv=None):
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     stats = ppo.RunningMoments()
     if state:
+        # the checkpoint's controller replaces the one built from these flags, so they must not have changed
+        train.check_resumed_flags(cfg, state, ("kl_coef", "adaptive_kl", "kl_target", "kl_horizon"))
         kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
         stats.load_state_dict(state["extra"]["score_stats"])
     dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"
@@ -293,6 +295,8 @@ def main(argv=None):
                                       cfg.score_clip, cfg.missing_eos_penalty)
             kl_coef = kl_ctl.value
             adv_stats = ppo.advantages(batch, scores, kl_coef, cfg.gamma, cfg.lam)
+            # once per step, the value warm-up's steps included: their KL is 0 (the policy has not moved), so beta
+            # shrinks there by the controller's largest factor, 1 - 0.2 rollouts / horizon, each step
             kl_ctl.update(adv_stats["kl"], cfg.rollout_batch_size)
             t4 = time.time()
             update_stats = ppo.update(batch, policy, critic, policy_opt, critic_opt, step=run_step, seed=cfg.seed,

@@ -205,11 +205,9 @@ def run_schedule(cfg, d: dist.Dist, stages: list[Stage], model, data: dict, *, s
     resume_step = state["step"] if state else 0
     # kind -> S: the delta scores of the finished stages of that kind, summed (saved with every checkpoint)
     scores = dict(((state.get("extra") or {}).get("hbat") or {}).get("scores", {})) if state else {}
-    written = (state.get("config") or {}) if state else {}
-    for name in ("schedule", "splits", "sft_data", "sft_steps", "steps", "ewc") if len(stages) > 1 else ("sft_data",):
-        if name in written and written[name] != getattr(cfg, name):  # another schedule: other stages, other scores
-            raise InputError(f"--{name}={getattr(cfg, name)}: the checkpoint to resume was written with "
-                             f"--{name}={written[name]}; resume with the flags of the interrupted run")
+    # another schedule would mean other stages, and other delta scores than the checkpoint holds
+    train.check_resumed_flags(cfg, state, ("schedule", "splits", "sft_data", "sft_steps", "steps", "ewc")
+                              if len(stages) > 1 else ("sft_data",))
     stage_log = train.MetricsLog(run_dir / "stages.jsonl", d, resume_step)
     params = dict(model.named_parameters())
     for stage in stages:

@@ -89,7 +89,8 @@ def shape_scores(raw, stopped, stats: RunningMoments | None, clip: float, missin
 
     stats (None: no normalisation) first absorbs the batch, then s = (raw - mean) / std, clipped to [-clip, clip].
     A response cut by the length cap (no stop token) gets the fixed penalty instead: its score would judge an
-    unfinished answer, and a reward model never saw one."""
+    unfinished answer, and a reward model never saw one. The statistics still absorb that raw score: they describe
+    what the scorer gives the policy's rollouts, all of them (the methods leave this open)."""
     s = raw.float()
     if stats is not None:
         stats.update(raw)
@@ -299,7 +300,10 @@ def advantages(batch: dict, scores, kl_coef: float, gamma: float, lam: float) ->
     mask = batch["mask"].bool()
     rewards, kl = ppo_rewards(batch["logprobs"], batch["ref_logprobs"], mask, scores, kl_coef)
     adv, returns = gae(rewards, batch["values"], mask, gamma, lam)
-    batch["advantages"], batch["returns"] = whiten(adv, mask), returns
+    # whitening divides by the batch's standard deviation, which one response token alone (a single rollout that
+    # ended at once) does not have; that lone advantage, centred, is 0
+    batch["advantages"] = whiten(adv, mask) if int(mask.sum()) > 1 else torch.zeros_like(adv)
+    batch["returns"] = returns
     return {"kl": kl.sum(-1).mean().item(), "advantages_mean": masked_mean(adv, mask).item(),
             "returns_mean": masked_mean(returns, mask).item(), "rewards_mean": rewards.sum(-1).mean().item(),
             "explained_variance": _explained_variance(batch["values"], returns, mask)}

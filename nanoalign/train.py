@@ -309,6 +309,17 @@ def find_checkpoint(ckpt_dir, resume: bool, required: bool = True) -> dict | Non
         raise InputError(f"--resume: cannot read {path}: {e}") from None
 
 
+def check_resumed_flags(cfg, state: dict | None, names) -> None:
+    """A resumed run must keep the flags whose effect the checkpoint carries (the state saved for them would
+    silently override a new value): each one that differs from the value the checkpoint was written with is an
+    error naming the flag. Checkpoints written without a config pass."""
+    written = (state.get("config") or {}) if state else {}
+    for name in names:
+        if name in written and written[name] != getattr(cfg, name):
+            raise InputError(f"--{name}={getattr(cfg, name)}: the checkpoint to resume was written with "
+                             f"--{name}={written[name]}; resume with the flags of the interrupted run")
+
+
 def restore(state: dict | None, models: dict, d: dist.Dist) -> int:
     """Load the optimizer states (models: {name: (model, optimizer or None)}, as saved) and the RNG of this
     rank from a train_state; returns the step to continue from (0 without a state). The weights themselves

@@ -135,6 +135,23 @@ def test_the_score_lands_on_the_last_response_token_and_nothing_after_it():
         assert (returns[b, last + 1:] == 0).all() and (batch["advantages"][b, last + 1:] == 0).all()
 
 
+def test_the_logged_kl_is_per_answer_and_a_lone_response_token_is_centred_not_whitened():
+    """objective/kl (what the adaptive controller compares with its target, in nats per answer) is the mean over
+    rollouts of each answer's summed KL, not a per-token mean. A batch of one response token has no variance to
+    whiten by: its advantage is centred to 0 instead of raising."""
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    logprobs = torch.tensor([[-1.0, -2.0, 9.0], [-0.5, 9.0, 9.0]])  # 9: garbage after the answers
+    ref = torch.tensor([[-1.5, -1.0, -9.0], [-2.0, -9.0, -9.0]])
+    batch = {"mask": mask, "logprobs": logprobs, "ref_logprobs": ref, "values": torch.zeros(2, 3)}
+    stats = ppo.advantages(batch, torch.zeros(2), kl_coef=0.1, gamma=1.0, lam=0.95)
+    assert stats["kl"] == pytest.approx(((0.5 - 1.0) + 1.5) / 2)  # per-token mean would be 1/3
+    lone = {"mask": torch.tensor([[1, 0]]), "logprobs": torch.tensor([[-1.0, 0.0]]),
+            "ref_logprobs": torch.tensor([[-1.5, 0.0]]), "values": torch.tensor([[0.25, 0.0]])}
+    ppo.advantages(lone, torch.tensor([2.0]), kl_coef=0.1, gamma=1.0, lam=0.95)
+    assert lone["advantages"].tolist() == [[0.0, 0.0]]
+    assert lone["returns"][0, 0].item() == pytest.approx(2.0 - 0.1 * 0.5)  # the returns are not touched
+
+
 def test_a_response_without_eos_gets_the_penalty_instead_of_its_score():
     raw = torch.tensor([3.0, 5.0, -2.0, 0.5])
     stopped = torch.tensor([True, False, True, False])
@@ -248,3 +265,33 @@ def test_long_prompts_keep_their_end_and_bos(tok):
     bos_tok.add_bos = True
     ids = ppo.encode_prompts(bos_tok, rows, "hh", 16)[0]
     assert ids[0] == tok.bos_id and ids[1:] == full[-15:]
+
+
+def test_each_epoch_visits_every_rollout_once_in_its_own_shuffled_order(policy, critic, prompts, tok, monkeypatch):
+    """ppo_epochs passes over the batch, each a permutation of all rollouts cut into minibatches; the order changes
+    from epoch to epoch and from step to step, and is the same when the same step is run again."""
+    ref = copy.deepcopy(policy)
+    batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
+                                 temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    ppo.advantages(batch, torch.ones(6), 0.1, 1.0, 0.95)
+    seen, select = [], ppo.select_rows
+
+    def spy(b, rows):
+        seen.extend(rows.tolist() if torch.is_tensor(rows) else list(rows))
+        return select(b, rows)
+
+    monkeypatch.setattr(ppo, "select_rows", spy)
+
+    def orders(step):
+        seen.clear()
+        cri = copy.deepcopy(critic).train()
+        ppo.update(batch, policy, cri, None, train.adamw(cri, 1e-3), step=step, seed=0, ppo_epochs=3,
+                   mini_batch_size=3, micro_batch_size=3, update_policy=False, grad_clip=1.0, d=dist.Dist(),
+                   temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=0.2,
+                   cliprange_value=0.2, vf_coef=1.0, amp=NO_AMP)
+        return [tuple(seen[6 * e:6 * e + 6]) for e in range(3)]
+
+    first = orders(step=0)
+    assert len(first) == 3 and all(sorted(o) == list(range(6)) for o in first)  # every rollout once per epoch
+    assert len(set(first)) == 3 and tuple(range(6)) not in first  # shuffled, differently each epoch
+    assert orders(step=0) == first and orders(step=1) != first

@@ -54,6 +54,12 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     assert state["step"] == 2 and state["models"] == ["policy", "critic"]
     assert state["extra"]["score_stats"]["count"] == 16 and state["extra"]["kl_ctl"]["value"] != 0.2
     assert state["optimizer"]["state"] and state["optimizer/critic"]["state"]
+    # the KL controller comes from the checkpoint, so a flag of it changed on resuming would be ignored: refused
+    for flag, message in (("--kl_target=3", "--kl_target=3.0: the checkpoint to resume was written with --kl_target=6.0"),
+                          ("--adaptive_kl=0", "--adaptive_kl=False: the checkpoint to resume was written with "
+                                              "--adaptive_kl=True")):
+        with pytest.raises(InputError, match="^" + message):
+            train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--resume", flag))
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--resume"))
     assert_same_run(tmp_path / "full", tmp_path / "cut", 1e-6)
     run = metrics(tmp_path / "full")
@@ -113,6 +119,28 @@ def test_value_warmup_updates_only_the_critic(tiny_init, tiny_rm, tmp_path):
     after = load_pretrained(tmp_path / "once" / "model").state_dict()
     assert not all(torch.equal(before[k], after[k]) for k in before)
     assert metrics(tmp_path / "once")[2]["ppo/policy_loss"] != 0
+
+
+def test_answers_cut_by_the_length_cap_get_the_missing_eos_penalty_in_the_script(tiny_init, tiny_rm, tmp_path,
+                                                                                   monkeypatch):
+    """The scores PPO trains on: exactly --missing_eos_penalty for every answer without a stop token (read from the
+    tokens here, not from the sampler's flag), and the reward model's normalised score for every other."""
+    from nanoalign import ppo
+    from nanoalign.tokenizer import Tokenizer
+
+    stop_ids, seen, advantages = set(Tokenizer.from_dir(tiny_init).stop_ids), [], ppo.advantages
+
+    def spy(batch, scores, *a, **kw):
+        seen.append((batch["tokens"].clone(), batch["mask"].clone(), scores.clone()))
+        return advantages(batch, scores, *a, **kw)
+
+    monkeypatch.setattr(ppo, "advantages", spy)
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "run", "--steps=2", "--eval_data=", "--missing_eos_penalty=-7.5"))
+    for tokens, mask, scores in seen:
+        ended = torch.tensor([any(t in stop_ids for t in row[m.bool()].tolist()) for row, m in zip(tokens, mask)])
+        assert 0 < ended.sum() < len(ended)  # both kinds in the batch
+        assert (scores[~ended] == -7.5).all() and (scores[ended] != -7.5).all()
+        assert scores[ended].abs().max() < 7.5  # normalised scores of 8 answers, nowhere near the penalty
 
 
 @pytest.mark.parametrize("reward", ["oracle", "r3_random_qtype"])
