@@ -137,6 +137,9 @@ def test_whiten_gives_mean_0_var_1_on_valid_entries_and_ignores_pads():
     close(whiten(x, mask, shift_mean=False), torch.where(mask.bool(), expected + 3.0, 0.0))
     with pytest.raises(ValueError):
         whiten(x, torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0]]))
+    # eps = 1e-8 inside the square root, seen where the variance is as small: 0 and 1e-4 have unbiased variance 5e-9
+    # (no eps: +-0.707; eps 1e-5: +-0.016)
+    close(whiten(t([[0.0, 1e-4]]), torch.tensor([[1, 1]])), t([[-5e-5, 5e-5]]) / math.sqrt(5e-9 + 1e-8), tol=1e-4)
 
 
 # --- reward model

@@ -99,6 +99,11 @@ def test_recomputed_logprobs_are_the_losses_token_logprobs_of_the_sampled_sequen
     torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-6, rtol=0)
     # one position off would read the log-prob of the token before: far from the sampler's
     assert (theirs[:, :-1] - batch["sampler_logprobs"][:, 1:]).abs()[mask[:, 1:]].max() > 0.1
+    # the entropy logged as objective/entropy: of softmax(logits / temperature) at the same positions
+    _, entropy = ppo.response_logprobs(policy, ids, attn, P, 0.8, with_entropy=True)
+    with torch.no_grad():
+        logp = (policy(ids, attention_mask=attn)[:, P - 1:-1] / 0.8).log_softmax(-1)
+    torch.testing.assert_close(entropy[mask], -(logp.exp() * logp).sum(-1)[mask], atol=1e-5, rtol=0)
 
 
 def test_rollouts_are_the_same_for_any_number_of_ranks(policy, prompts, tok):
