@@ -22,6 +22,8 @@ Design:
   `--init=out/sft/model` or transformers' from_pretrained read it directly; further models (PPO's critic)
   sit in sub-directories named after them. train_state.pt beside them holds the step, every optimizer
   state, the RNG of every rank, the run's config and the extra state.
+- Where the extra state replaces what flags would build (PPO's KL controller, Hbat's schedule), a resume with
+  those flags changed is refused (check_resumed_flags) rather than silently run on the old values.
 - The non-finite guard checks the loss AND the global gradient norm before the optimizer steps: a finite
   loss with an overflowing backward (or one bad example) otherwise steps the weights to NaN and the next save
   overwrites the last good checkpoint. It stops the run with the step (numbered as the logs number it), the
