@@ -66,8 +66,9 @@ def test_on_policy_dpo_beats_the_sft_model_when_its_demonstrations_are_padded(pa
 def test_ppo_against_a_reward_model_of_the_sft_models_own_answers_raises_oracle_quality(padded):
     """InstructGPT's recipe: the reward model learns from labelled pairs of the SFT model's own answers (above
     chance on held-out ones), and PPO against it raises the oracle quality of the greedy held-out answers
-    above the SFT model's. Measured: held-out accuracy 64.7%, quality 0.637 -> 0.653 after 60 steps; 0.637 -> 0.666 on 2026-11-26, after
-    the CPU sampler began prepacking its weights (its rounding differs, so the rollouts can take another path)."""
+    above the SFT model's. Measured: held-out accuracy 64.7%, quality 0.637 -> 0.653 after 60 steps; 0.637 -> 0.666
+    on 2026-11-26, after the CPU sampler began prepacking its weights (its rounding differs, so the rollouts can
+    take another path)."""
     script(ROOT / "train_rm.py", f"--init={padded}/sft/model", f"--data={padded}/onpolicy_train.jsonl",
            f"--val_data={padded}/onpolicy_val.jsonl", f"--out_dir={padded}/rm_onpolicy")
     rm = logged(padded / "rm_onpolicy")

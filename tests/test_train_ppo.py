@@ -136,6 +136,7 @@ def test_answers_cut_by_the_length_cap_get_the_missing_eos_penalty_in_the_script
 
     monkeypatch.setattr(ppo, "advantages", spy)
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "run", "--steps=2", "--eval_data=", "--missing_eos_penalty=-7.5"))
+    assert len(seen) == 2  # one batch of scores per step
     for tokens, mask, scores in seen:
         ended = torch.tensor([any(t in stop_ids for t in row[m.bool()].tolist()) for row, m in zip(tokens, mask)])
         assert 0 < ended.sum() < len(ended)  # both kinds in the batch
