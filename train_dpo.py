@@ -130,6 +130,8 @@ def check_config(cfg: Config) -> None:
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
     check_device(cfg)
     train.check_files(cfg, "data", "val_data", "eval_prompts")
+    if cfg.eval_prompts:  # read now: a bad file must fail before training, not after it
+        read_jsonl(cfg.eval_prompts, required=("prompt",))
     hbat.check_config(cfg, "dpo")
 
 
@@ -248,6 +250,10 @@ def main(argv=None):
     run_dir, ckpt = Path(cfg.out_dir), Path(cfg.out_dir) / "model"
     train.clean_stale(ckpt, d)
     state = train.find_checkpoint(ckpt, cfg.resume)
+    # (--steps and Hbat's flags: hbat.run_schedule)
+    train.check_resume(cfg, state, ("init", "data", "format", "loss", "beta", "label_smoothing", "lr",
+                                               "seed", "batch_size", "min_lr_ratio", "warmup_steps", "weight_decay",
+                                               "grad_clip", "max_len", "max_response_len"))
     init_dir = resolve_dir(cfg.init)
     tok = Tokenizer.from_dir(init_dir)
     mcfg = model_config(init_dir)

@@ -181,6 +181,14 @@ def main(argv=None):
     ckpt = Path(cfg.out_dir) / "model"
     train.clean_stale(ckpt, d)
     state = train.find_checkpoint(ckpt, cfg.resume)
+    # the checkpoint's KL controller replaces the one built from the KL flags, so they must not change either
+    # (--steps and Hbat's flags: hbat.run_schedule)
+    train.check_resume(cfg, state, (
+        "init", "reward", "reward_model", "relevance_model", "data", "seed", "rollout_batch_size", "gen_batch_size",
+        "max_prompt_len", "max_new_tokens", "temperature", "missing_eos_penalty", "score_norm", "score_clip",
+        "kl_coef", "adaptive_kl", "kl_target", "kl_horizon", "ppo_epochs", "mini_batch_size", "gamma", "lam",
+        "cliprange", "cliprange_value", "vf_coef", "value_warmup_steps", "lr", "critic_lr", "warmup_steps",
+        "min_lr_ratio", "weight_decay", "grad_clip"))
     init_dir = resolve_dir(cfg.init)
     tok = Tokenizer.from_dir(init_dir)
     if cfg.template == "auto":
@@ -214,8 +222,6 @@ def main(argv=None):
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     stats = ppo.RunningMoments()
     if state:
-        # the checkpoint's controller replaces the one built from these flags, so they must not have changed
-        train.check_resumed_flags(cfg, state, ("kl_coef", "adaptive_kl", "kl_target", "kl_horizon"))
         kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
         stats.load_state_dict(state["extra"]["score_stats"])
     dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"

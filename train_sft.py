@@ -132,7 +132,12 @@ def check_config(cfg: Config) -> None:
     check_non_negative(cfg, "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at", "num_samples")
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
     check_device(cfg)
+    if cfg.dim % cfg.n_head or (cfg.dim // cfg.n_head) % 2:
+        raise InputError(f"--dim={cfg.dim}: must be a multiple of --n_head={cfg.n_head}, with an even quotient "
+                         f"(each head's rotary dimensions turn in pairs)")
     train.check_files(cfg, "data", "val_data", "eval_data")
+    if cfg.eval_data:  # read now: a bad file must fail before training, not after it
+        read_jsonl(cfg.eval_data, required=("prompt",))
 
 
 # --- the training loop (pretraining, SFT, and the SFT stages of Hbat in train_dpo.py / train_ppo.py)
@@ -142,6 +147,10 @@ def fit(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokenize
     if not rows:
         raise InputError(f"[{phase}] no training examples left after tokenizing (see the counts above)")
     ckpt = run_dir / "model"
+    phase_flags = ("pretrain_data", "pretrain_steps", "pretrain_lr") if phase == "pretrain" else ("data", "format",
+                                                                                                "steps", "lr")
+    train.check_resume(cfg, state, phase_flags + ("seed", "batch_size", "min_lr_ratio", "warmup_steps",
+                                                  "weight_decay", "grad_clip", "max_len", "max_response_len"))
     model = train.place(model, d)
     log = train.MetricsLog(run_dir / "metrics.jsonl", d, state["step"] if state else 0)
     stage = hbat.Stage(0, phase, 0, steps, ckpt=ckpt, log=log, state=state, stop_at=cfg.stop_at, config=cfg)
@@ -241,7 +250,8 @@ def main(argv=None):
             raise InputError(f"--resume: no checkpoint to resume from (looked for "
                              f"{' and '.join(str(c / train.STATE_FILE) for c in looked)})")
     if pretraining:
-        train.check_files(cfg, "pretrain_data", "tokenizer")
+        train.check_files(cfg, "pretrain_data")
+        train.check_files(cfg, "tokenizer", directory=True)
         tok = Tokenizer.from_dir(cfg.tokenizer)
         state = train.find_checkpoint(base_ckpt, cfg.resume, required=False)
         model = train.load_model(base_ckpt, d) if state else tiny_model(cfg, tok)
@@ -261,8 +271,10 @@ def main(argv=None):
     state = train.find_checkpoint(sft_ckpt, cfg.resume, required=False)
     init_dir = sft_ckpt if state else resolve_dir(cfg.init or base_ckpt)
     model = train.load_model(init_dir, d)
+    if cfg.max_len > model.cfg.max_seq_len:
+        raise InputError(f"--max_len={cfg.max_len}: the model's context length is {model.cfg.max_seq_len}")
     if not (init_dir / "tokenizer.json").exists():
-        train.check_files(cfg, "tokenizer")
+        train.check_files(cfg, "tokenizer", directory=True)
     tok = Tokenizer.from_dir(init_dir if (init_dir / "tokenizer.json").exists() else cfg.tokenizer)
     tok.check_vocab(model.cfg.vocab_size)
     if cfg.template == "auto":

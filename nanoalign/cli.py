@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 
 
@@ -18,6 +19,23 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+def finite_float(s: str) -> float:
+    """argparse type for a float flag: nan and inf are refused (no flag of nanoalign means anything by them, and an
+    inf learning rate would train a NaN model to the end and save it)."""
+    value = float(s)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value of the wrong type, a bad choice) raise InputError, which
+    run() prints as one line naming the flag, instead of printing the whole usage."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
 def field_comments(cls) -> dict[str, str]:
     """`name: type = default  # comment` lines of a dataclass's source -> {name: comment}."""
     source = inspect.getsource(cls)
@@ -25,7 +43,7 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def parse_config(cls, argv=None, description: str | None = None):
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default
@@ -37,7 +55,7 @@ def parse_config(cls, argv=None, description: str | None = None):
         elif default is None:
             ap.add_argument(f"--{f.name}", type=str, default=None, help=doc)
         else:
-            ap.add_argument(f"--{f.name}", type=kind, default=default, help=doc)
+            ap.add_argument(f"--{f.name}", type=finite_float if kind is float else kind, default=default, help=doc)
     return cls(**vars(ap.parse_args(argv)))
 
 
@@ -51,8 +69,16 @@ def check_choice(cfg, name: str, allowed) -> None:
         raise InputError(f"--{name}={value}: choose one of {', '.join(map(str, allowed))}")
 
 
+def check_finite(cfg, name: str) -> None:
+    """A number flag set in code (a Config built by hand) is NaN or inf: the command line refuses those already."""
+    value = getattr(cfg, name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"--{name}={value}: must be a finite number")
+
+
 def check_range(cfg, name: str, low=None, high=None, *, low_open=False, high_open=False) -> None:
     """value within [low, high] ('(' / ')' when open); the error names the flag and the allowed range."""
+    check_finite(cfg, name)
     value = getattr(cfg, name)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
@@ -73,26 +99,29 @@ def check_device(cfg) -> None:
 
 def check_positive(cfg, *names: str) -> None:
     for name in names:
+        check_finite(cfg, name)
         if getattr(cfg, name) <= 0:
             raise InputError(f"--{name}={getattr(cfg, name)}: must be positive")
 
 
 def check_non_negative(cfg, *names: str) -> None:
     for name in names:
+        check_finite(cfg, name)
         if getattr(cfg, name) < 0:
             raise InputError(f"--{name}={getattr(cfg, name)}: must be >= 0")
 
 
 def run(main, argv=None) -> None:
-    """Entry point of a script: a bad input (a flag, a data file, a checkpoint: ValueError, KeyError,
-    FileNotFoundError, all of which name the culprit) or a stopped run (FloatingPointError) prints one line
-    and exits non-zero, without a traceback. NANOALIGN_DEBUG=1 shows the traceback."""
+    """Entry point of a script: a bad input (a flag, a data file, a checkpoint: ValueError, KeyError, or an
+    OSError such as a missing file or a directory where a file belongs, all of which name the culprit) or a
+    stopped run (FloatingPointError) prints one line and exits non-zero, without a traceback.
+    NANOALIGN_DEBUG=1 shows the traceback."""
     import os
     import sys
 
     try:
         main(argv if argv is not None else sys.argv[1:])
-    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, KeyError, OSError, FloatingPointError) as e:
         if os.environ.get("NANOALIGN_DEBUG") == "1":
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes

@@ -32,7 +32,6 @@ sampling distribution, so a rollout that uses them no longer matches those log-p
 """
 from __future__ import annotations
 
-import argparse
 import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -99,6 +98,8 @@ def sampling_error(max_new_tokens: int, temperature: float, top_k: int | None, t
         return f"max_new_tokens must be at least 1, got {max_new_tokens}"
     if not temperature >= 0:
         return f"temperature must be >= 0 (0 = greedy), got {temperature}"
+    if temperature == float("inf"):
+        return "temperature must be finite, got inf"
     if top_k is not None and top_k < 0:
         return f"top_k must be >= 0 (0 = off), got {top_k}"
     if top_p is not None and not 0 < top_p <= 1:
@@ -356,23 +357,25 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 def main(argv=None):
     from .checkpoint import load_pretrained, resolve_dir
+    from .cli import ArgumentParser, InputError, check_device, finite_float
     from .tokenizer import TEMPLATES, Tokenizer, encode_prompt
 
-    ap = argparse.ArgumentParser(description="Sample a completion from a checkpoint (local dir or hub id).")
+    ap = ArgumentParser(description="Sample a completion from a checkpoint (local dir or hub id).")
     ap.add_argument("--init", required=True, help="checkpoint directory or Hugging Face hub id")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--template", default=None, choices=sorted(TEMPLATES),
                     help="prompt template; default: the checkpoint's own (saved by training), else plain (verbatim)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy")
     ap.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
-    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
+    ap.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
     if problem := sampling_error(args.max_new_tokens, args.temperature, args.top_k, args.top_p):
-        ap.error("--" + problem)  # before loading a model that may take minutes
+        raise InputError("--" + problem)  # before loading a model that may take minutes
+    check_device(args)
 
     ckpt = resolve_dir(args.init)
     model = load_pretrained(ckpt, device=args.device, dtype=getattr(torch, args.dtype))

@@ -53,9 +53,14 @@ class ModelConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
+            if self.dim % self.n_head:
+                raise ValueError(f"dim={self.dim} must be a multiple of n_head={self.n_head} (or head_dim given)")
             self.head_dim = self.dim // self.n_head
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.rotary_dim % 2:
+            raise ValueError(f"the rotary dimensions of a head (head_dim={self.head_dim} x rotary_pct="
+                             f"{self.rotary_pct}) must be even: they rotate in pairs")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"unknown norm {self.norm!r}")
         if self.mlp not in ("swiglu", "gelu", "gelu_tanh"):

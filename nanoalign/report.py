@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import InputError, run
+from .cli import ArgumentParser, InputError, finite_float, run
 
 PLOT_HINT = "No plots: matplotlib is not installed (`pip install matplotlib`, or `pip install -e .[plot]`)."
 
@@ -462,7 +462,7 @@ def build_report(run_dirs, out_dir, smooth: float = 0.6) -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m nanoalign.report",
+    ap = ArgumentParser(prog="python -m nanoalign.report",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Draw runs' metrics.jsonl as PNG curves and write report.md with the "
                                              "final values, eval.json and experiments' arms tables.")
@@ -470,7 +470,7 @@ def main(argv=None) -> Path:
                     help="a run directory (metrics.jsonl, eval.json) or an experiment directory "
                          "(results.json, ARM/SEED/metrics.jsonl)")
     ap.add_argument("--out", default="out/report", help="where report.md and figures/ are written")
-    ap.add_argument("--smooth", type=float, default=0.6,
+    ap.add_argument("--smooth", type=finite_float, default=0.6,
                     help="EMA weight for curves logged at every step, in [0, 1); 0: off (the raw curve stays drawn "
                          "faintly behind)")
     args = ap.parse_args(argv)

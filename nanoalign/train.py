@@ -22,8 +22,9 @@ Design:
   `--init=out/sft/model` or transformers' from_pretrained read it directly; further models (PPO's critic)
   sit in sub-directories named after them. train_state.pt beside them holds the step, every optimizer
   state, the RNG of every rank, the run's config and the extra state.
-- Where the extra state replaces what flags would build (PPO's KL controller, Hbat's schedule), a resume with
-  those flags changed is refused (check_resumed_flags) rather than silently run on the old values.
+- A resume with the flags that shape the updates changed (the data, the batch, the learning rates, the seed, the
+  loss; and where the extra state replaces what flags would build, PPO's KL controller and Hbat's schedule) is
+  refused (check_resume, check_resumed_flags) rather than silently run as another run.
 - The non-finite guard checks the loss AND the global gradient norm before the optimizer steps: a finite
   loss with an overflowing backward (or one bad example) otherwise steps the weights to NaN and the next save
   overwrites the last good checkpoint. It stops the run with the step (numbered as the logs number it), the
@@ -58,12 +59,18 @@ STATE_FILE = "train_state.pt"
 
 # --- inputs
 
-def check_files(cfg, *names: str) -> None:
-    """Each named path flag (skipped when empty) must exist. A relative default such as data/sft_train.jsonl
-    is relative to the directory the script runs in; say so when it is the repository's data/ that is meant."""
+def check_files(cfg, *names: str, directory: bool = False) -> None:
+    """Each named path flag (skipped when empty) must be an existing file (directory=True: a directory). A relative
+    default such as data/sft_train.jsonl is relative to the directory the script runs in; say so when it is the
+    repository's data/ that is meant."""
     for name in names:
         value = getattr(cfg, name)
-        if not value or Path(value).exists():
+        if not value:
+            continue
+        if Path(value).exists():
+            if Path(value).is_dir() != directory:
+                raise InputError(f"--{name}={value}: expected a {'directory' if directory else 'file'}, "
+                                 f"found a {'file' if directory else 'directory'}")
             continue
         hint = ""
         if not Path(value).is_absolute() and (REPO_ROOT / value).exists():
@@ -274,6 +281,14 @@ def save_checkpoint(ckpt_dir, d: dist.Dist, step: int, models: dict, tokenizer=N
     Collective under torchrun."""
     ckpt_dir = Path(ckpt_dir)
     gathered = {name: dist.full_state(model, opt) for name, (model, opt) in models.items()}
+    # the guard checks the gradients, not what the step made of them: an update too large (an inf learning
+    # rate, say) leaves finite gradients and NaN weights, which must not replace the last good checkpoint
+    bad = [f"{name}: {key}" for name, (weights, _) in gathered.items() for key, t in (weights or {}).items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())] if d.is_main else []
+    if dist.all_reduce_sum(torch.tensor([float(len(bad))], device=d.device), d).item() > 0:  # every rank stops
+        raise NonFiniteError(f"step {step}: the weights are not finite after the optimizer step ({', '.join(bad[:4])}"
+                             f"{', ...' if len(bad) > 4 else ''}); not saved, the last checkpoint on disk is "
+                             f"untouched (a learning rate too large?)")
     rng = dist.all_gather_object(_rng_state(), d)
     if d.is_main:
         names = list(models)
@@ -320,6 +335,14 @@ def check_resumed_flags(cfg, state: dict | None, names) -> None:
         if name in written and written[name] != getattr(cfg, name):
             raise InputError(f"--{name}={getattr(cfg, name)}: the checkpoint to resume was written with "
                              f"--{name}={written[name]}; resume with the flags of the interrupted run")
+
+
+def check_resume(cfg, state: dict | None, names) -> None:
+    """A resumed run continues the interrupted one, making the updates it would have made: the flags that shape
+    those updates (names: the data, the number of steps, the batch, the learning rates, the seed, the loss) must
+    be the ones the checkpoint was written with (check_resumed_flags)."""
+    if state is not None:
+        check_resumed_flags(cfg, state, names)
 
 
 def restore(state: dict | None, models: dict, d: dist.Dist) -> int:

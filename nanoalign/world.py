@@ -37,7 +37,6 @@ byte-identical), to study what preference learning does with a flaw the demonstr
 `python -m nanoalign.world` rebuilds data/ byte for byte from the seed (all randomness flows from one
 random.Random; the BPE tokenizer trained by `tokenizers` is deterministic) and prints a summary.
 """
-import argparse
 import json
 import math
 import random
@@ -468,17 +467,16 @@ def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0):
     return summary
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    from .cli import ArgumentParser, finite_float
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--padded_demos", type=float, default=0.0,
+    parser.add_argument("--padded_demos", type=finite_float, default=0.0,
                         help="pad this fraction of the SFT training responses with filler sentences (default: none)")
-    args = parser.parse_args()
-    try:
-        summary = build(args.out, args.seed, padded_demos=args.padded_demos)
-    except ValueError as e:
-        parser.error(str(e))
+    args = parser.parse_args(argv)
+    summary = build(args.out, args.seed, padded_demos=args.padded_demos)  # a bad fraction: ValueError, one line
     for path in sorted(Path(args.out).rglob("*.json*")):
         print(f"{str(path):40s} {path.stat().st_size / 1e3:8.1f} kB")
     print("counts:", summary["counts"])
@@ -492,4 +490,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

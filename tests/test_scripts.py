@@ -10,6 +10,7 @@ from conftest import reference
 
 import nanoalign.generate
 from nanoalign.checkpoint import save_pretrained
+from nanoalign.cli import run
 from nanoalign.generate import generate, main as generate_main
 from nanoalign.model import ModelConfig, Transformer
 from nanoalign.tokenizer import Tokenizer, encode_prompt
@@ -66,15 +67,18 @@ def test_generate_cli_uses_the_checkpoints_template_unless_told(ckpt, tmp_path, 
     ("--top_p=1.5", "--top_p must be in (0, 1] (1 = off), got 1.5"),
     ("--top_k=-1", "--top_k must be >= 0 (0 = off), got -1"),
     ("--max_new_tokens=0", "--max_new_tokens must be at least 1, got 0"),
-    ("--template=chatml", "argument --template: invalid choice: 'chatml'"),
+    ("--template=chatml", "argument --template: invalid choice: 'chatml' (choose from 'alpaca', 'hh', 'plain')"),
+    ("--temperature=inf", "argument --temperature: expected a finite number, got 'inf'"),
+    ("--top_p=nan", "argument --top_p: expected a finite number, got 'nan'"),
+    ("--max_new_tokens=ten", "argument --max_new_tokens: invalid int value: 'ten'"),
+    ("--device=tpu", "--device=tpu: choose cpu, or cuda on a machine with a GPU"),
 ])
 def test_generate_cli_refuses_bad_sampling_flags(capsys, flag, message):
-    # refused before the checkpoint is read: the --init path does not even exist
+    # refused before the checkpoint is read (the --init path does not even exist), in one line: no usage dump
     with pytest.raises(SystemExit) as exit_:
-        generate_main(["--init=/nonexistent/ckpt", "--prompt=hi", flag])
+        run(generate_main, ["--init=/nonexistent/ckpt", "--prompt=hi", flag])
     assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1]  # argparse's one error line after the usage
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_generate_command_reports_a_corrupt_checkpoint_in_one_line(ckpt, tmp_path):

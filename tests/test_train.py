@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import train_sft
 from conftest import logged_losses as losses, sft_args
@@ -144,6 +145,25 @@ def test_nan_gradient_at_step_k_stops_the_run_and_keeps_the_last_good_checkpoint
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "run"), losses(tmp_path / "clean"))) <= 1e-6
 
 
+def test_an_update_that_leaves_the_weights_non_finite_is_not_saved(init_dir, tmp_path):
+    # the gradients are finite, so the guard lets the step through; what the step makes of the weights (an
+    # enormous learning rate, here a post-step hook writing NaN at step 2) must not replace the step-1 checkpoint
+    def poison(opt, args, kwargs):
+        poison.calls += 1
+        if poison.calls == 2:
+            next(p for group in opt.param_groups for p in group["params"]).data.fill_(float("nan"))
+    poison.calls = 0
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        with pytest.raises(train.NonFiniteError, match=r"^step 2: the weights are not finite after the optimizer "
+                                                       r"step \(model: tok_emb.weight\); not saved"):
+            train_sft.main(args(init_dir, tmp_path / "run", "--steps=3"))
+    finally:
+        handle.remove()
+    assert torch.load(tmp_path / "run" / "model" / "train_state.pt", weights_only=False)["step"] == 1
+    assert all(torch.isfinite(p).all() for p in load_pretrained(tmp_path / "run" / "model").parameters())
+
+
 # --- checkpoints
 
 def test_checkpoint_holds_several_models_optimizers_rng_and_extra_state(tok, tmp_path):
@@ -243,12 +263,28 @@ def test_a_run_killed_mid_save_resumes_to_the_uninterrupted_result(init_dir, tmp
     ("--dtype=float16", "--dtype=float16: train in bfloat16 or float32"),
     ("--device=tpu", "--device=tpu: choose cpu, or cuda"),
     ("--warmup_steps=-1", "--warmup_steps=-1: must be >= 0"),
+    ("--lr=inf", "argument --lr: expected a finite number, got 'inf'"),
+    ("--weight_decay=nan", "argument --weight_decay: expected a finite number, got 'nan'"),
+    ("--steps=ten", "argument --steps: invalid int value: 'ten'"),
+    ("--stepz=10", "unrecognized arguments: --stepz=10"),
+    ("--data=/", "--data=/: expected a file, found a directory"),
+    ("--n_head=3", "--dim=128: must be a multiple of --n_head=3, with an even quotient"),
 ])
 def test_bad_flags_are_refused_before_any_work(init_dir, tmp_path, flag, message):
     with pytest.raises(InputError) as e:
         train_sft.main(args(init_dir, tmp_path / "run", flag))
     assert str(e.value).startswith(message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_eval_file_or_a_max_len_past_the_context_fails_before_training(init_dir, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "What is 1 plus 2?"}\n{"question": "no prompt key"}\n')
+    with pytest.raises(ValueError, match=f"^{bad}:2: missing key 'prompt'"):
+        train_sft.main(args(init_dir, tmp_path / "run", f"--eval_data={bad}"))
+    with pytest.raises(InputError, match="^--max_len=1000: the model's context length is 128$"):
+        train_sft.main(args(init_dir, tmp_path / "run", "--max_len=1000"))
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_an_empty_training_set_is_named(init_dir, tmp_path):
