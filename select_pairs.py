@@ -262,6 +262,8 @@ def main(argv=None):
         e = embed([{"prompt": r["prompt"], "response": r[side]} for side in ("chosen", "rejected") for r in records])
         candidates = real.pair_cosine(e[:len(records)], e[len(records):])  # (N,)
         keep = real.select_pairs(candidates, cfg.strategy, cfg.fraction, cfg.seed)
+        if not keep:
+            raise InputError(f"--fraction={cfg.fraction}: keeps none of the {len(records)} pairs")
         pairs = [{"prompt": records[k]["prompt"], "chosen": records[k]["chosen"], "rejected": records[k]["rejected"],
                   **extras[k], "cosine": candidates[k].item()} for k in keep]
         described = f"{len(records)} pairs"

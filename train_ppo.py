@@ -132,6 +132,11 @@ def check_config(cfg: Config) -> None:
     check_device(cfg)
     train.check_files(cfg, "data", "eval_data")
     hbat.check_config(cfg, "ppo")
+    shortest_stage = cfg.steps // cfg.splits  # each PPO stage starts with the warm-up (one stage unless alternating)
+    if cfg.value_warmup_steps >= shortest_stage:
+        raise InputError(f"--value_warmup_steps={cfg.value_warmup_steps}: must be below the {shortest_stage} steps of "
+                         f"{'each PPO stage' if cfg.schedule == 'alternating' else '--steps'}, or the policy never "
+                         f"learns")
 
 
 def check_world(cfg: Config, d: dist.Dist) -> None:
@@ -160,6 +165,8 @@ def prerequisites(cfg: Config) -> None:
 def load_prompts(cfg: Config) -> tuple[list[dict], list[dict]]:
     need = ("prompt", "qtype", "reference") if cfg.reward in ("r3", "r3_random_qtype") else ("prompt",)
     rows = read_jsonl(cfg.data, required=need)
+    if not rows:
+        raise InputError(f"--data={cfg.data}: no prompts")
     if cfg.reward == "oracle" and not all(world.is_world_prompt(r["prompt"]) for r in rows):
         raise InputError(f"--reward=oracle judges only tiny-world prompts; {cfg.data} has others")
     eval_rows = read_jsonl(cfg.eval_data, required=("prompt",))[:cfg.eval_prompts] if cfg.eval_data else []

@@ -181,6 +181,9 @@ def main(argv=None):
                                cfg.max_len, cfg.max_response_len) if cfg.offset_data else []
     if not train_rows:
         raise InputError(f"--data={cfg.data}: no training pairs left after tokenizing (see the counts above)")
+    if cfg.offset_data and not offset_rows:
+        raise InputError(f"--offset_data={cfg.offset_data}: no demonstrations to centre the scores on (pass "
+                         f"--offset_data= to leave the scores uncentred)")
     steps = cfg.steps or math.ceil(len(train_rows) / cfg.batch_size)
     train.check_resume(cfg, state, ("data", "format", "offset_data", "steps", "lr", "seed", "batch_size",
                                     "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_len",

@@ -65,7 +65,31 @@ def _rope(hf: dict, key_base: str, key_pct: str | None = None):
     return float(base), pct, rope_scaling
 
 
-def config_from_hf(hf: dict, vocab_size: int) -> ModelConfig:
+POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "intermediate_size", "max_position_embeddings")
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct")
+
+
+def config_from_hf(hf: dict, vocab_size: int, where="config.json") -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json's dict. A missing key, a value of the wrong type (a string for
+    a number) or one the model cannot be built with is a ValueError or KeyError naming `where` and the key."""
+    for key in POSITIVE_INTS:
+        value = hf.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key in POSITIVE_NUMBERS:
+        value = hf.get(key)
+        if value is not None and (type(value) not in (int, float) or not 0 < value < float("inf")):
+            raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
+    try:
+        return _config_from_hf(hf, vocab_size)
+    except KeyError as e:
+        raise KeyError(f"{where}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _config_from_hf(hf: dict, vocab_size: int) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "llama":
         if hf.get("hidden_act", "silu") != "silu":
@@ -278,7 +302,7 @@ def _checked_config(ckpt: Path):
     if hf_cfg.get("vocab_size") is not None and hf_cfg["vocab_size"] != rows:
         raise ValueError(f"{ckpt / 'config.json'}: vocab_size {hf_cfg['vocab_size']} disagrees with the {rows} rows "
                          f"of {emb_name} in {files[emb_name]}")
-    cfg = config_from_hf(hf_cfg, vocab_size=rows)
+    cfg = config_from_hf(hf_cfg, vocab_size=rows, where=ckpt / "config.json")
 
     names = hf_names(cfg)
     optional = {"lm_head.weight", "embed_out.weight"} if cfg.tie_embeddings else set()

@@ -21,6 +21,7 @@ Gotchas:
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -49,8 +50,8 @@ def _lines(path: Path):
         raise ValueError(f"{path}: not a complete gzip file ({e})") from None
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _is_number(x) -> bool:  # JSON's NaN and Infinity parse to floats: not numbers here
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # Keys whose values are not non-empty strings: (check, what the error says was expected).
@@ -58,10 +59,10 @@ _KEY_CHECKS = {
     "responses": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(s, str) and s for s in v),
                   "a list of at least 2 non-empty strings"),
     "scores": (lambda v: isinstance(v, list) and len(v) >= 2 and all(_is_number(s) for s in v),
-               "a list of at least 2 numbers"),
+               "a list of at least 2 finite numbers"),
     "labels": (lambda v: v in (0, 1) and not isinstance(v, bool), "0 or 1"),
-    "score_A": (_is_number, "a number"),
-    "score_B": (_is_number, "a number"),
+    "score_A": (_is_number, "a finite number"),
+    "score_B": (_is_number, "a finite number"),
 }
 _NON_EMPTY_STRING = (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
 

@@ -211,7 +211,7 @@ def _reward_layout(ckpt: Path):
     if hf.get("vocab_size") is not None and hf["vocab_size"] != rows:
         raise ValueError(f"{where}: vocab_size {hf['vocab_size']} disagrees with the {rows} rows of {emb} "
                          f"in {files[emb]}")
-    cfg = config_from_hf(hf, vocab_size=rows)
+    cfg = config_from_hf(hf, vocab_size=rows, where=where)
     offset = hf.get(OFFSET_KEY, 0.0)
     if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
         raise ValueError(f"{where}: {OFFSET_KEY} must be a finite number, got {offset!r}")

@@ -87,7 +87,8 @@ def test_read_jsonl_multi_response_checks(tmp_path):
     good = {"prompt": "p", "responses": ["a", "b"], "scores": [1, 0.5]}
     path = write_lines(tmp_path / "m.jsonl", [json.dumps(good)])
     assert read_jsonl(path, required=("prompt", "responses", "scores")) == [good]
-    for bad, message in [({**good, "scores": [1, "x"]}, "key 'scores' must be a list of at least 2 numbers"),
+    for bad, message in [({**good, "scores": [1, "x"]}, "key 'scores' must be a list of at least 2 finite numbers"),
+                         ({**good, "scores": [1, float("nan")]}, "key 'scores' must be a list of at least 2 finite"),
                          ({**good, "responses": ["a", ""]}, "key 'responses' must be a list of at least 2"),
                          ({**good, "scores": [1, 2, 3]}, "2 responses but 3 scores")]:
         write_lines(path, [json.dumps(bad)])

@@ -112,3 +112,46 @@ def test_tiny_world_sft_run_answers_held_out_questions(tmp_path):
     assert "closed-ended accuracy" in proc.stdout
     transformers = reference("transformers")
     transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sft" / "model")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a positive number, got '1e-5'"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"num_key_value_heads": 3}, "n_head=2 must be a multiple of n_kv_head=3"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "missing key 'factor'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "config.json asks for rope scaling 'yarn'"),
+])
+def test_a_bad_config_value_is_one_line_naming_the_file_and_key(ckpt, tmp_path, capsys, edit, message):
+    import shutil
+
+    d = shutil.copytree(ckpt[2], tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(config | edit))
+    with pytest.raises(SystemExit) as exit_:
+        run(generate_main, [f"--init={d}", "--prompt=hi", "--device=cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {d / 'config.json'}: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_warm_up_as_long_as_the_run_and_empty_prompt_or_offset_files_are_refused(ckpt, tmp_path):
+    import train_ppo
+    import train_rm
+    from nanoalign.cli import InputError
+
+    data = f"--data={ROOT / 'data' / 'sft_train.jsonl'}"
+    init = f"--init={ckpt[2]}"  # a tiny model: no default model is trained first
+    with pytest.raises(InputError, match=r"^--value_warmup_steps=60: must be below the 60 steps of --steps, or the "
+                                         r"policy never learns$"):
+        train_ppo.main([init, data, "--eval_data=", "--value_warmup_steps=60", f"--out_dir={tmp_path / 'ppo'}"])
+    with pytest.raises(InputError, match=r"^--value_warmup_steps=30: must be below the 30 steps of each PPO stage"):
+        train_ppo.main([init, data, "--eval_data=", "--value_warmup_steps=30", "--schedule=alternating",
+                        f"--out_dir={tmp_path / 'ppo'}"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match=f"^--data={empty}: no prompts$"):
+        train_ppo.main([init, f"--data={empty}", "--eval_data=", "--max_prompt_len=64", f"--out_dir={tmp_path / 'ppo'}"])
+    with pytest.raises(InputError, match=f"^--offset_data={empty}: no demonstrations to centre the scores on"):
+        train_rm.main([init, f"--data={ROOT / 'data' / 'prefs_train.jsonl'}", f"--offset_data={empty}", "--steps=1", "--max_len=128",
+                       f"--out_dir={tmp_path / 'rm'}"])
+    assert not (tmp_path / "ppo").exists() and not (tmp_path / "rm" / "model").exists()

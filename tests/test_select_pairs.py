@@ -101,6 +101,10 @@ def test_pairs_input_keeps_a_fraction_with_their_labels(tmp_path, tiny_plain, ti
     r = records[3]
     emb = embed(tiny_plain, tiny_tok, r["prompt"], [r["chosen"], r["rejected"]])
     assert abs(easy_result["candidates"][3].item() - real.pair_cosine(emb[:1], emb[1:]).item()) < 1e-5
+    # a fraction that rounds to no pair at all is an error, not an empty file
+    with pytest.raises(InputError, match=r"^--fraction=0.04: keeps none of the 10 pairs$"):
+        select(tmp_path, data, tiny_plain, "--strategy=easy", "--fraction=0.04", name="none.jsonl")
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_label_error_rate_equals_a_hand_count(tmp_path, tiny_plain, capsys):

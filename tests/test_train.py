@@ -287,6 +287,15 @@ def test_a_bad_eval_file_or_a_max_len_past_the_context_fails_before_training(ini
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_resume_refuses_flags_that_change_the_updates(init_dir, tmp_path):
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--stop_at=1"))
+    for flag, was in (("--lr=0.5", "--lr=0.001"), ("--steps=2", "--steps=3"), ("--seed=7", "--seed=0")):
+        with pytest.raises(InputError, match=f"^{flag}: the checkpoint to resume was written with {was}; resume "
+                                             f"with the flags of the interrupted run$"):
+            train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", flag, "--resume"))
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--micro_batch_size=1", "--resume"))  # same updates
+
+
 def test_an_empty_training_set_is_named(init_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
