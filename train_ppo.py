@@ -132,11 +132,6 @@ def check_config(cfg: Config) -> None:
     check_device(cfg)
     train.check_files(cfg, "data", "eval_data")
     hbat.check_config(cfg, "ppo")
-    shortest_stage = cfg.steps // cfg.splits  # each PPO stage starts with the warm-up (one stage unless alternating)
-    if cfg.value_warmup_steps >= shortest_stage:
-        raise InputError(f"--value_warmup_steps={cfg.value_warmup_steps}: must be below the {shortest_stage} steps of "
-                         f"{'each PPO stage' if cfg.schedule == 'alternating' else '--steps'}, or the policy never "
-                         f"learns")
 
 
 def check_world(cfg: Config, d: dist.Dist) -> None:
@@ -229,6 +224,8 @@ def main(argv=None):
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     stats = ppo.RunningMoments()
     if state:
+        if missing := [k for k in ("kl_ctl", "score_stats") if k not in state["extra"]]:
+            raise InputError(f"--resume: {ckpt / train.STATE_FILE} holds no {' and no '.join(missing)} (not a PPO run's)")
         kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
         stats.load_state_dict(state["extra"]["score_stats"])
     dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"

@@ -210,7 +210,13 @@ def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"checkpoint directory {path_or_hub_id} does not exist")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    try:
+        return Path(snapshot_download(str(path_or_hub_id),
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, a repository that does not exist, a gated one: the hub's message, on one line
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise FileNotFoundError(f"{path_or_hub_id}: neither a local directory nor a Hugging Face hub id that could be "
+                                f"downloaded ({reason:.300})") from None
 
 
 def read_json(path: Path) -> dict:
@@ -244,6 +250,8 @@ def tensor_files(ckpt: Path) -> dict[str, Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: expected a 'weight_map' object (tensor name -> shard file)")
+        if bad := next((k for k, f in weight_map.items() if not isinstance(f, str) or not f), None):
+            raise ValueError(f"{index}: weight_map[{bad!r}] must name a shard file, got {weight_map[bad]!r}")
         for shard in sorted(set(weight_map.values())):
             if not (ckpt / shard).is_file():
                 raise FileNotFoundError(f"{index} lists shard {shard}, which is not in {ckpt}")
@@ -319,7 +327,8 @@ def _checked_config(ckpt: Path):
 def copy_tensors(params: dict, names: dict, files: dict, n_head: int, ckpt: Path, device, dtype) -> None:
     """Copy each checkpoint tensor into its parameter(s), one file opened at a time. names maps a file's
     tensor to our parameter name, or to three (q, k, v) for NeoX's fused attention projection; every shape is
-    checked against the config first, with a one-line error naming the tensor and the file."""
+    checked against the config first, and every value for NaN and inf, with a one-line error naming the tensor
+    and the file."""
     by_file: dict[Path, list[str]] = {}
     for k in names:
         by_file.setdefault(files[k], []).append(k)
@@ -334,6 +343,8 @@ def copy_tensors(params: dict, names: dict, files: dict, n_head: int, ckpt: Path
                     if list(t.shape) != expected_shape:
                         raise ValueError(f"tensor {k} in {file} has shape {list(t.shape)}, expected {expected_shape} "
                                          f"for the config in {ckpt / 'config.json'}")
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # else it fails steps later
+                        raise ValueError(f"tensor {k} in {file} holds NaN or inf values")
                     parts = split_qkv(t, n_head) if len(targets) == 3 else [t]  # NeoX's fused q, k, v
                     for n, part in zip(targets, parts):
                         params[n].copy_(part.to(device=device, dtype=dtype))

@@ -321,9 +321,19 @@ def find_checkpoint(ckpt_dir, resume: bool, required: bool = True) -> dict | Non
             raise InputError(f"--resume: no checkpoint to resume from (looked for {path})")
         return None
     try:
-        return torch.load(path, weights_only=False, mmap=True)
+        state = torch.load(path, weights_only=False, mmap=True)
     except Exception as e:  # a file that is not a torch checkpoint
         raise InputError(f"--resume: cannot read {path}: {e}") from None
+    expected = {"step": (lambda v: type(v) is int and v >= 0, "a step number"),
+                "rng": (lambda v: isinstance(v, list) and len(v) > 0, "the RNG state of each rank"),
+                "extra": (lambda v: isinstance(v, dict), "a dict")}
+    if not isinstance(state, dict):
+        raise InputError(f"--resume: {path} is not a train_state (a dict), it holds a {type(state).__name__}")
+    for key, (ok, what) in expected.items():
+        if key not in state or not ok(state[key]):
+            raise InputError(f"--resume: {path}: key {key!r} must hold {what}, "
+                             f"{'it is missing' if key not in state else f'got {type(state[key]).__name__}'}")
+    return state
 
 
 def check_resumed_flags(cfg, state: dict | None, names) -> None:
@@ -357,6 +367,11 @@ def restore(state: dict | None, models: dict, d: dist.Dist) -> int:
             if key not in state:
                 raise InputError(f"checkpoint holds no optimizer state {key!r} (has {sorted(state)})")
             dist.load_full_optimizer_state(model, opt, state[key] if d.is_main else {}, d)
+            for param_name, p in model.named_parameters():  # moments of another shape would fail inside AdamW
+                for moment, value in opt.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                        raise InputError(f"{STATE_FILE}: {key} holds {moment} of shape {tuple(value.shape)} for "
+                                         f"{param_name}, whose shape is {tuple(p.shape)}")
     rng = state["rng"]
     _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
     return int(state["step"])

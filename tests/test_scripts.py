@@ -1,5 +1,6 @@
 """The command lines: python -m nanoalign.generate, and the full tiny-world run of train_sft.py (slow)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,24 +135,58 @@ def test_a_bad_config_value_is_one_line_naming_the_file_and_key(ckpt, tmp_path, 
     assert err.startswith(f"error: {d / 'config.json'}: ") and message in err and err.count("\n") == 1, err
 
 
-def test_a_warm_up_as_long_as_the_run_and_empty_prompt_or_offset_files_are_refused(ckpt, tmp_path):
+def test_empty_prompt_or_offset_files_are_refused(ckpt, tmp_path):
     import train_ppo
     import train_rm
     from nanoalign.cli import InputError
 
-    data = f"--data={ROOT / 'data' / 'sft_train.jsonl'}"
     init = f"--init={ckpt[2]}"  # a tiny model: no default model is trained first
-    with pytest.raises(InputError, match=r"^--value_warmup_steps=60: must be below the 60 steps of --steps, or the "
-                                         r"policy never learns$"):
-        train_ppo.main([init, data, "--eval_data=", "--value_warmup_steps=60", f"--out_dir={tmp_path / 'ppo'}"])
-    with pytest.raises(InputError, match=r"^--value_warmup_steps=30: must be below the 30 steps of each PPO stage"):
-        train_ppo.main([init, data, "--eval_data=", "--value_warmup_steps=30", "--schedule=alternating",
-                        f"--out_dir={tmp_path / 'ppo'}"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(InputError, match=f"^--data={empty}: no prompts$"):
-        train_ppo.main([init, f"--data={empty}", "--eval_data=", "--max_prompt_len=64", f"--out_dir={tmp_path / 'ppo'}"])
+        train_ppo.main([init, f"--data={empty}", "--eval_data=", "--max_prompt_len=64",
+                        f"--out_dir={tmp_path / 'ppo'}"])
     with pytest.raises(InputError, match=f"^--offset_data={empty}: no demonstrations to centre the scores on"):
-        train_rm.main([init, f"--data={ROOT / 'data' / 'prefs_train.jsonl'}", f"--offset_data={empty}", "--steps=1", "--max_len=128",
-                       f"--out_dir={tmp_path / 'rm'}"])
+        train_rm.main([init, f"--data={ROOT / 'data' / 'prefs_train.jsonl'}", f"--offset_data={empty}", "--steps=1",
+                       "--max_len=128", f"--out_dir={tmp_path / 'rm'}"])
     assert not (tmp_path / "ppo").exists() and not (tmp_path / "rm" / "model").exists()
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_naming_it():
+    from nanoalign.checkpoint import resolve_dir
+
+    # offline (CI) the hub cannot be reached; online the repository does not exist: either way one line
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_dir("nanoalign-tests/no-such-model")
+    message = str(e.value)
+    assert message.startswith("nanoalign-tests/no-such-model: neither a local directory nor a Hugging Face hub id "
+                              "that could be downloaded (") and "\n" not in message
+
+
+def test_a_shard_index_naming_no_file_is_one_line(ckpt, tmp_path):
+    from nanoalign.checkpoint import load_pretrained
+
+    model, tok, _ = ckpt
+    d = save_pretrained(model, tmp_path / "m", tokenizer=tok, max_shard_bytes=20_000)
+    index = d / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    name = sorted(doc["weight_map"])[0]
+    doc["weight_map"][name] = 3
+    index.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"^{index}: weight_map\\['{re.escape(name)}'\\] must name a shard file, got 3$"):
+        load_pretrained(d)
+
+
+def test_a_checkpoint_holding_nan_is_refused_when_loaded(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nanoalign.checkpoint import load_pretrained
+
+    model, tok, _ = ckpt
+    d = save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"^tensor model.layers.1.mlp.up_proj.weight in {d / 'model.safetensors'} "
+                                         f"holds NaN or inf values$"):
+        load_pretrained(d)

@@ -1,5 +1,6 @@
 """nanoalign/train.py: schedule, data order, the non-finite guard, multi-model checkpoints, resume, and the
 input checks of the scripts built on it (train_sft.py here)."""
+import copy
 import json
 import random
 import signal
@@ -294,6 +295,31 @@ def test_resume_refuses_flags_that_change_the_updates(init_dir, tmp_path):
                                              f"with the flags of the interrupted run$"):
             train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", flag, "--resume"))
     train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--micro_batch_size=1", "--resume"))  # same updates
+
+
+def test_a_damaged_train_state_is_one_error_naming_the_file_and_key(init_dir, tmp_path):
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--stop_at=1"))
+    path = tmp_path / "run" / "model" / "train_state.pt"
+    good = torch.load(path, weights_only=False)
+
+    def moment_reshaped(state):
+        exp_avg = next(iter(state["optimizer"]["state"].values()))["exp_avg"]
+        next(iter(state["optimizer"]["state"].values()))["exp_avg"] = exp_avg.flatten()[:3].clone()
+        return state
+
+    for damage, message in [
+        (lambda st: [st], f"--resume: {path} is not a train_state (a dict), it holds a list"),
+        (lambda st: st | {"step": "two"}, f"--resume: {path}: key 'step' must hold a step number, got str"),
+        (lambda st: {k: v for k, v in st.items() if k != "rng"},
+         f"--resume: {path}: key 'rng' must hold the RNG state of each rank, it is missing"),
+        (moment_reshaped, "train_state.pt: optimizer holds exp_avg of shape (3,) for tok_emb.weight, whose shape is"),
+    ]:
+        torch.save(damage(copy.deepcopy(good)), path)
+        with pytest.raises(InputError) as e:
+            train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--resume"))
+        assert str(e.value).startswith(message), str(e.value)
+    torch.save(good, path)
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--resume"))  # the intact state still resumes
 
 
 def test_an_empty_training_set_is_named(init_dir, tmp_path):
