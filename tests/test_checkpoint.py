@@ -91,6 +91,19 @@ def test_norm_eps_and_rope_base_come_from_config_json(tmp_path):
         assert not torch.allclose(again(x), model(x), atol=1e-3)  # and the model uses them
 
 
+def test_neox_layer_norm_eps_comes_from_config_json(tmp_path):
+    model, d = saved(tmp_path, norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True, rotary_pct=0.25,
+                     parallel_residual=True, model_type="gpt_neox")
+    path = d / "config.json"
+    assert json.loads(path.read_text())["layer_norm_eps"] == model.cfg.norm_eps  # saved
+    path.write_text(json.dumps({**json.loads(path.read_text()), "layer_norm_eps": 0.5}))
+    again = load_pretrained(d)
+    assert again.cfg.norm_eps == 0.5
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        assert not torch.allclose(again(x), model(x), atol=1e-3)  # and the model uses it
+
+
 def test_no_weights(tmp_path):
     _, d = saved(tmp_path)
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
@@ -172,14 +185,18 @@ def test_the_newest_aside_checkpoint_is_recovered_and_stale_ones_cleared(tmp_pat
 
     model, d = saved(tmp_path)
     older = tmp_path / ".ckpt.old-ffff"  # an older crash's leftover, sorting after the newer one by name
-    save_pretrained(model, older)
+    d.rename(older)
     old_time = time.time() - 100
     os.utime(older, (old_time, old_time))
     with torch.no_grad():
         model.tok_emb.weight.add_(1.0)
-    save_pretrained(model, d)
-    d.rename(tmp_path / ".ckpt.old-0000")  # the newest, moved aside by a crash mid-swap
-    assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)
+    # the newest, moved aside by a crash mid-swap (saved under its aside name directly: a save to ckpt would
+    # clear the older leftover first)
+    save_pretrained(model, tmp_path / ".ckpt.old-0000")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.old-0000", ".ckpt.old-ffff"]  # both left over
+    assert not torch.equal(load_pretrained(older).tok_emb.weight, model.tok_emb.weight)
+    assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)  # the newest came back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.old-ffff", "ckpt"]
     save_pretrained(model, d)  # a later save clears what is left over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -205,6 +222,32 @@ def test_saved_checkpoint_follows_the_umask(tmp_path, shard_bytes):
     assert "train_state.pt" in modes and "tokenizer.json" in modes
     assert any(name.endswith(".safetensors") for name in modes)  # safetensors writes 0600 on its own
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_a_checkpoint_with_a_sub_directory_follows_the_umask_all_the_way_down(tmp_path):
+    """train.save_checkpoint writes a second model (PPO's critic) into a sub-directory: its files get the same
+    permissions as the root's, not safetensors' private 0600."""
+    import os
+    import stat
+
+    from nanoalign import dist, train
+    from nanoalign.reward import RewardModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, dim=16, n_layer=1, n_head=2, hidden_dim=32, max_seq_len=32)
+    policy, critic = Transformer(cfg), RewardModel(cfg)
+    old = os.umask(0o027)
+    try:
+        d = train.save_checkpoint(tmp_path / "ckpt", dist.Dist(), 3, {"policy": (policy, None),
+                                                                      "critic": (critic, None)})
+    finally:
+        os.umask(old)
+    mode = lambda p: oct(stat.S_IMODE(p.stat().st_mode))  # noqa: E731
+    assert mode(d) == mode(d / "critic") == "0o750"
+    root = {p.name: mode(p) for p in d.iterdir() if p.is_file()}
+    sub = {p.name: mode(p) for p in (d / "critic").iterdir()}
+    assert "model.safetensors" in root and "model.safetensors" in sub, (root, sub)
+    assert set(root.values()) == set(sub.values()) == {"0o640"}, (root, sub)
 
 
 # --- every malformed input: a one-line error naming the file and what is wrong

@@ -212,6 +212,7 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(tiny_plain, tiny_to
         train_dpo.main(flags)
     train_dpo.main(flags + ["--format=hh"])
     assert "8 pairs" in capsys.readouterr().out
+    assert Tokenizer.from_dir(tmp_path / "run" / "model").template == "hh"  # saved with the model
     # the same pairs in the internal format give the same reference log-probs: read_hh splits them exactly
     (tmp_path / "pairs.jsonl").write_text("".join(PREFS.read_text().splitlines(True)[:8]))
     train_dpo.main(flags + [f"--data={tmp_path}/pairs.jsonl", f"--out_dir={tmp_path}/run2"])
@@ -224,6 +225,7 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(tiny_plain, tiny_to
     capsys.readouterr()
     train_dpo.main(flags + [f"--data={tmp_path}/pairs.jsonl", f"--init={plain}", f"--out_dir={tmp_path}/run3"])
     assert "template 'plain'" in capsys.readouterr().out
+    assert Tokenizer.from_dir(tmp_path / "run3" / "model").template == "plain"
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -27,7 +27,7 @@ CASES = {
     "llama_rope_linear": ("llama", dict(num_attention_heads=4, rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "neox_rot25_parallel": ("gpt_neox", dict(num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True)),
     "neox_rot100_sequential": ("gpt_neox", dict(num_attention_heads=4, rotary_pct=1.0, use_parallel_residual=False,
-                                                rotary_emb_base=1000)),
+                                                rotary_emb_base=1000, layer_norm_eps=0.05)),
 }
 
 

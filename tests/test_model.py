@@ -139,6 +139,10 @@ def test_generation_stops_per_row_and_masks_after_stop():
     # the other row is unaffected up to its own stop
     m1 = gen.mask[1].sum().item()
     assert gen.tokens[1, :m1].tolist() == free.tokens[1, :m1].tolist()
+    # and it runs to its own stop (or the cap), not to row 0's
+    hits = (free.tokens[1] == stop).nonzero()
+    assert m1 == (hits[0].item() + 1 if len(hits) else 12) and bool(gen.stopped[1]) == bool(len(hits))
+    assert m1 != n0
 
 
 def test_sampled_logprobs_match_a_full_forward_at_temperature():

@@ -300,3 +300,75 @@ def test_each_epoch_visits_every_rollout_once_in_its_own_shuffled_order(policy, 
     assert len(first) == 3 and all(sorted(o) == list(range(6)) for o in first)  # every rollout once per epoch
     assert len(set(first)) == 3 and tuple(range(6)) not in first  # shuffled, differently each epoch
     assert orders(step=0) == first and orders(step=1) != first
+
+
+def test_reward_model_scores_of_a_padded_batch_equal_each_rollout_scored_alone(policy, critic, prompts, tok):
+    """reward_model_scores collates left-padded prompts with right-padded responses of different lengths: each
+    score must be the one of prompt + response run alone (read at its stop token, pads hidden), not one read at
+    a pad column or shifted by the pads."""
+    batch = rollouts(policy, prompts, tok, 1.0)
+    lengths = batch["mask"].sum(-1)
+    assert len(set(lengths.tolist())) > 1 and (lengths < batch["mask"].shape[1]).any()  # short rows end in pads
+    scores = ppo.reward_model_scores(batch, critic, micro_batch_size=6, pad_id=tok.pad_id, amp=NO_AMP)
+    with torch.no_grad():
+        alone = torch.stack([critic(torch.tensor([p + batch["tokens"][i, :int(n)].tolist()])).float()[0]
+                             for i, (p, n) in enumerate(zip(batch["prompt"], lengths))])
+    assert alone.std() > 0.05  # the rows really score differently
+    torch.testing.assert_close(scores, alone, atol=1e-5, rtol=0)
+
+
+def test_advantages_are_whitened_over_the_response_tokens_only(policy, critic, prompts, tok):
+    """On rollouts of several lengths (pads after the short ones), the advantages PPO trains on have mean 0 and
+    unbiased variance 1 over the response tokens, and are 0 on the pads: the pads take no part in whitening."""
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in ref.parameters():  # a reference that differs, so the KL part of the rewards is not 0
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
+                                 temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    mask = batch["mask"].bool()
+    assert (~mask).sum() >= 6  # a good share of pads
+    ppo.advantages(batch, torch.randn(6, generator=torch.Generator().manual_seed(0)) + 3.0, kl_coef=0.1,
+                   gamma=1.0, lam=0.95)
+    adv = batch["advantages"][mask].double()
+    assert abs(adv.mean().item()) < 1e-5
+    assert abs(adv.var(unbiased=True).item() - 1.0) < 1e-4
+    assert (batch["advantages"][~mask] == 0).all()
+
+
+def test_rollouts_sample_without_top_k_or_top_p_filtering(policy, prompts, tok, monkeypatch):
+    """The trainer's log-probs are of the full softmax(logits / temperature): the sampler must not filter it
+    (a top-k or top-p would make the first ratio differ from 1), and must cut ids past the tokenizer."""
+    calls, real = [], ppo.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "generate", spy)
+    rollouts(policy, prompts, tok, 1.0)
+    assert len(calls) == 3  # one per chunk of 2 prompts
+    for kw in calls:
+        assert kw.get("top_k") in (None, 0) and kw.get("top_p") in (None, 1.0), kw
+        assert kw["temperature"] == 1.0 and kw["vocab_size"] == tok.vocab_size
+
+
+def test_rollouts_never_sample_ids_past_the_tokenizer(policy, prompts, tok):
+    """An embedding padded past the tokenizer (Pythia): even with the padded rows overwhelmingly likely, no
+    rollout holds an id the tokenizer cannot decode, and the trainer's log-probs still match the sampler's."""
+    V = tok.vocab_size - 24  # a tokenizer 24 ids short of the model's 1024 embedding rows
+    model = copy.deepcopy(policy)
+    with torch.no_grad():
+        h = model(torch.tensor(prompts[0])[None], return_hidden=True)[0].mean(0)
+        model.lm_head.weight[V:] = 40.0 * h / h.norm()  # the rows past V aligned with the hidden states
+    small = SimpleNamespace(stop_ids=list(range(3, 63)), pad_id=tok.pad_id, vocab_size=V)
+    unlimited = SimpleNamespace(stop_ids=small.stop_ids, pad_id=tok.pad_id, vocab_size=None)
+    kw = dict(step=0, seed=0, gen_batch_size=2, max_new_tokens=12, temperature=1.0, d=dist.Dist(), amp=NO_AMP)
+    # without the limit the padded rows are what the model samples
+    assert (ppo.sample_rollouts(model, prompts, tok=unlimited, **kw)["tokens"] >= V).float().mean() > 0.5
+    batch = ppo.sample_rollouts(model, prompts, tok=small, **kw)
+    assert batch["tokens"][batch["mask"].bool()].max() < V
+    ids, attn, P = ppo.collate(batch["prompt"], batch["tokens"], batch["mask"], tok.pad_id)
+    logps = ppo.response_logprobs(model, ids, attn, P, 1.0, V)
+    mask = batch["mask"].bool()
+    assert (logps - batch["sampler_logprobs"]).abs()[mask].max() <= 1e-4

@@ -13,7 +13,9 @@ from conftest import DEVICES, logged as metrics, ranks
 from nanoalign import train
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
+from nanoalign.losses import AdaptiveKLController
 from nanoalign.reward import RewardModel
+from nanoalign.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +91,21 @@ def test_the_reference_and_the_reward_model_are_frozen_and_never_receive_gradien
         return place(model, d, trainable)
 
     monkeypatch.setattr(train, "place", spy_place)
+    updates, update = [], AdaptiveKLController.update
+
+    def spy_update(self, current_kl, n_steps):
+        updates.append((float(current_kl), n_steps, self.value))
+        return update(self, current_kl, n_steps)
+
+    monkeypatch.setattr(AdaptiveKLController, "update", spy_update)
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "run", "--steps=2", "--eval_data="))
+    # the adaptive KL controller: updated once per step with the KL logged for that step and the number of
+    # rollouts it was measured on, after the step's coefficient was read (objective/kl_coef)
+    log = metrics(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2] and log[-1]["objective/kl"] != 0.0
+    assert updates == [(r["objective/kl"], 8, r["objective/kl_coef"]) for r in log]
+    # the template the run used is saved with the policy (the generate command reads it)
+    assert Tokenizer.from_dir(tmp_path / "run" / "model").template == "hh"
     frozen = [m for m, trainable in placed if not trainable]
     assert [type(m).__name__ for m in frozen] == ["RewardModel", "Transformer"]  # the reward model, the reference
     assert sum(trainable for _, trainable in placed) == 2  # the policy and the critic
