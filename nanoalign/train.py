@@ -380,24 +380,27 @@ def restore(state: dict | None, models: dict, d: dist.Dist) -> int:
 # --- metrics and progress
 
 class MetricsLog:
-    """metrics.jsonl, one JSON record per line. A fresh run starts a new log; a resumed one keeps what was
-    logged up to its checkpoint's step and drops the rest (logged after the save, before the crash)."""
+    """metrics.jsonl, one JSON record per line. A fresh run starts a new log with its first record (so a run that
+    fails before logging anything leaves the previous run's log beside the previous run's checkpoint); a resumed
+    one keeps what was logged up to its checkpoint's step and drops the rest (logged after the save, before the
+    crash)."""
 
     def __init__(self, path, d: dist.Dist, resume_step: int = 0):
         self.path, self.d = Path(path), d
+        self.mode = "a" if resume_step else "w"  # the first record of a fresh run replaces the old log
         if d.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if resume_step and self.path.exists():
+            if resume_step:
                 kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step] if self.path.exists() else []
+                self.path.write_text("".join(line + "\n" for line in kept))
         self.t0 = time.time()
 
     def log(self, record: dict) -> None:
         if self.d.is_main:
-            with open(self.path, "a") as f:
+            with open(self.path, self.mode) as f:
                 f.write(json.dumps(record) + "\n")
+        self.mode = "a"
 
 
 def progress(steps, desc: str, d: dist.Dist):

@@ -214,8 +214,12 @@ def test_metrics_log_keeps_only_what_the_checkpoint_covers(tmp_path):
     log = train.MetricsLog(path, dist.Dist(), resume_step=2)
     log.log({"step": 3, "loss": 30})
     assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [1, 2, 30]
-    train.MetricsLog(path, dist.Dist(), resume_step=0)  # a fresh run starts a new log
-    assert path.read_text() == ""
+    before = path.read_text()
+    fresh = train.MetricsLog(path, dist.Dist(), resume_step=0)  # a fresh run starts a new log with its first record:
+    assert path.read_text() == before  # one that fails before it leaves the last run's log beside its checkpoint
+    fresh.log({"step": 1, "loss": 7})
+    fresh.log({"step": 2, "loss": 6})
+    assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [7, 6]
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
