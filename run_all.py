@@ -26,7 +26,7 @@ import train_ppo
 import train_rm
 import train_sft
 from nanoalign import evaluate, train, world
-from nanoalign.cli import InputError, check_non_negative, parse_config, run
+from nanoalign.cli import InputError, check_non_negative, check_output, parse_config, run
 
 
 # --- config
@@ -70,6 +70,7 @@ def main(argv=None):
     check_non_negative(cfg, "limit")
     if cfg.device not in ("cpu", "cuda"):
         raise InputError(f"--device={cfg.device}: choose cpu or cuda")
+    check_output(cfg.out, "out", directory=True)
     t0 = time.time()
 
     # --- data: the tiny world, rebuilt byte for byte from its seed when missing

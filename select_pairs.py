@@ -54,8 +54,8 @@ import torch
 
 from nanoalign import real, train, world
 from nanoalign.checkpoint import load_pretrained, resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
-                           parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
+                           check_range, parse_config, run)
 from nanoalign.data import read_hh, read_jsonl, read_shp
 from nanoalign.evaluate import sample_answers
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
@@ -110,6 +110,8 @@ def check_config(cfg: Config) -> None:
             raise InputError(f"--format={cfg.format}: --sample reads the prompts of a .jsonl with a \"prompt\" field")
     check_device(cfg)
     train.check_files(cfg, "data")
+    if cfg.out:
+        check_output(cfg.out, "out", directory=False)
 
 
 # --- data

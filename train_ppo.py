@@ -38,8 +38,8 @@ import torch
 import train_sft
 from nanoalign import dist, hbat, ppo, train, world
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
-                           parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
+                           check_range, parse_config, run)
 from nanoalign.data import read_jsonl, tokenize_sft
 from nanoalign.losses import AdaptiveKLController, masked_mean
 from nanoalign.reward import RewardModel
@@ -131,6 +131,8 @@ def check_config(cfg: Config) -> None:
             raise InputError(f"--{name}={getattr(cfg, name)} must divide --rollout_batch_size={cfg.rollout_batch_size}")
     check_device(cfg)
     train.check_files(cfg, "data", "eval_data")
+    if cfg.out_dir != "auto":
+        check_output(cfg.out_dir, "out_dir", directory=True)
     hbat.check_config(cfg, "ppo")
 
 

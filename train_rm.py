@@ -39,8 +39,8 @@ import torch
 
 from nanoalign import dist, train
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
-                           parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
+                           check_range, parse_config, run)
 from nanoalign.data import collate_pairs, collate_sft, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
 from nanoalign.losses import bt_loss
 from nanoalign.reward import RewardModel, is_reward_checkpoint, set_offset_to_zero_mean
@@ -90,6 +90,7 @@ def check_config(cfg: Config) -> None:
     if not cfg.init:
         raise InputError("--init: give the SFT checkpoint (a directory or a hub id) to start from")
     train.check_files(cfg, "data", "val_data", "offset_data")
+    check_output(cfg.out_dir, "out_dir", directory=True)
 
 
 def pair_sums(rm, pairs: list[dict], pad_id: int, amp):

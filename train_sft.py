@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from nanoalign import dist, hbat, train
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_positive, check_range,
-                           parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
+                           check_range, parse_config, run)
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
 from nanoalign.evaluate import evaluate_answers, sample_answers
 from nanoalign.model import ModelConfig, Transformer
@@ -136,6 +136,8 @@ def check_config(cfg: Config) -> None:
         raise InputError(f"--dim={cfg.dim}: must be a multiple of --n_head={cfg.n_head}, with an even quotient "
                          f"(each head's rotary dimensions turn in pairs)")
     train.check_files(cfg, "data", "val_data", "eval_data")
+    check_output(cfg.out_dir, "out_dir", directory=True)
+    check_output(cfg.base_dir, "base_dir", directory=True)
     if cfg.eval_data:  # read now: a bad file must fail before training, not after it
         read_jsonl(cfg.eval_data, required=("prompt",))
 

@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import math
 import re
+from pathlib import Path
 
 
 def _bool(s: str) -> bool:
@@ -95,6 +96,18 @@ def check_device(cfg) -> None:
 
     if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
         raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+
+
+def check_output(path, flag: str, directory: bool) -> None:
+    """An output path flag, checked before any work: a file where a directory is written (the path or one of its
+    parents), or a directory where a file is written, would otherwise fail only at the save, after the work."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != directory:
+        raise InputError(f"--{flag}={path}: is a {'file' if directory else 'directory'}; a "
+                         f"{'directory' if directory else 'file'} is written there")
+    parent = next((q for q in p.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"--{flag}={path}: {parent} is a file, not a directory")
 
 
 def check_positive(cfg, *names: str) -> None:

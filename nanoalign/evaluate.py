@@ -44,7 +44,8 @@ import torch
 
 from nanoalign import world
 from nanoalign.checkpoint import load_pretrained, resolve_dir
-from nanoalign.cli import InputError, check_choice, check_device, check_non_negative, check_positive, parse_config
+from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
+                           parse_config)
 from nanoalign.data import collate_sft, read_jsonl, truncate_example
 from nanoalign.generate import generate, sampling_error
 from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt, encode_response
@@ -376,7 +377,10 @@ def _check_config(cfg: Config) -> None:
         raise InputError("--" + problem)
     check_device(cfg)
     if not Path(cfg.prompts).is_file():
-        raise InputError(f"--prompts={cfg.prompts}: not found (looked in {Path.cwd()})")
+        what = "a directory, not a file" if Path(cfg.prompts).is_dir() else f"not found (looked in {Path.cwd()})"
+        raise InputError(f"--prompts={cfg.prompts}: {what}")
+    if cfg.out:
+        check_output(cfg.out, "out", directory=False)
     if cfg.judge != "oracle" and not Path(cfg.judge).is_dir():
         raise InputError(f"--judge={cfg.judge}: choose oracle or a reward model directory (no such directory)")
 

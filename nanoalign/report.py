@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, InputError, finite_float, run
+from .cli import ArgumentParser, InputError, check_output, finite_float, run
 
 PLOT_HINT = "No plots: matplotlib is not installed (`pip install matplotlib`, or `pip install -e .[plot]`)."
 
@@ -474,6 +474,7 @@ def main(argv=None) -> Path:
                     help="EMA weight for curves logged at every step, in [0, 1); 0: off (the raw curve stays drawn "
                          "faintly behind)")
     args = ap.parse_args(argv)
+    check_output(args.out, "out", directory=True)
     return build_report(args.run_dirs, args.out, args.smooth)
 
 

@@ -468,7 +468,7 @@ def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0):
 
 
 def main(argv=None):
-    from .cli import ArgumentParser, finite_float
+    from .cli import ArgumentParser, check_output, finite_float
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data")
@@ -476,6 +476,7 @@ def main(argv=None):
     parser.add_argument("--padded_demos", type=finite_float, default=0.0,
                         help="pad this fraction of the SFT training responses with filler sentences (default: none)")
     args = parser.parse_args(argv)
+    check_output(args.out, "out", directory=True)
     summary = build(args.out, args.seed, padded_demos=args.padded_demos)  # a bad fraction: ValueError, one line
     for path in sorted(Path(args.out).rglob("*.json*")):
         print(f"{str(path):40s} {path.stat().st_size / 1e3:8.1f} kB")

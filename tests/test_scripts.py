@@ -190,3 +190,21 @@ def test_a_checkpoint_holding_nan_is_refused_when_loaded(ckpt, tmp_path):
     with pytest.raises(ValueError, match=f"^tensor model.layers.1.mlp.up_proj.weight in {d / 'model.safetensors'} "
                                          f"holds NaN or inf values$"):
         load_pretrained(d)
+
+
+@pytest.mark.parametrize("command, flag, directory", [
+    (["train_sft.py"], "--out_dir", True), (["train_rm.py"], "--out_dir", True), (["train_dpo.py"], "--out_dir", True),
+    (["train_ppo.py"], "--out_dir", True), (["select_pairs.py"], "--out", False), (["run_all.py"], "--out", True),
+    (["-m", "nanoalign.report", "out/sft"], "--out", True), (["-m", "nanoalign.world"], "--out", True),
+    (["-m", "nanoalign.evaluate", "--model_a=out/sft/model", "--prompts=data/prompts_test.jsonl"], "--out", False),
+])
+def test_an_output_path_in_the_way_fails_before_any_work(tmp_path, command, flag, directory):
+    # a file where a directory is written (or under one), or a directory where a file is written: refused at once,
+    # in one line, rather than at the save after the work
+    (tmp_path / "file").write_text("not a directory\n")
+    target = tmp_path / "file" / "sub" if directory else tmp_path
+    proc = subprocess.run([sys.executable, *command, f"{flag}={target}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    expected = (f"error: {flag}={target}: {tmp_path / 'file'} is a file, not a directory\n" if directory else
+                f"error: {flag}={target}: is a directory; a file is written there\n")
+    assert proc.returncode == 2 and proc.stderr == expected, proc.stderr
