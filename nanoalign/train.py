@@ -322,8 +322,9 @@ def find_checkpoint(ckpt_dir, resume: bool, required: bool = True) -> dict | Non
         return None
     try:
         state = torch.load(path, weights_only=False, mmap=True)
-    except Exception as e:  # a file that is not a torch checkpoint
-        raise InputError(f"--resume: cannot read {path}: {e}") from None
+    except Exception as e:  # a file that is not a torch checkpoint (torch's own message advises on saving)
+        raise InputError(f"--resume: cannot read {path}: not a torch checkpoint, or a truncated one "
+                         f"({type(e).__name__})") from None
     expected = {"step": (lambda v: type(v) is int and v >= 0, "a step number"),
                 "rng": (lambda v: isinstance(v, list) and len(v) > 0, "the RNG state of each rank"),
                 "extra": (lambda v: isinstance(v, dict), "a dict")}

@@ -322,6 +322,9 @@ def test_a_damaged_train_state_is_one_error_naming_the_file_and_key(init_dir, tm
         with pytest.raises(InputError) as e:
             train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--resume"))
         assert str(e.value).startswith(message), str(e.value)
+    path.write_bytes(b"garbage")
+    with pytest.raises(InputError, match=f"^--resume: cannot read {path}: not a torch checkpoint, or a truncated one"):
+        train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--resume"))
     torch.save(good, path)
     train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--resume"))  # the intact state still resumes
 
