@@ -144,7 +144,8 @@ def test_empty_prompt_or_offset_files_are_refused(ckpt, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(InputError, match=f"^--data={empty}: no prompts$"):
-        train_ppo.main([init, f"--data={empty}", "--eval_data=", "--max_prompt_len=64",
+        # (--reward=length: with the default reward model, a clean checkout would train one first)
+        train_ppo.main([init, f"--data={empty}", "--eval_data=", "--max_prompt_len=64", "--reward=length",
                         f"--out_dir={tmp_path / 'ppo'}"])
     with pytest.raises(InputError, match=f"^--offset_data={empty}: no demonstrations to centre the scores on"):
         train_rm.main([init, f"--data={ROOT / 'data' / 'prefs_train.jsonl'}", f"--offset_data={empty}", "--steps=1",
