@@ -187,7 +187,7 @@ def main(argv=None):
     state = train.find_checkpoint(ckpt, cfg.resume)
     # the checkpoint's KL controller replaces the one built from the KL flags, so they must not change either
     # (--steps and Hbat's flags: hbat.run_schedule)
-    train.check_resume(cfg, state, (
+    train.check_resumed_flags(cfg, state, (
         "init", "reward", "reward_model", "relevance_model", "data", "seed", "rollout_batch_size", "gen_batch_size",
         "max_prompt_len", "max_new_tokens", "temperature", "missing_eos_penalty", "score_norm", "score_clip",
         "kl_coef", "adaptive_kl", "kl_target", "kl_horizon", "ppo_epochs", "mini_batch_size", "gamma", "lam",
@@ -227,7 +227,8 @@ def main(argv=None):
     stats = ppo.RunningMoments()
     if state:
         if missing := [k for k in ("kl_ctl", "score_stats") if k not in state["extra"]]:
-            raise InputError(f"--resume: {ckpt / train.STATE_FILE} holds no {' and no '.join(missing)} (not a PPO run's)")
+            raise InputError(f"--resume: {ckpt / train.STATE_FILE} holds no {' and no '.join(missing)} "
+                             f"(not a PPO run's)")
         kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
         stats.load_state_dict(state["extra"]["score_stats"])
     dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"

@@ -151,8 +151,8 @@ def fit(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokenize
     ckpt = run_dir / "model"
     phase_flags = ("pretrain_data", "pretrain_steps", "pretrain_lr") if phase == "pretrain" else ("data", "format",
                                                                                                 "steps", "lr")
-    train.check_resume(cfg, state, phase_flags + ("seed", "batch_size", "min_lr_ratio", "warmup_steps",
-                                                  "weight_decay", "grad_clip", "max_len", "max_response_len"))
+    train.check_resumed_flags(cfg, state, phase_flags + ("seed", "batch_size", "min_lr_ratio", "warmup_steps",
+                                                         "weight_decay", "grad_clip", "max_len", "max_response_len"))
     model = train.place(model, d)
     log = train.MetricsLog(run_dir / "metrics.jsonl", d, state["step"] if state else 0)
     stage = hbat.Stage(0, phase, 0, steps, ckpt=ckpt, log=log, state=state, stop_at=cfg.stop_at, config=cfg)

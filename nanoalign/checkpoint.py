@@ -65,22 +65,9 @@ def _rope(hf: dict, key_base: str, key_pct: str | None = None):
     return float(base), pct, rope_scaling
 
 
-POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "intermediate_size", "max_position_embeddings")
-POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct")
-
-
 def config_from_hf(hf: dict, vocab_size: int, where="config.json") -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json's dict. A missing key, a value of the wrong type (a string for
-    a number) or one the model cannot be built with is a ValueError or KeyError naming `where` and the key."""
-    for key in POSITIVE_INTS:
-        value = hf.get(key)
-        if value is not None and (type(value) is not int or value <= 0):
-            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
-    for key in POSITIVE_NUMBERS:
-        value = hf.get(key)
-        if value is not None and (type(value) not in (int, float) or not 0 < value < float("inf")):
-            raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
+    """A ModelConfig from a Hugging Face config.json's dict (read_config checked its keys' types). A missing key or
+    a value the model cannot be built with is a ValueError or KeyError naming `where` and the key."""
     try:
         return _config_from_hf(hf, vocab_size)
     except KeyError as e:
@@ -276,6 +263,10 @@ def _shape(file: Path, name: str) -> list[int]:
 # config.json keys nanoalign cannot guess
 REQUIRED_KEYS = {"llama": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
                  "gpt_neox": ("hidden_size", "num_hidden_layers", "num_attention_heads")}
+# the values config_from_hf reads, when present: a string or a zero there would fail later, far from the file
+POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "intermediate_size", "max_position_embeddings")
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct")
 
 
 def read_config(ckpt: Path) -> dict:
@@ -288,8 +279,12 @@ def read_config(ckpt: Path) -> dict:
     for key in REQUIRED_KEYS[hf["model_type"]]:
         if key not in hf:
             raise ValueError(f"{path}: missing key {key!r} (required for model_type {hf['model_type']!r})")
-        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
+    for key in POSITIVE_INTS:
+        if hf.get(key) is not None and (type(hf[key]) is not int or hf[key] < 1):
             raise ValueError(f"{path}: key {key!r} must be a positive integer, got {hf[key]!r}")
+    for key in POSITIVE_NUMBERS:
+        if hf.get(key) is not None and (type(hf[key]) not in (int, float) or not 0 < hf[key] < float("inf")):
+            raise ValueError(f"{path}: key {key!r} must be a positive number, got {hf[key]!r}")
     return hf
 
 

@@ -24,7 +24,7 @@ Design:
   state, the RNG of every rank, the run's config and the extra state.
 - A resume with the flags that shape the updates changed (the data, the batch, the learning rates, the seed, the
   loss; and where the extra state replaces what flags would build, PPO's KL controller and Hbat's schedule) is
-  refused (check_resume, check_resumed_flags) rather than silently run as another run.
+  refused (check_resumed_flags) rather than silently run as another run.
 - The non-finite guard checks the loss AND the global gradient norm before the optimizer steps: a finite
   loss with an overflowing backward (or one bad example) otherwise steps the weights to NaN and the next save
   overwrites the last good checkpoint. It stops the run with the step (numbered as the logs number it), the
@@ -338,22 +338,16 @@ def find_checkpoint(ckpt_dir, resume: bool, required: bool = True) -> dict | Non
 
 
 def check_resumed_flags(cfg, state: dict | None, names) -> None:
-    """A resumed run must keep the flags whose effect the checkpoint carries (the state saved for them would
-    silently override a new value): each one that differs from the value the checkpoint was written with is an
-    error naming the flag. Checkpoints written without a config pass."""
+    """A resumed run continues the interrupted one, making the updates it would have made: the flags that shape
+    those updates (names: the data, the number of steps, the batch, the learning rates, the seed, the loss, and
+    those whose effect the checkpoint carries, such as PPO's KL controller) must be the ones the checkpoint was
+    written with. Each one that differs is an error naming the flag. A fresh run (state None) and checkpoints
+    written without a config pass."""
     written = (state.get("config") or {}) if state else {}
     for name in names:
         if name in written and written[name] != getattr(cfg, name):
             raise InputError(f"--{name}={getattr(cfg, name)}: the checkpoint to resume was written with "
                              f"--{name}={written[name]}; resume with the flags of the interrupted run")
-
-
-def check_resume(cfg, state: dict | None, names) -> None:
-    """A resumed run continues the interrupted one, making the updates it would have made: the flags that shape
-    those updates (names: the data, the number of steps, the batch, the learning rates, the seed, the loss) must
-    be the ones the checkpoint was written with (check_resumed_flags)."""
-    if state is not None:
-        check_resumed_flags(cfg, state, names)
 
 
 def restore(state: dict | None, models: dict, d: dist.Dist) -> int:
@@ -392,8 +386,8 @@ class MetricsLog:
         if d.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step:
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step] if self.path.exists() else []
+                lines = self.path.read_text().splitlines() if self.path.exists() else []
+                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
                 self.path.write_text("".join(line + "\n" for line in kept))
         self.t0 = time.time()
 
