@@ -21,9 +21,11 @@ captured once as a CUDA graph and replayed (cuda_graph=True).
 On a CPU a decode step is mostly matrix multiplication with few rows (the batch) against every weight matrix.
 F.linear re-lays-out each weight into the kernel's blocked format on every call, which at a batch of 8 costs as
 much as the multiplication itself; generate() instead packs every weight once per call with oneDNN
-(prepacked(), PackedLinear), stacking q/k/v and gate/up into one matrix each, and the model's projections run on
-the packed copies until the call returns. At the benchmark's size that halves the matmul time; what remains is
-the matmuls and attention over the cache (python bench/bench_model.py --profile).
+(prepacked(), PackedLinear), stacking q/k/v into one matrix, and the model's projections run on the packed copies
+until the call returns (the prompt's forward). The decode steps run PackedModel.decode_step: the same function
+on the packed weights with the small elementwise ops folded into the matmuls. At the benchmark's size that
+halves the matmul time; what remains is the matmuls, attention over the cache, and a per-op dispatch cost of a
+few microseconds (python bench/bench_model.py --profile).
 
 For PPO the sampler returns the log-probability of each sampled token under softmax(logits / temperature)
 with nothing filtered: that is the distribution the trainer recomputes later. top-k / top-p change the
@@ -38,7 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import KVCache, Transformer, rope_cos_sin
+import torch.nn.functional as F
+
+from .model import KVCache, RMSNorm, Transformer, rope_cos_sin
 
 
 @dataclass
@@ -182,35 +186,124 @@ class PackedLinear:
     """y = x W^T + b for one or more nn.Linear layers that share their input, their weights stacked into one
     matrix and stored in oneDNN's blocked layout. A plain F.linear with a small batch of rows re-lays-out (packs)
     the weight on every call, which at decode batch sizes costs about as much as the multiplication; packing once
-    per generate() call removes that, and stacking q/k/v (or gate/up) makes one large matmul of three small ones.
-    Returns the layer's output, or a tuple of one output per layer when it stacks several."""
+    per generate() call removes that, and stacking q/k/v makes one large matmul of three small ones (the output
+    holds the layers' outputs side by side, `splits` wide).
+
+    The matmul can also finish with an elementwise step applied to its output in the same pass, saving an op and
+    a trip through memory: an activation (activation="swish" is SiLU, "gelu" with approximate "none" or "tanh"),
+    or a product or sum with another tensor of the output's shape (mul=, add=; the sum is exact, the same bits as
+    adding afterwards)."""
 
     def __init__(self, linears, rows: int):
         self.splits = [lin.out_features for lin in linears]
-        weight = torch.cat([lin.weight.detach() for lin in linears])
+        weights = [lin.weight.detach() for lin in linears]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # one layer: no copy before the reorder
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
-    def __call__(self, x):
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
-        y = y.view(*x.shape[:-1], y.shape[-1])
-        return y.split(self.splits, dim=-1) if len(self.splits) > 1 else y
+    def __call__(self, x, activation: str = "none", approximate: str = "", mul=None, add=None):
+        rows = x.reshape(-1, x.shape[-1])  # (B, C) as it is; a prompt's (B, T, C) as B * T rows
+        if mul is None and add is None:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, activation, [], approximate)
+        else:
+            other, op = (add, "add") if mul is None else (mul, "mul")
+            y = torch.ops.mkldnn._linear_pointwise.binary(rows, other.reshape(rows.shape[0], -1), self.weight,
+                                                          self.bias, op)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@dataclass
+class PackedBlock:
+    qkv: PackedLinear          # wq, wk, wv stacked: one matmul gives the three
+    o: PackedLinear
+    gate: PackedLinear | None  # None for the GELU MLPs
+    up: PackedLinear
+    down: PackedLinear
+
+
+def _norm(norm, x):
+    """A norm layer on fp32 x: RMSNorm with its gain handed to the fused kernel (the same bits as RMSNorm.forward,
+    whose casts are no-ops in fp32), LayerNorm as it is."""
+    if isinstance(norm, RMSNorm):
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
+
+
+class PackedModel:
+    """A model's projections packed once (PackedLinear), and the decode step that runs on them.
+
+    decode_step computes what the module function of the same name computes, the model's forward for one token, in
+    fewer ops. Besides the matmuls and attention a step runs a few hundred small ops, each a few microseconds of
+    dispatch; here there are about half as many:
+    - the query and key heads of the token are rotated together, as one tensor, in four ops: rotate_half(x) =
+      cat(-x2, x1) is x.roll(R/2) with the sign of the first half moved into the sine (the same bits);
+    - SiLU runs inside the gate's matmul, the product with the up projection inside the up matmul, and each
+      residual sum inside the matmul that produces it (o, down);
+    - the residual stream stays (B, C), with no module calls around it.
+    At the benchmark's size (bench/bench_model.py) that takes ~6% off a 128-token generate() call."""
+
+    def __init__(self, model: Transformer, rows: int):
+        self.model = model
+        self.blocks = []
+        for block in model.layers:
+            attn, mlp = block.attn, block.mlp
+            self.blocks.append(PackedBlock(
+                qkv=PackedLinear([attn.wq, attn.wk, attn.wv], rows), o=PackedLinear([attn.wo], rows),
+                gate=PackedLinear([mlp.gate], rows) if mlp.kind == "swiglu" else None,
+                up=PackedLinear([mlp.up], rows), down=PackedLinear([mlp.down], rows)))
+        self.head = PackedLinear([model.lm_head], rows)
+        half = model.cfg.rotary_dim // 2
+        p = next(model.parameters())
+        self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(p.device, p.dtype)  # (R,)
+
+    def decode_step(self, ids, pos, key_mask, cache: KVCache, write_at, cos_table, sin_table):
+        """decode_step(model, ...) on the packed weights: the same arguments after the model, the same logits up to
+        float rounding (tests/test_sampler.py)."""
+        model, cfg = self.model, self.model.cfg
+        B = ids.shape[0]
+        H, KV, D, R = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rotary_dim
+        x = model.tok_emb(ids[:, 0])  # (B, C)
+        cos = cos_table[pos[:, 0]][:, None]  # (B, 1, R), broadcast over the heads
+        sin = sin_table[pos[:, 0]][:, None] * self.sin_sign
+        gelu = "tanh" if cfg.mlp == "gelu_tanh" else "none"
+        for layer, (block, packed) in enumerate(zip(model.layers, self.blocks)):
+            qkv = packed.qkv(_norm(block.attn_norm, x))  # (B, (H + 2 KV) D): q, k, v side by side
+            qk = qkv[:, :(H + KV) * D].view(B, H + KV, D)  # the H query heads, then the KV key heads
+            rot = qk[..., :R]
+            rot = rot * cos + rot.roll(R // 2, -1) * sin
+            qk = rot if R == D else torch.cat([rot, qk[..., R:]], -1)  # partial rotary: the rest passes
+            k, v = cache.update(layer, write_at, qk[:, H:, None], qkv[:, (H + KV) * D:].view(B, KV, 1, D))
+            y = F.scaled_dot_product_attention(qk[:, :H, None], k, v, attn_mask=key_mask, enable_gqa=KV != H)
+            y = y.transpose(1, 2).reshape(B, H * D)
+            if cfg.parallel_residual:  # x + attn(norm1(x)) + mlp(norm2(x)): the MLP reads the block's input
+                mlp_in, x = _norm(block.mlp_norm, x), packed.o(y, add=x)
+            else:  # x + attn(...), then + mlp(norm2(x + attn(...)))
+                x = packed.o(y, add=x)
+                mlp_in = _norm(block.mlp_norm, x)
+            if packed.gate is not None:  # SwiGLU: up(h) * silu(gate(h))
+                hidden = packed.up(mlp_in, mul=packed.gate(mlp_in, activation="swish"))
+            else:
+                hidden = packed.up(mlp_in, activation="gelu", approximate=gelu)
+            x = packed.down(hidden, add=x)  # x + MLP
+        return self.head(_norm(model.norm, x))  # (B, V)
 
 
 @contextmanager
 def prepacked(model: Transformer, rows: int):
-    """For the duration, every projection of the model (q/k/v as one, o, gate/up as one, down, the LM head) runs on
-    weights packed here, once; whatever the modules had before is restored on exit, error or not (so it nests).
+    """Pack every projection of the model once (q/k/v stacked into one matrix, o, gate, up, down, the LM head) and
+    yield the PackedModel; for the duration the model's own forward runs on the packed weights too (the prompt's
+    forward in generate()). Whatever the modules had before is restored on exit, error or not (so it nests).
     Same function as the model's forward up to float rounding order (tests/test_sampler.py). rows: the batch the
     packing is tuned for.
 
     Inference only: the packed matmul has no backward, so it refuses to run with gradients on. While it is active
-    the model holds a second copy of its projection weights, its weights must not change, forward hooks on
-    wq/wk/wv/gate/up do not fire (their matmul is the stacked one), and the model must not be used from another
-    thread."""
+    the model holds a second copy of its projection weights, its weights must not change, forward hooks on the
+    projections do not fire (the packed matmuls are called directly: by the decode step, and by the attention and
+    MLP for wq/wk/wv/gate/up), and the model must not be used from another thread."""
     if torch.is_grad_enabled():
         raise RuntimeError("prepacked() is for inference: the packed matmul has no backward (use torch.no_grad())")
+    packed = PackedModel(model, rows)
     missing = object()
     patched = []
 
@@ -219,17 +312,13 @@ def prepacked(model: Transformer, rows: int):
         setattr(module, name, fn)  # an instance attribute shadows the class's method
 
     try:
-        for block in model.layers:
-            attn, mlp = block.attn, block.mlp
-            patch(attn, "project_qkv", PackedLinear([attn.wq, attn.wk, attn.wv], rows))
-            if mlp.kind == "swiglu":
-                patch(mlp, "project_in", PackedLinear([mlp.gate, mlp.up], rows))
-            else:  # GELU: no gate
-                patch(mlp, "project_in", lambda x, up=PackedLinear([mlp.up], rows): (None, up(x)))
-            for lin in (attn.wo, mlp.down):
-                patch(lin, "forward", PackedLinear([lin], rows))
-        patch(model.lm_head, "forward", PackedLinear([model.lm_head], rows))
-        yield model
+        for block, p in zip(model.layers, packed.blocks):
+            patch(block.attn, "project_qkv", lambda x, qkv=p.qkv: qkv(x).split(qkv.splits, dim=-1))
+            patch(block.mlp, "project_in", lambda x, p=p: (None if p.gate is None else p.gate(x), p.up(x)))
+            patch(block.attn.wo, "forward", p.o)
+            patch(block.mlp.down, "forward", p.down)
+        patch(model.lm_head, "forward", packed.head)
+        yield packed
     finally:
         for module, name, before in reversed(patched):
             if before is missing:
@@ -317,7 +406,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     # on a CPU the projections run on weights packed once here, for the prompt's forward and every decode step
     packing = prepacked(model, B) if prepack and can_prepack(model) else nullcontext()
-    with packing:
+    with packing as packed:
+        # the eager step: on the packed weights (PackedModel.decode_step), else the model's own modules
+        eager_step = packed.decode_step if packed is not None else functools.partial(decode_step, model)
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
         hidden = model(prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=positions,
                        cache=cache, start_pos=0, return_hidden=True)
@@ -346,8 +437,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             if step is not None:
                 logits = step(P + t)
             else:  # the cache and the mask up to this column only: no work for the columns still empty
-                logits = decode_step(model, ids, pos, key_mask[..., :P + t + 1] if padded else None, cache, P + t,
-                                     cos_table, sin_table)
+                logits = eager_step(ids, pos, key_mask[..., :P + t + 1] if padded else None, cache, P + t,
+                                    cos_table, sin_table)
             pos += 1
     # a model that produced NaN or inf logits sampled garbage: refuse it (one host read, after the loop)
     if not bool(logprobs.isfinite().all()):

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import nanoalign.generate
-from nanoalign.generate import PackedLinear, can_prepack, decode_step, filter_logits, generate, left_pad, prepacked
+from nanoalign.generate import (PackedLinear, PackedModel, can_prepack, decode_step, filter_logits, generate, left_pad,
+                                prepacked)
 from nanoalign.model import KVCache, ModelConfig, Transformer, rope_cos_sin
 
 FAMILIES = {
@@ -177,15 +178,18 @@ def test_the_loop_ends_once_every_row_has_stopped(monkeypatch):
     stops = [free.tokens[0, 1].item(), free.tokens[1, 2].item()]  # every row is done by step 2
     calls = []
 
-    def counting_step(*args):
-        calls.append(1)
-        return decode_step(*args)
+    def counting(step):
+        return lambda *args: calls.append(1) or step(*args)
 
-    monkeypatch.setattr(nanoalign.generate, "decode_step", counting_step)
-    gen = generate(model, [[5, 6, 7], [8, 9]], 12, stop_ids=stops, temperature=0.0)
-    last = int(gen.mask.sum(1).max())
-    assert gen.stopped.all() and last <= 3
-    assert len(calls) == last - 1  # one forward per token after the first, none once all rows stopped
+    # the plain step, and the step on prepacked weights that a CPU build with oneDNN runs instead
+    monkeypatch.setattr(nanoalign.generate, "decode_step", counting(decode_step))
+    monkeypatch.setattr(PackedModel, "decode_step", counting(PackedModel.decode_step))
+    for prepack in (True, False):
+        calls.clear()
+        gen = generate(model, [[5, 6, 7], [8, 9]], 12, stop_ids=stops, temperature=0.0, prepack=prepack)
+        last = int(gen.mask.sum(1).max())
+        assert gen.stopped.all() and last <= 3
+        assert len(calls) == last - 1  # one forward per token after the first, none once all rows stopped
 
 
 def chi_square(counts, probs, n):
@@ -286,6 +290,37 @@ def test_static_shape_step_equals_the_forward(family):
             pos += 1
 
 
+@pytest.mark.parametrize("family,kw", [("llama_gqa", {}), ("neox", {}), ("llama_gqa", dict(mlp="gelu_tanh")),
+                                       ("neox", dict(rotary_pct=1.0, parallel_residual=False))])
+def test_packed_decode_step_equals_the_forward(family, kw):
+    # the step generate() runs on a CPU: fused matmuls, q and k rotated together; GQA, partial rotary, parallel
+    # residual, every MLP; left-padded rows, the cache and mask sliced up to the column written as in generate()
+    model = tiny(family, **kw)
+    if not can_prepack(model):
+        pytest.skip("this torch build cannot prepack weights with oneDNN")
+    ids, mask = left_pad(ROWS, pad_id=0)
+    B, P = ids.shape
+    new = torch.randint(1, 97, (B, 4), generator=torch.Generator().manual_seed(0))
+    L = P + new.shape[1]
+    cfg = model.cfg
+    with torch.no_grad():
+        full = model(torch.cat([ids, new], 1), attention_mask=torch.cat([mask, torch.ones_like(new)], 1))
+        cache = KVCache(cfg, B, L, "cpu", torch.float32)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        key_mask = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+        key_mask[:, 0, 0, :P] = mask.bool()
+        cos, sin = (t[0, 0] for t in rope_cos_sin(torch.arange(L)[None], cfg.rotary_dim, cfg.rope_base,
+                                                  torch.float32, cfg.rope_scaling))
+        pos = positions[:, -1:] + 1
+        with prepacked(model, rows=B) as packed:
+            model(ids, attention_mask=mask, position_ids=positions, cache=cache)
+            for t in range(new.shape[1]):
+                key_mask[:, 0, 0, P + t] = True
+                logits = packed.decode_step(new[:, t:t + 1], pos, key_mask[..., :P + t + 1], cache, P + t, cos, sin)
+                torch.testing.assert_close(logits, full[:, P + t], atol=1e-5, rtol=1e-5)
+                pos += 1
+
+
 def patched_names(model):
     """The instance attributes prepacked() sets, present on the model right now."""
     modules = [model.lm_head] + [m for b in model.layers for m in (b.attn, b.mlp, b.attn.wo, b.mlp.down)]
@@ -361,10 +396,30 @@ def test_packed_linear_stacks_layers_and_adds_their_biases():
     torch.manual_seed(0)
     layers = [torch.nn.Linear(8, n) for n in (5, 3)]
     x = torch.randn(2, 3, 8)
-    outs = PackedLinear(layers, rows=6)(x)
-    assert [o.shape for o in outs] == [(2, 3, 5), (2, 3, 3)]
-    for out, layer in zip(outs, layers):
-        torch.testing.assert_close(out, x @ layer.weight.detach().T + layer.bias.detach(), atol=1e-6, rtol=1e-6)
+    packed = PackedLinear(layers, rows=6)
+    out = packed(x)
+    assert out.shape == (2, 3, 8) and packed.splits == [5, 3]
+    for part, layer in zip(out.split(packed.splits, -1), layers):
+        torch.testing.assert_close(part, x @ layer.weight.detach().T + layer.bias.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_packed_linear_fuses_activations_products_and_sums():
+    if not can_prepack(tiny("neox")):
+        pytest.skip("this torch build cannot prepack weights with oneDNN")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6)
+    packed = PackedLinear([layer], rows=4)
+    x, other = torch.randn(4, 8), torch.randn(4, 6)
+    with torch.no_grad():
+        y = layer(x)
+        for kw, expected in [(dict(activation="swish"), F.silu(y)),
+                             (dict(activation="gelu", approximate="none"), F.gelu(y)),
+                             (dict(activation="gelu", approximate="tanh"), F.gelu(y, approximate="tanh")),
+                             (dict(mul=other), y * other), (dict(add=other), y + other)]:
+            torch.testing.assert_close(packed(x, **kw), expected, atol=1e-5, rtol=1e-5)
+        # the fused sum is exact: the same bits as the packed matmul's output plus the other tensor
+        assert torch.equal(packed(x, add=other), packed(x) + other)
+        assert packed(x[None], add=other[None]).shape == (1, 4, 6)  # (B, T, C) inputs run as rows
 
 
 def test_prepacking_is_refused_where_it_would_change_the_arithmetic():
@@ -381,16 +436,17 @@ def test_generate_with_and_without_prepacking_gives_the_same_tokens(family, tied
         pytest.skip("this torch build cannot prepack weights with oneDNN")
     calls = []
     original = PackedLinear.__call__
-    monkeypatch.setattr(PackedLinear, "__call__", lambda self, x: calls.append(1) or original(self, x))
+    monkeypatch.setattr(PackedLinear, "__call__", lambda self, x, **kw: calls.append(1) or original(self, x, **kw))
     stops = stop_ids_for(model, 12)
     for rows in (ROWS, [[7]], [[7], [8, 9]]):  # left-padded rows, and one-token prompts
         for temperature in (0.0, 0.8):
             kw = dict(stop_ids=stops, pad_id=0, temperature=temperature)
             calls.clear()
             packed = generate(model, rows, 12, generator=torch.Generator().manual_seed(3), **kw)
-            # the prompt's forward and every decode step but the last token's (never fed back) ran packed: 4 stacked
-            # projections a layer and the head
-            assert len(calls) == int(packed.mask.sum(1).max()) * (4 * model.cfg.n_layer + 1)
+            # the prompt's forward and every decode step but the last token's (never fed back) ran packed: q/k/v
+            # stacked, o, gate (SwiGLU), up and down in every layer, and the head
+            per_layer = 5 if model.cfg.mlp == "swiglu" else 4
+            assert len(calls) == int(packed.mask.sum(1).max()) * (per_layer * model.cfg.n_layer + 1)
             calls.clear()
             plain = generate(model, rows, 12, generator=torch.Generator().manual_seed(3), prepack=False, **kw)
             assert calls == []
