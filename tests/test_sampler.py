@@ -263,11 +263,10 @@ def test_ids_past_the_vocab_limit_are_never_produced(temperature):
     assert_same(gen, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_static_shape_step_equals_the_forward(family):
-    # the step a CUDA graph captures, run eagerly: the write column is a tensor, the whole cache is attended
-    # and the mask hides the columns not written yet; its logits must be the full forward's
-    model = tiny(family)
+def assert_steps_equal_the_forward(model, step):
+    """Run ROWS (left-padded) through the model into a cache, then feed 4 more tokens one at a time through
+    step(ids, pos, key_mask, cache, column, cos, sin), key_mask covering the whole cache; each step's logits must be
+    those of the full forward over prompt and tokens."""
     ids, mask = left_pad(ROWS, pad_id=0)
     B, P = ids.shape
     new = torch.randint(1, 97, (B, 4), generator=torch.Generator().manual_seed(0))
@@ -285,40 +284,32 @@ def test_static_shape_step_equals_the_forward(family):
         pos = positions[:, -1:] + 1
         for t in range(new.shape[1]):
             key_mask[:, 0, 0, P + t] = True
-            logits = decode_step(model, new[:, t:t + 1], pos, key_mask, cache, torch.tensor([P + t]), cos, sin)
+            logits = step(new[:, t:t + 1], pos, key_mask, cache, P + t, cos, sin)
             torch.testing.assert_close(logits, full[:, P + t], atol=1e-5, rtol=1e-5)
             pos += 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_shape_step_equals_the_forward(family):
+    # the step a CUDA graph captures, run eagerly: the write column is a tensor, the whole cache is attended
+    # and the mask hides the columns not written yet; its logits must be the full forward's
+    model = tiny(family)
+    assert_steps_equal_the_forward(model, lambda ids, pos, key_mask, cache, column, cos, sin: decode_step(
+        model, ids, pos, key_mask, cache, torch.tensor([column]), cos, sin))
 
 
 @pytest.mark.parametrize("family,kw", [("llama_gqa", {}), ("neox", {}), ("llama_gqa", dict(mlp="gelu_tanh")),
                                        ("neox", dict(rotary_pct=1.0, parallel_residual=False))])
 def test_packed_decode_step_equals_the_forward(family, kw):
     # the step generate() runs on a CPU: fused matmuls, q and k rotated together; GQA, partial rotary, parallel
-    # residual, every MLP; left-padded rows, the cache and mask sliced up to the column written as in generate()
+    # residual, every MLP; the prompt's forward packed too, the cache and mask sliced up to the column written as
+    # generate() does
     model = tiny(family, **kw)
     if not can_prepack(model):
         pytest.skip("this torch build cannot prepack weights with oneDNN")
-    ids, mask = left_pad(ROWS, pad_id=0)
-    B, P = ids.shape
-    new = torch.randint(1, 97, (B, 4), generator=torch.Generator().manual_seed(0))
-    L = P + new.shape[1]
-    cfg = model.cfg
-    with torch.no_grad():
-        full = model(torch.cat([ids, new], 1), attention_mask=torch.cat([mask, torch.ones_like(new)], 1))
-        cache = KVCache(cfg, B, L, "cpu", torch.float32)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        key_mask = torch.zeros(B, 1, 1, L, dtype=torch.bool)
-        key_mask[:, 0, 0, :P] = mask.bool()
-        cos, sin = (t[0, 0] for t in rope_cos_sin(torch.arange(L)[None], cfg.rotary_dim, cfg.rope_base,
-                                                  torch.float32, cfg.rope_scaling))
-        pos = positions[:, -1:] + 1
-        with prepacked(model, rows=B) as packed:
-            model(ids, attention_mask=mask, position_ids=positions, cache=cache)
-            for t in range(new.shape[1]):
-                key_mask[:, 0, 0, P + t] = True
-                logits = packed.decode_step(new[:, t:t + 1], pos, key_mask[..., :P + t + 1], cache, P + t, cos, sin)
-                torch.testing.assert_close(logits, full[:, P + t], atol=1e-5, rtol=1e-5)
-                pos += 1
+    with torch.no_grad(), prepacked(model, rows=len(ROWS)) as packed:
+        assert_steps_equal_the_forward(model, lambda ids, pos, key_mask, cache, column, cos, sin: packed.decode_step(
+            ids, pos, key_mask[..., :column + 1], cache, column, cos, sin))
 
 
 def patched_names(model):
