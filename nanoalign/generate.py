@@ -39,7 +39,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-
 import torch.nn.functional as F
 
 from .model import KVCache, RMSNorm, Transformer, rope_cos_sin
