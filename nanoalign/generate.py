@@ -202,6 +202,8 @@ class PackedLinear:
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
     def __call__(self, x, activation: str = "none", approximate: str = "", mul=None, add=None):
+        if (mul is not None) + (add is not None) + (activation != "none") > 1:
+            raise ValueError("PackedLinear fuses one step into the matmul: an activation, mul= or add=")
         rows = x.reshape(-1, x.shape[-1])  # (B, C) as it is; a prompt's (B, T, C) as B * T rows
         if mul is None and add is None:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, activation, [], approximate)
@@ -222,8 +224,8 @@ class PackedBlock:
 
 
 def _norm(norm, x):
-    """A norm layer on fp32 x: RMSNorm with its gain handed to the fused kernel (the same bits as RMSNorm.forward,
-    whose casts are no-ops in fp32), LayerNorm as it is."""
+    """A norm layer on fp32 x: RMSNorm as one F.rms_norm call with its gain (the same bits as RMSNorm.forward, whose
+    casts are no-ops in fp32, in one Python call instead of four), LayerNorm as it is."""
     if isinstance(norm, RMSNorm):
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return norm(x)
@@ -234,13 +236,13 @@ class PackedModel:
 
     decode_step computes what the module function of the same name computes, the model's forward for one token, in
     fewer ops. Besides the matmuls and attention a step runs a few hundred small ops, each a few microseconds of
-    dispatch; here there are about half as many:
+    dispatch; here there are about a quarter fewer (~490 torch calls a step at the benchmark's size, against ~670):
     - the query and key heads of the token are rotated together, as one tensor, in four ops: rotate_half(x) =
       cat(-x2, x1) is x.roll(R/2) with the sign of the first half moved into the sine (the same bits);
     - SiLU runs inside the gate's matmul, the product with the up projection inside the up matmul, and each
       residual sum inside the matmul that produces it (o, down);
     - the residual stream stays (B, C), with no module calls around it.
-    At the benchmark's size (bench/bench_model.py) that takes ~6% off a 128-token generate() call."""
+    At the benchmark's size (bench/bench_model.py) that takes 4-6% off a 128-token generate() call at two threads."""
 
     def __init__(self, model: Transformer, rows: int):
         self.model = model
@@ -297,9 +299,9 @@ def prepacked(model: Transformer, rows: int):
     packing is tuned for.
 
     Inference only: the packed matmul has no backward, so it refuses to run with gradients on. While it is active
-    the model holds a second copy of its projection weights, its weights must not change, forward hooks on the
-    projections do not fire (the packed matmuls are called directly: by the decode step, and by the attention and
-    MLP for wq/wk/wv/gate/up), and the model must not be used from another thread."""
+    the model holds a second copy of its projection weights, its weights must not change, forward hooks do not fire
+    in decode steps (PackedModel.decode_step calls the packed weights, not the modules) nor on wq/wk/wv/gate/up in
+    the prompt's forward, and the model must not be used from another thread."""
     if torch.is_grad_enabled():
         raise RuntimeError("prepacked() is for inference: the packed matmul has no backward (use torch.no_grad())")
     packed = PackedModel(model, rows)

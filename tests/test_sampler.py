@@ -411,6 +411,8 @@ def test_packed_linear_fuses_activations_products_and_sums():
         # the fused sum is exact: the same bits as the packed matmul's output plus the other tensor
         assert torch.equal(packed(x, add=other), packed(x) + other)
         assert packed(x[None], add=other[None]).shape == (1, 4, 6)  # (B, T, C) inputs run as rows
+        with pytest.raises(ValueError, match="one step"):
+            packed(x, activation="swish", add=other)  # oneDNN would apply only one of them
 
 
 def test_prepacking_is_refused_where_it_would_change_the_arithmetic():
