@@ -49,6 +49,7 @@ from nanoalign.cli import (InputError, check_choice, check_device, check_non_neg
 from nanoalign.data import collate_sft, read_jsonl, truncate_example
 from nanoalign.generate import generate, sampling_error
 from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt, encode_response
+from nanoalign.train import check_files
 
 # --- tokens and ROUGE-L
 
@@ -376,9 +377,7 @@ def _check_config(cfg: Config) -> None:
     if problem := sampling_error(cfg.max_new_tokens, cfg.temperature, None, None):
         raise InputError("--" + problem)
     check_device(cfg)
-    if not Path(cfg.prompts).is_file():
-        what = "a directory, not a file" if Path(cfg.prompts).is_dir() else f"not found (looked in {Path.cwd()})"
-        raise InputError(f"--prompts={cfg.prompts}: {what}")
+    check_files(cfg, "prompts")
     if cfg.out:
         check_output(cfg.out, "out", directory=False)
     if cfg.judge != "oracle" and not Path(cfg.judge).is_dir():

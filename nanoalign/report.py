@@ -462,10 +462,9 @@ def build_report(run_dirs, out_dir, smooth: float = 0.6) -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = ArgumentParser(prog="python -m nanoalign.report",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 description="Draw runs' metrics.jsonl as PNG curves and write report.md with the "
-                                             "final values, eval.json and experiments' arms tables.")
+    ap = ArgumentParser(prog="python -m nanoalign.report", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Draw runs' metrics.jsonl as PNG curves and write report.md with the final values, "
+                                    "eval.json and experiments' arms tables.")
     ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                     help="a run directory (metrics.jsonl, eval.json) or an experiment directory "
                          "(results.json, ARM/SEED/metrics.jsonl)")

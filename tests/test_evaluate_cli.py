@@ -159,6 +159,7 @@ def test_diversity_samples_is_self_bleu_of_seeded_samples(models, tok):
     (["--model_a={a}", "--max_new_tokens=0"], "--max_new_tokens must be at least 1"),
     (["--model_a={a}", "--template=chatml"], "--template=chatml: choose one of auto, plain, hh, alpaca"),
     (["--model_a={a}", "--prompts=nowhere.jsonl"], "--prompts=nowhere.jsonl: not found"),
+    (["--model_a={a}", "--prompts=data"], "--prompts=data: expected a file, found a directory"),
 ])
 def test_bad_flags(flags, message, models, monkeypatch):
     monkeypatch.chdir(ROOT)  # the default --prompts is relative to the repository
