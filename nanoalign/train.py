@@ -350,6 +350,22 @@ def check_resumed_flags(cfg, state: dict | None, names) -> None:
                              f"--{name}={written[name]}; resume with the flags of the interrupted run")
 
 
+def _check_optimizer_names(saved, key: str, model: torch.nn.Module) -> None:
+    """The optimizer state of a checkpoint is keyed by parameter name. torch loads it silently when it holds
+    moments for parameters the model lacks (a checkpoint of another model, or of another version of this one),
+    so both directions are checked here, on every rank (each reads the same memory-mapped file), before loading."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise InputError(f"{STATE_FILE}: {key} is not an optimizer state (a dict with 'state'), "
+                         f"it holds a {type(saved).__name__}")
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    unknown, missing = sorted(set(saved["state"]) - names), sorted(names - set(saved["state"]))
+    for found, what in ((unknown, "parameters this model does not have"), (missing, "no moments for parameters")):
+        if found:
+            raise InputError(f"{STATE_FILE}: {key} holds {what}: {', '.join(found[:4])}"
+                             f"{f' and {len(found) - 4} more' if len(found) > 4 else ''} (a checkpoint of "
+                             f"another model?)")
+
+
 def restore(state: dict | None, models: dict, d: dist.Dist) -> int:
     """Load the optimizer states (models: {name: (model, optimizer or None)}, as saved) and the RNG of this
     rank from a train_state; returns the step to continue from (0 without a state). The weights themselves
@@ -361,6 +377,7 @@ def restore(state: dict | None, models: dict, d: dist.Dist) -> int:
         if opt is not None:
             if key not in state:
                 raise InputError(f"checkpoint holds no optimizer state {key!r} (has {sorted(state)})")
+            _check_optimizer_names(state[key], key, model)
             dist.load_full_optimizer_state(model, opt, state[key] if d.is_main else {}, d)
             for param_name, p in model.named_parameters():  # moments of another shape would fail inside AdamW
                 for moment, value in opt.state.get(p, {}).items():

@@ -311,12 +311,24 @@ def test_a_damaged_train_state_is_one_error_naming_the_file_and_key(init_dir, tm
         next(iter(state["optimizer"]["state"].values()))["exp_avg"] = exp_avg.flatten()[:3].clone()
         return state
 
+    def moments_added(state):  # a checkpoint of a larger model: torch would load it, dropping the unknown name
+        moments = state["optimizer"]["state"]
+        moments["blocks.0.weight"] = moments["tok_emb.weight"]
+        return state
+
+    def moments_dropped(state):
+        del state["optimizer"]["state"]["norm.weight"]
+        return state
+
     for damage, message in [
         (lambda st: [st], f"--resume: {path} is not a train_state (a dict), it holds a list"),
         (lambda st: st | {"step": "two"}, f"--resume: {path}: key 'step' must hold a step number, got str"),
         (lambda st: {k: v for k, v in st.items() if k != "rng"},
          f"--resume: {path}: key 'rng' must hold the RNG state of each rank, it is missing"),
         (moment_reshaped, "train_state.pt: optimizer holds exp_avg of shape (3,) for tok_emb.weight, whose shape is"),
+        (moments_added, "train_state.pt: optimizer holds parameters this model does not have: blocks.0.weight (a "
+                          "checkpoint of another model?)"),
+        (moments_dropped, "train_state.pt: optimizer holds no moments for parameters: norm.weight (a checkpoint"),
     ]:
         torch.save(damage(copy.deepcopy(good)), path)
         with pytest.raises(InputError) as e:
