@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanoalign import dist, ppo, train, world
+from nanoalign.evaluate import sample_answers
 from nanoalign.losses import ppo_policy_loss, ppo_value_loss, token_logprobs
 from nanoalign.model import ModelConfig, Transformer
 from nanoalign.reward import RewardModel
@@ -78,6 +79,11 @@ def test_first_ratio_is_one_and_kl_is_zero_on_left_padded_rollouts(policy, criti
     # ... and the reference, same weights, same collation: exactly the same numbers, the KL is 0
     assert torch.equal(batch["logprobs"], batch["ref_logprobs"])
     assert (batch["logprobs"][~mask] == 0).all() and (batch["tokens"][~mask] == tok.pad_id).all()
+    # the critic's rollout values, collated and padded, are its values of each row alone: V(x, y_<t) at each token
+    for i, prompt in enumerate(prompts):
+        n = int(lengths[i])
+        alone = critic(torch.tensor([prompt + batch["tokens"][i, :n].tolist()]), per_token=True)[0]
+        torch.testing.assert_close(batch["values"][i, :n], alone[len(prompt) - 1:-1], atol=1e-5, rtol=0)
     stats = ppo.advantages(batch, torch.randn(len(prompts)), kl_coef=0.2, gamma=1.0, lam=0.95)
     assert stats["kl"] == 0.0
     # the first minibatch, collated differently again: ratio 1, nothing clipped
@@ -87,6 +93,30 @@ def test_first_ratio_is_one_and_kl_is_zero_on_left_padded_rollouts(policy, criti
                                  vf_coef=1.0, amp=NO_AMP)
     means = dict(zip(ppo.STAT_NAMES, (sums / mb["mask"].sum()).tolist()))
     assert abs(means["ratio"] - 1) <= 1e-6 and means["approx_kl"] <= 1e-12 and means["clipfrac"] == 0
+
+
+@pytest.mark.parametrize("kw", [{}, dict(norm="layernorm", mlp="gelu", attn_bias=True, parallel_residual=True,
+                                          rotary_pct=0.25, model_type="gpt_neox")])
+def test_no_model_has_dropout_so_train_mode_changes_nothing(kw):
+    """train_ppo.py keeps the policy and the critic in train mode while it computes the rollouts' old log-probs and
+    values. That is exact only because nothing in the models depends on the mode: with dropout, the trainer's old
+    log-probs would be one random mask's, the first ratio would not be 1 and the KL to an identical reference would
+    not be 0 (TRL removes dropout from every PPO model for this reason). Adding dropout, or batch statistics, to
+    the transformer or the reward model must fail here."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=2, hidden_dim=64, max_seq_len=32, **kw)
+    ids, attn = torch.randint(0, 64, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    attn[0, :4] = 0
+    for model in (Transformer(cfg), RewardModel(cfg)):
+        mode_dependent = [name for name, m in model.named_modules()
+                          if isinstance(m, (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase))]
+        assert not mode_dependent
+        outs = []
+        for training in (True, False):
+            model.train(training)
+            torch.manual_seed(1)  # the same random stream for both: only the mode differs
+            outs.append(model(ids, attention_mask=attn))
+        assert torch.equal(*outs)
 
 
 def test_recomputed_logprobs_are_the_losses_token_logprobs_of_the_sampled_sequence(policy, prompts, tok):
@@ -372,3 +402,23 @@ def test_rollouts_never_sample_ids_past_the_tokenizer(policy, prompts, tok):
     logps = ppo.response_logprobs(model, ids, attn, P, 1.0, V)
     mask = batch["mask"].bool()
     assert (logps - batch["sampler_logprobs"]).abs()[mask].max() <= 1e-4
+    # the other samplers of training data pass the tokenizer's size too: Hbat's Fisher rows of a PPO stage, and
+    # the answers evaluate.py samples (select_pairs.py --sample labels them into preference pairs)
+    rows = ppo.answer_rows(model, prompts, tok=small, max_new_tokens=12, temperature=1.0, seed=0, d=dist.Dist(),
+                           amp=NO_AMP)
+    assert max(max(r["ids"][len(p):], default=0) for r, p in zip(rows, prompts)) < V
+    decoded = []
+
+    class Short:  # the tokenizer, 24 ids short of the model
+        vocab_size = V
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def decode(self, ids):
+            decoded.append(list(ids))
+            return tok.decode(ids)
+
+    answers = sample_answers(model, Short(), ["What is 3 plus 4?", "Describe rain.", "Hi"], "hh",
+                             max_new_tokens=12, temperature=1.0)
+    assert len(answers) == 3 and max(i for ids in decoded for i in ids) < V and sum(map(len, decoded)) > 10

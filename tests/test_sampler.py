@@ -192,6 +192,40 @@ def test_the_loop_ends_once_every_row_has_stopped(monkeypatch):
         assert len(calls) == last - 1  # one forward per token after the first, none once all rows stopped
 
 
+def test_rotary_positions_count_real_tokens_in_every_forward(monkeypatch):
+    """Left pads take no position: a row's tokens sit at 0, 1, 2, ... whatever its padding, in the model's default
+    forward, in the log-probs PPO and DPO recompute, and at every step of the sampler (both step paths). RoPE is
+    relative, so positions shifted by a row's pad count would move the logits only by rounding (~1e-6, under
+    the parity tests' tolerance): this test records the positions themselves."""
+    from nanoalign import losses, ppo
+    model, prompts, n = tiny("llama_gqa"), [[5, 6, 7], [8], [9, 10, 11, 12, 13]], 6
+    real = torch.tensor([len(p) for p in prompts])
+    ids, attn = left_pad(prompts, 0, "cpu")
+    counted = torch.tensor([[0, 0, 0, 1, 2], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]])  # (cumsum(mask) - 1), pads at 0
+    seen = []
+    monkeypatch.setattr(nanoalign.model, "rope_cos_sin",
+                        lambda pos, *a, _f=nanoalign.model.rope_cos_sin: seen.append(pos.clone()) or _f(pos, *a))
+    for forward in (lambda: model(ids, attention_mask=attn), lambda: losses.token_logprobs(model, ids, attn),
+                    lambda: ppo.response_logprobs(model, ids, attn, 2, 1.0)):
+        seen.clear()
+        forward()
+        assert len(seen) == 1 and torch.equal(seen[0], counted)
+    steps = []
+
+    def recording(step):
+        return lambda *args: steps.append(args[2].clone()) or step(*args)  # args: (model or self, ids, pos, ...)
+
+    monkeypatch.setattr(nanoalign.generate, "decode_step", recording(decode_step))
+    monkeypatch.setattr(PackedModel, "decode_step", recording(PackedModel.decode_step))
+    for prepack in (True, False):
+        seen.clear(), steps.clear()
+        generate(model, prompts, n, temperature=0.0, prepack=prepack)
+        assert torch.equal(seen[0], counted)  # the prompt's forward
+        assert len(steps) == n - 1
+        for k, pos in enumerate(steps):  # the token sampled at step k sits right after the k before it
+            assert torch.equal(pos[:, 0], real + k), (prepack, k)
+
+
 def chi_square(counts, probs, n):
     """Pearson's statistic and its degrees of freedom, bins with an expected count under 5 pooled."""
     expected = probs * n

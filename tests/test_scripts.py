@@ -50,16 +50,17 @@ def test_generate_cli_uses_the_checkpoints_template_unless_told(ckpt, tmp_path, 
     tok = Tokenizer.from_dir(ROOT / "data" / "tokenizer")
     tok.template = saved  # what a training script sets before saving
     d = save_pretrained(model, tmp_path / "m", tokenizer=tok)
-    prompts = []
+    prompts, limits = [], []
 
     def spy(model, prompts_ids, *args, **kw):
         prompts.extend(prompts_ids)
+        limits.append(kw.get("vocab_size"))  # ids the tokenizer cannot decode (a padded embedding) never sampled
         return generate(model, prompts_ids, *args, **kw)
 
     monkeypatch.setattr(nanoalign.generate, "generate", spy)
     argv = [f"--init={d}", "--prompt=What is 12 plus 9?", "--max_new_tokens=2", "--device=cpu"]
     generate_main(argv + ([f"--template={flag}"] if flag else []))
-    assert prompts == [encode_prompt(tok, "What is 12 plus 9?", used)]
+    assert prompts == [encode_prompt(tok, "What is 12 plus 9?", used)] and limits == [tok.vocab_size]
 
 
 @pytest.mark.parametrize("flag,message", [
