@@ -10,7 +10,7 @@ import torch
 
 import train_ppo
 from conftest import DEVICES, logged as metrics, ranks
-from nanoalign import train
+from nanoalign import ppo, train
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
 from nanoalign.losses import AdaptiveKLController
@@ -232,16 +232,31 @@ def test_cuda_graph_rollouts_equal_the_eager_loops(tiny_init, tiny_rm, tmp_path)
 
 
 @pytest.mark.slow
-def test_ppo_against_the_oracle_raises_held_out_quality(tmp_path, monkeypatch):
+def test_ppo_moves_the_policy_where_the_oracle_points(tmp_path, monkeypatch):
     """The default recipe (the tiny SFT model, trained first when missing) with the world's true quality as the
-    reward: the oracle quality of greedy answers to the 300 held-out prompts rises above the SFT model's
-    (measured: 0.706 -> 0.733 after 40 steps)."""
+    reward, and with its negation. Held-out oracle quality of greedy answers to the 300 prompts, 40 steps:
+
+    - the oracle: 0.706 -> 0.733 on one machine (seed 0); 0.691 -> 0.679 / 0.703 / 0.704 (seeds 0/1/2) on
+      another, whose rounding trained another SFT model. The quality of greedy answers moves by up to 0.02
+      between evaluations while the policy stays ~0.1-0.2 nats from SFT, and upward the tiny model has little
+      room (what it gets wrong it mostly cannot compute), so a rise is not asserted;
+    - the negated oracle: 0.691 -> 0.544, the policy 1.4 nats away. Making answers worse is easy.
+
+    So: maximising the quality costs no more than the evaluation's noise (0.03 allowed), minimising it costs
+    far more. An
+    advantage, ratio or reward with the wrong sign fails the first; a PPO that did not move the policy fails the
+    second."""
     monkeypatch.chdir(ROOT)
-    train_ppo.main([f"--out_dir={tmp_path / 'ppo'}", "--reward=oracle", "--steps=40", "--eval_every=40",
-                    "--device=cpu"])
-    run = metrics(tmp_path / "ppo")
-    before, after = run[0]["eval/mean_quality"], run[-1]["eval/mean_quality"]
-    assert after >= before + 0.015, (before, after)
+    flags = ["--reward=oracle", "--steps=40", "--eval_every=40", "--device=cpu"]
+    train_ppo.main([f"--out_dir={tmp_path / 'up'}", *flags])
+    real = ppo.text_scores
+    monkeypatch.setattr(ppo, "text_scores", lambda *a, **kw: -real(*a, **kw))
+    train_ppo.main([f"--out_dir={tmp_path / 'down'}", *flags])
+    (up_before, up), (down_before, down) = ((r[0]["eval/mean_quality"], r[-1]["eval/mean_quality"])
+                                            for r in (metrics(tmp_path / "up"), metrics(tmp_path / "down")))
+    assert up_before == down_before  # the same SFT model
+    assert up >= up_before - 0.03, (up_before, up)
+    assert down <= down_before - 0.08, (down_before, down)
 
 
 @pytest.mark.slow
