@@ -243,9 +243,8 @@ def test_ppo_moves_the_policy_where_the_oracle_points(tmp_path, monkeypatch):
     - the negated oracle: 0.691 -> 0.544, the policy 1.4 nats away. Making answers worse is easy.
 
     So: maximising the quality costs no more than the evaluation's noise (0.03 allowed), minimising it costs
-    far more. An
-    advantage, ratio or reward with the wrong sign fails the first; a PPO that did not move the policy fails the
-    second."""
+    far more. An advantage, ratio or reward with the wrong sign fails the first; a PPO that did not move the
+    policy fails the second."""
     monkeypatch.chdir(ROOT)
     flags = ["--reward=oracle", "--steps=40", "--eval_every=40", "--device=cpu"]
     train_ppo.main([f"--out_dir={tmp_path / 'up'}", *flags])
