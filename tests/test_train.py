@@ -243,13 +243,15 @@ def test_a_run_killed_mid_save_resumes_to_the_uninterrupted_result(init_dir, tmp
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     leftovers = list((tmp_path / "cut").glob(".model.tmp-*"))
     assert leftovers, "the kill should have left the half-written save behind"
-    assert torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)["step"] == 2
+    step = torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)["step"]
+    assert step == 2, (step, proc.stdout[-2000:])
     train_sft.main(argv + ["--resume"])
-    assert f"removed {leftovers[0]}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"removed {leftovers[0]}" in printed, (leftovers, printed[-2000:])
     assert not list((tmp_path / "cut").glob(".model.tmp-*"))
     train_sft.main(args(init_dir, tmp_path / "full", "--steps=4"))
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert len(full) == len(cut) == 4 and max(abs(a - b) for a, b in zip(full, cut)) <= 1e-6
+    assert len(full) == len(cut) == 4 and max(abs(a - b) for a, b in zip(full, cut)) <= 1e-6, (full, cut)
     a, b = load_pretrained(tmp_path / "full" / "model"), load_pretrained(tmp_path / "cut" / "model")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
