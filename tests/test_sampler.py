@@ -172,18 +172,24 @@ def test_mask_and_stop_semantics():
         torch.testing.assert_close(gen.logprobs[i, :n], free.logprobs[i, :n], atol=1e-6, rtol=0)
 
 
+def record_decode_steps(monkeypatch) -> list:
+    """Patch both decode step paths, the plain one and the one on prepacked weights that a CPU build with oneDNN
+    runs instead, to record the positions each call is given; returns the list they are recorded into."""
+    calls = []
+
+    def recording(step):  # args: (model or PackedModel, ids, pos, ...); pos advances in place, so it is copied
+        return lambda *args: calls.append(args[2].clone()) or step(*args)
+
+    monkeypatch.setattr(nanoalign.generate, "decode_step", recording(decode_step))
+    monkeypatch.setattr(PackedModel, "decode_step", recording(PackedModel.decode_step))
+    return calls
+
+
 def test_the_loop_ends_once_every_row_has_stopped(monkeypatch):
     model = tiny("llama_gqa")
     free = generate(model, [[5, 6, 7], [8, 9]], 12, temperature=0.0)
     stops = [free.tokens[0, 1].item(), free.tokens[1, 2].item()]  # every row is done by step 2
-    calls = []
-
-    def counting(step):
-        return lambda *args: calls.append(1) or step(*args)
-
-    # the plain step, and the step on prepacked weights that a CPU build with oneDNN runs instead
-    monkeypatch.setattr(nanoalign.generate, "decode_step", counting(decode_step))
-    monkeypatch.setattr(PackedModel, "decode_step", counting(PackedModel.decode_step))
+    calls = record_decode_steps(monkeypatch)
     for prepack in (True, False):
         calls.clear()
         gen = generate(model, [[5, 6, 7], [8, 9]], 12, stop_ids=stops, temperature=0.0, prepack=prepack)
@@ -210,13 +216,7 @@ def test_rotary_positions_count_real_tokens_in_every_forward(monkeypatch):
         seen.clear()
         forward()
         assert len(seen) == 1 and torch.equal(seen[0], counted)
-    steps = []
-
-    def recording(step):
-        return lambda *args: steps.append(args[2].clone()) or step(*args)  # args: (model or self, ids, pos, ...)
-
-    monkeypatch.setattr(nanoalign.generate, "decode_step", recording(decode_step))
-    monkeypatch.setattr(PackedModel, "decode_step", recording(PackedModel.decode_step))
+    steps = record_decode_steps(monkeypatch)
     for prepack in (True, False):
         seen.clear(), steps.clear()
         generate(model, prompts, n, temperature=0.0, prepack=prepack)
