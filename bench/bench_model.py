@@ -26,7 +26,10 @@ printed as a percentage of the floor (100% = as fast as the memory allows).
 
 On a CPU generate() packs the model's weights with oneDNN once per call (the packing is timed with each run);
 a third contestant, generate(..., prepack=False), runs the same loop on the model's own F.linear calls, so the
-run shows what the packing buys.
+run shows what the packing buys. The run also times a decode step's matmuls alone on the packed weights, back to
+back (bench_matmul_bound): a call runs N - 1 decode steps and cannot take less than N - 1 of those passes, which
+caps the ratio that any loop on these kernels could reach on this machine, attention, norms, the prompt's
+forward and everything else counted as free.
 
 On CUDA every timing waits for the device first (torch.cuda.synchronize). --dtype bfloat16 trains the
 way the training scripts do (fp32 weights, bf16 autocast) and generates with bf16 weights (both models). A
@@ -59,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nanoalign import dist, train  # noqa: E402
 from nanoalign.checkpoint import save_pretrained  # noqa: E402
-from nanoalign.generate import generate  # noqa: E402
+from nanoalign.generate import can_prepack, generate  # noqa: E402
 from nanoalign.model import ModelConfig, Transformer  # noqa: E402
 
 clock = time.perf_counter  # --clock cpu: time.process_time
@@ -290,6 +293,37 @@ def bench_gen(ours, ref, V: int, B: int, P: int, N: int, repeats: int, seed: int
     return res
 
 
+def bench_matmul_bound(model, B: int, N: int, repeats: int, steps: int = 20) -> dict:
+    """How fast a CPU decode step could be with the matmul kernels generate() uses: the step's projections alone
+    (PackedLinear on the prepacked weights: q/k/v, o, gate, up, down of every layer, then the LM head), B rows each,
+    back to back, as the median over `repeats` of `steps` passes. Every pass streams all the weights, as a decode
+    step does. A generate() call runs N - 1 decode steps, so it cannot take less than N - 1 such passes: against a
+    peer's time T, the ratio cannot exceed T / ((N - 1) x pass), whatever the rest of the step costs (the
+    prompt's forward and the packing are left out, so the bound is generous)."""
+    from nanoalign.generate import PackedModel
+
+    with torch.no_grad():
+        packed = PackedModel(model, B)
+        linears = [lin for block in packed.blocks for lin in (block.qkv, block.o, block.gate, block.up, block.down)
+                   if lin is not None] + [packed.head]
+        g = torch.Generator().manual_seed(0)
+        inputs = {n: torch.randn(B, n, generator=g) for n in {lin.weight.shape[1] for lin in linears}}
+
+        def one_pass():
+            for lin in linears:
+                lin(inputs[lin.weight.shape[1]])
+
+        one_pass()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = tick()
+            for _ in range(steps):
+                one_pass()
+            times.append((tick() - t0) / steps)
+    return {"matmuls_per_step": len(linears), "matmul_s_per_step": statistics.median(times),
+            "min_decode_s": (N - 1) * statistics.median(times)}
+
+
 # --- (c) batch-1 decoding against the weight-streaming floor
 
 def matmul_weights(model) -> list:
@@ -451,6 +485,9 @@ def main(argv=None):
                        args.seed)
         ge |= {"batch": args.gen_batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "ratio": ge["nanoalign"]["tokens_per_s"] / ge["transformers"]["tokens_per_s"], "target": TARGET_GEN}
+        if DEVICE.type == "cpu" and can_prepack(ours):  # the ceiling that the matmul kernels put on the ratio
+            ge["matmul_bound"] = bench_matmul_bound(ours, args.gen_batch, args.new_tokens, args.gen_repeats)
+            ge["matmul_bound"]["max_ratio"] = ge["transformers"]["median_s"] / ge["matmul_bound"]["min_decode_s"]
         results["generate"] = ge
         shape = f"B={args.gen_batch} P={args.prompt_len} N={args.new_tokens}"
         rows.append(("generate (KV cache)", ge, TARGET_GEN, shape))
@@ -484,6 +521,13 @@ def main(argv=None):
             print(f"CUDA-graph tokens identical to the eager loop's: {describe(ge['graph_vs_eager'])}")
         if "unpacked_vs_packed" in ge:
             print(f"unpacked-weights tokens identical to the prepacked loop's: {describe(ge['unpacked_vs_packed'])}")
+        if "matmul_bound" in ge:
+            mb, n = ge["matmul_bound"], args.new_tokens
+            print(f"a decode step's {mb['matmuls_per_step']} matmuls alone (prepacked, B={args.gen_batch}, back to back) "
+                  f"take {1e3 * mb['matmul_s_per_step']:.2f} ms; {n - 1} decode steps cannot take less than "
+                  f"{mb['min_decode_s']:.3f} s, so on this machine with these kernels the generation ratio cannot "
+                  f"exceed {mb['max_ratio']:.2f}x (nanoalign's whole step: "
+                  f"{1e3 * ge['nanoalign']['median_s'] / (n - 1):.2f} ms a token, prompt and packing included)")
     for key, label in (("train", "training"), ("generate", "generation")):
         if key in results:
             print(f"{label} ratio nanoalign/transformers = {results[key]['ratio']:.2f}x (target >= {results[key]['target']}x)")
