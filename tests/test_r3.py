@@ -50,6 +50,16 @@ def test_cut_at_stop():
     assert cut_at_stop("42\n\n### Instruction:\nmore") == "42\n\n"
     assert cut_at_stop("no stop here") == "no stop here"
     assert cut_at_stop("a STOP b", ("STOP",)) == "a " and cut_at_stop("a\n\nHuman: b", ()) == "a\n\nHuman: b"
+    # a stop string at the very start leaves nothing (an answer that opens a new turn is paid nothing)
+    assert cut_at_stop("\n\nHuman: hi") == "" and cut_at_stop("</s>rest") == ""
+    assert cut_at_stop("abc", ("", "STOP")) == "abc"  # an empty stop string would cut everything: it is ignored
+
+
+@pytest.mark.parametrize("stop", ["\n\nHuman:", "\n\nAssistant:", "### Instruction:", "### Input:",
+                                  "### Response:", "</s>", "<|endoftext|>"])
+def test_every_documented_stop_string_cuts(stop):
+    # listed here, not read from r3.STOP_STRINGS: one dropped from the module must fail
+    assert cut_at_stop("ans" + stop + "junk") == "ans"
 
 
 # Example 0 is open-ended, example 1 closed-ended; max_len = 70, so F(r) = r / 3.5 * 0.7 = 0.2 r.
@@ -87,7 +97,7 @@ def test_all_open_needs_no_references():
 
 
 def test_random_qtype_is_seeded():
-    n = 40
+    n = 400
     args = (["q0", "q1"] * (n // 2), ["ref0", "ref1"] * (n // 2), ["a b c d", "x x x x"] * (n // 2),
             [OPEN] * n, 70)  # the data's qtypes are ignored
     reward = r3_reward(TableEncoder(TABLE), *args, variant="r3_random_qtype", rng=random.Random(0))
@@ -97,7 +107,7 @@ def test_random_qtype_is_seeded():
     is_closed = [abs(v - CLOSED_VALUES[i % 2]) < 1e-6 for i, v in enumerate(reward.tolist())]
     is_open = [abs(v - OPEN_VALUES[i % 2]) < 1e-6 for i, v in enumerate(reward.tolist())]
     assert all(c != o for c, o in zip(is_closed, is_open))  # every value is exactly one branch
-    assert 5 < sum(is_closed) < 35
+    assert 160 < sum(is_closed) < 240  # a fair coin: Binomial(400, 1/2) has mean 200 and sd 10
     with pytest.raises(ValueError, match="rng"):
         r3_reward(TableEncoder(TABLE), *args, variant="r3_random_qtype")
 
@@ -121,3 +131,20 @@ def test_with_minilm_on_topic_beats_off_topic():
     off = "The stock exchange closed higher on Friday after strong quarterly earnings reports."
     reward = r3_reward(enc, [q, q], [None, None], [on, off], [OPEN, OPEN], max_len=128)
     assert reward[0] > 0 and reward[0] > reward[1]
+
+
+def test_r3_reward_refuses_inputs_that_do_not_fit():
+    enc = TableEncoder(TABLE)
+    with pytest.raises(ValueError, match="qtypes"):  # r3 branches on the query type: without it, no silent default
+        r3_reward(enc, *ARGS[:3], None, 70)
+    with pytest.raises(ValueError, match="reference"):  # one closed-ended row without its reference is enough
+        r3_reward(enc, ["q0", "q1"], ["ref0", None], ["a b c d", "x x x x"], [CLOSED, CLOSED], 70)
+    with pytest.raises(ValueError, match="1 references"):
+        r3_reward(enc, ARGS[0], ["ref0"], *ARGS[2:])
+
+
+def test_repetition_is_scored_on_the_cut_response():
+    # after the cut the response is "x y z": one trigram, RP 1 (the repeats after the stop string do not count)
+    enc = TableEncoder({"q": [1, 2], "x y z": [1, 1]})
+    reward = r3_reward(enc, ["q"], [None], ["x y z\n\nHuman: x y z x y z"], [OPEN], 70)
+    torch.testing.assert_close(reward, torch.tensor([1.0 * 3 * 0.03]))  # RP 1 · r(q, y) 3 · LI 3 / 100

@@ -58,11 +58,16 @@ def test_response_embeddings_ignore_the_pad_id_and_keep_the_mode():
     b = response_embeddings(model, collate_sft(ROWS, pad_id=63))
     torch.testing.assert_close(a, b)
     assert model.training and not a.requires_grad
+    model.eval()  # and an eval-mode model stays in eval mode
+    response_embeddings(model, collate_sft(ROWS, pad_id=0))
+    assert not model.training
 
 
 def test_response_embeddings_need_a_response_token():
     with pytest.raises(ValueError, match="at least one response token"):
         response_embeddings(tiny_model(), collate_sft([{"ids": [1, 2], "mask": [0, 0]}], pad_id=0))
+    with pytest.raises(ValueError, match="at least one response token"):  # one such row among good ones is enough
+        response_embeddings(tiny_model(), collate_sft(ROWS[:1] + [{"ids": [1, 2], "mask": [0, 0]}], pad_id=0))
 
 
 def test_embed_responses_batches_like_one_batch():
@@ -125,6 +130,33 @@ def test_kmeans_is_deterministic_for_a_seed():
     assert torch.equal(l1, torch.cdist(points, c1).argmin(dim=1))
 
 
+def test_kmeans_runs_lloyd_to_a_fixed_point():
+    # each centroid is its members' mean and each label the nearest centroid: a run cut after one update is not
+    points = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        centroids, labels = kmeans(points, 5, seed=seed)
+        for k in range(5):
+            torch.testing.assert_close(centroids[k], points[labels == k].mean(dim=0))
+        assert torch.equal(labels, torch.cdist(points, centroids).argmin(dim=1))
+
+
+def test_kmeans_plus_plus_seeding_is_uniform_then_by_squared_distance():
+    # with no Lloyd update (iters=0) the centroids are the seeds: the first is a uniform draw over the points
+    firsts = {int(kmeans(torch.arange(5.0).unsqueeze(1), 1, seed=s, iters=0)[0]) for s in range(40)}
+    assert firsts == {0, 1, 2, 3, 4}
+    # 98 points at 0, one at 1, one at 3: after a first seed at 0, the second is 3 with probability 9 / (1 + 9)
+    # by squared distance (3/4 by plain distance)
+    x = torch.tensor([[0.0]] * 98 + [[1.0], [3.0]])
+    second_is_3 = [float(c[1, 0]) == 3.0 for c, _ in (kmeans(x, 2, seed=s, iters=0) for s in range(600))
+                   if c[0, 0] == 0]
+    assert len(second_is_3) > 500 and 0.86 < sum(second_is_3) / len(second_is_3) < 0.94
+
+
+def test_kmeans_with_as_many_clusters_as_points():
+    centroids, labels = kmeans(torch.tensor([[0.0], [1.0], [5.0]]), 3)
+    assert sorted(centroids[:, 0].tolist()) == [0.0, 1.0, 5.0] and sorted(labels.tolist()) == [0, 1, 2]
+
+
 def test_kmeans_with_fewer_distinct_points_than_clusters():
     points = torch.tensor([[1.0, 1.0]] * 3)
     centroids, labels = kmeans(points, 2)
@@ -144,6 +176,14 @@ def test_select_pairs_easy_hard_random():
     assert len(picked) == 2 and picked == sorted(set(picked)) and picked == select_pairs(cosines, "random", seed=3)
     assert select_pairs(cosines, "hard", fraction=1.0) == [0, 1, 2, 3]
     assert select_pairs(cosines.tolist(), "hard", fraction=0.25) == [0]
+    assert select_pairs(torch.tensor([0.1, 0.2, 0.3, 0.4]), "hard", fraction=0.1) == []  # 0.4 rounds to none
+
+
+def test_select_pairs_random_is_a_seeded_uniform_sample():
+    cosines = torch.linspace(0, 1, 100)
+    picks = [tuple(select_pairs(cosines, "random", seed=s)) for s in range(5)]
+    assert all(len(p) == 50 for p in picks) and len(set(picks)) == 5  # five seeds, five different samples
+    assert tuple(range(50)) not in picks and tuple(range(50, 100)) not in picks  # not the first / last half
 
 
 def test_select_pairs_rounds_half_up_and_breaks_ties_by_index():
@@ -156,6 +196,8 @@ def test_select_pairs_rejects_bad_arguments():
         select_pairs(torch.zeros(4), "centroid")
     with pytest.raises(ValueError, match="fraction"):
         select_pairs(torch.zeros(4), "easy", fraction=0.0)
+    with pytest.raises(ValueError, match="fraction"):
+        select_pairs(torch.zeros(4), "easy", fraction=1.5)
 
 
 # --- several responses per prompt
