@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_dpo
 from conftest import DEVICES, logged as records, ranks
 from nanoalign import dist, dpo, evaluate, train
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
-from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs
+from nanoalign.data import collate_pairs, collate_sft, read_jsonl, tokenize_pairs
 from nanoalign.generate import generate
 from nanoalign.tokenizer import Tokenizer, encode_prompt
 
@@ -79,6 +80,37 @@ def test_ipo_reference_values_are_the_per_token_average(rows, tiny_tok):
     n_chosen, n_rejected = sum(rows[0]["chosen_mask"]), sum(rows[0]["rejected_mask"])  # response tokens + EOS
     assert out[0]["ref_chosen"] == pytest.approx(-6.0 / n_chosen) and out[0]["ref_rejected"] == pytest.approx(-3.0 / n_rejected)
     assert dpo.with_reference(rows, logps)[0]["ref_chosen"] == -6.0 and "ref_chosen" not in rows[0]
+
+
+def test_the_cache_key_covers_the_dtype_and_the_response_masks(tiny_plain, rows):
+    key = dpo.fingerprint({"train": rows}, tiny_plain, "float32")
+    assert dpo.fingerprint({"train": rows}, tiny_plain, "bfloat16") != key  # bf16 log-probs are other numbers
+    mask = list(rows[0]["chosen_mask"])
+    mask[mask.index(1)] = 0  # the same ids, one token less in the response: another sum
+    assert dpo.fingerprint({"train": [{**rows[0], "chosen_mask": mask}, *rows[1:]]}, tiny_plain, "float32") != key
+
+
+@torch.no_grad()
+def test_pair_sums_applies_the_configured_objective_and_counts_a_tie_as_wrong(tiny_plain, rows, tiny_tok):
+    model, pairs = load_pretrained(tiny_plain), rows[:4]
+    chosen, rejected = dpo.response_logps(model, collate_pairs(pairs, tiny_tok.pad_id)).chunk(2)
+
+    def run(reference, **cfg):
+        loss, stats = train_dpo.pair_sums(model, dpo.with_reference(pairs, reference), train_dpo.Config(**cfg),
+                                          tiny_tok.pad_id, None)
+        return loss.item(), dict(zip(train_dpo.STATS, stats.tolist()))
+
+    # the policy as its own reference: every margin is exactly 0, and a tie is not a correct ranking
+    _, stats = run(torch.stack([chosen, rejected], 1))
+    assert stats["rewards/margins"] == 0 and stats["rewards/accuracies"] == 0
+    # the reference one nat lower on the chosen answers: h = 1 for each pair, so a pair's cDPO loss is
+    # -(1 - eps) log sigmoid(beta) - eps log sigmoid(-beta), which --label_smoothing must reach
+    shifted = torch.stack([chosen - 1, rejected], 1)
+    beta = torch.tensor(0.25)
+    for eps in (0.0, 0.2):
+        loss, stats = run(shifted, loss="cdpo", label_smoothing=eps, beta=0.25)
+        expected = 4 * (-(1 - eps) * F.logsigmoid(beta) - eps * F.logsigmoid(-beta)).item()
+        assert loss == pytest.approx(expected, rel=1e-5) and stats["rewards/accuracies"] == 4
 
 
 def test_changing_the_data_or_the_reference_recomputes_the_cache(tiny_plain, rows, tiny_tok, tmp_path, capsys):

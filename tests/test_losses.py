@@ -195,7 +195,8 @@ def test_dpo_is_stable_for_huge_margins_and_checks_its_arguments():
     losses, _, _ = dpo_loss(t([1e4, -1e4]), t([0.0, 0.0]), t([0.0, 0.0]), t([0.0, 0.0]), beta=1.0)
     close(losses, [0.0, 1e4])
     for kwargs, name in [({"loss_type": "hinge"}, "loss_type"), ({"label_smoothing": 0.6}, "label_smoothing"),
-                         ({"label_smoothing": -0.1}, "label_smoothing"), ({"beta": 0.0}, "beta")]:
+                         ({"label_smoothing": -0.1}, "label_smoothing"), ({"beta": 0.0}, "beta"),
+                         ({"label_smoothing": 0.1, "loss_type": "ipo"}, "label_smoothing")]:  # IPO has no smoothing
         with pytest.raises(ValueError, match=name):
             dpo_loss(PC, PR, RC, RR, **kwargs)
 
