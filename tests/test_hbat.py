@@ -62,6 +62,7 @@ def test_the_splits_are_disjoint_equal_and_cover_the_data():
     assert sorted(x for p in parts for x in p) == rows  # every row once: disjoint, and nothing left out
     assert parts[0] == [0, 3, 6, 9]  # strided: a file sorted by task gives every split each task
     assert hbat.split(rows, 1, "data") == [rows]  # one split is the data unchanged, in order
+    assert hbat.split([0, 1, 2], 3, "data") == [[0], [1], [2]]  # as many splits as examples: one each
     with pytest.raises(InputError, match=r"^--splits=12: more splits than the 11 examples of --data$"):
         hbat.split(rows, 12, "data")
 
@@ -92,11 +93,16 @@ def test_step_penalty_backpropagates_once_and_reports_the_share():
                                                   "ewc/omega_entropy": 0.25}
     assert hbat.ewc_record(stage, 0.0, 0.0)["ewc/penalty_share"] == 0.0
     assert hbat.step_penalty(None) is None and hbat.ewc_record(stage, None, 1.0) == {}
+    # every anchored tensor frozen (Hbat-Freeze beside the penalty): the value is still reported, with nothing
+    # to backpropagate into
+    layer.weight.requires_grad_(False)
+    assert hbat.step_penalty(lambda: ewc.ewc_penalty(layer, anchor, {"weight": 2.0})) == pytest.approx(2.0)
 
 
 def test_evenly_spaced_sample():
     assert hbat.evenly_spaced(list(range(10)), 3) == [0, 3, 6]
     assert hbat.evenly_spaced(list(range(4)), 8) == [0, 1, 2, 3]
+    assert hbat.evenly_spaced(list(range(7)), 4) == [0, 1, 2, 3]  # a stride of 7 // 4 = 1: the first four
 
 
 # --- the scripts: tiny models, a couple of steps per stage
@@ -256,6 +262,12 @@ def test_freeze_keeps_the_most_changed_tensors_for_one_stage(tiny_init, files, t
         changed = not torch.equal(w["s1"][n], w["s2"][n])
         assert changed == (n not in top), n  # DPO_1 leaves exactly the top 20% by SFT_1's scores alone
     assert any(not torch.equal(w["s2"][n], w["s3"][n]) for n in top)  # unfrozen after the stage
+    # SFT_2 freezes the top 20% by DPO_1's scores alone (not the scores of both stages added up)
+    scores = ewc.delta_scores(ewc.snapshot(load_pretrained(out / "stage1_sft")),
+                              ewc.snapshot(load_pretrained(out / "stage2_dpo")))
+    top = sorted(scores, key=lambda n: -scores[n])[:math.ceil(0.2 * len(scores))]
+    for n in scores:
+        assert (not torch.equal(w["s2"][n], w["s3"][n])) == (n not in top), n
     stages = records(out, "stages.jsonl")
     assert stages[1]["ewc/frozen"] == len(top) and "ewc/penalty" not in stages[1]
 
@@ -339,3 +351,47 @@ def test_torchrun_two_ranks_alternating_dpo_matches_one_process(tiny_init, files
         if "rewards/accuracies" in a and abs(a["rewards/margins"]) > 1e-3:
             assert a["rewards/accuracies"] == b["rewards/accuracies"], a["step"]
     assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", 1e-4)
+
+
+@pytest.mark.parametrize("ewc_kind", ["modified", "fisher"])
+def test_lambda_max_scales_the_penalty(ewc_kind, tiny_init, files, tmp_path):
+    # DPO_1's first step (run step 3) starts at its anchor, where the penalty's gradient is 0, so the weights at
+    # step 4 are the same for any --lambda_max and the penalty logged there (Omega's or the Fisher's) scales with it
+    penalty = {}
+    for lambda_max in (1.0, 100.0):
+        out = tmp_path / f"lambda{lambda_max}"
+        train_dpo.main(dpo_args(tiny_init, out, files, f"--ewc={ewc_kind}", f"--lambda_max={lambda_max}",
+                                "--stop_at=4", "--fisher_samples=4"))
+        penalty[lambda_max] = records(out)[3]["ewc/penalty"]
+    assert penalty[1.0] > 0 and penalty[100.0] == pytest.approx(100 * penalty[1.0], rel=1e-4)
+
+
+def test_fisher_is_estimated_on_the_previous_stages_split(tiny_init, files, tmp_path, monkeypatch):
+    splits, sampled = {}, []
+    real_split, real_sample = hbat.split, hbat.evenly_spaced
+    monkeypatch.setattr(hbat, "split", lambda rows, n, flag: splits.setdefault(flag, real_split(rows, n, flag)))
+    monkeypatch.setattr(hbat, "evenly_spaced", lambda rows, k: sampled.append(rows) or real_sample(rows, k))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "fisher", files, "--ewc=fisher", "--fisher_samples=4"))
+    # DPO_1 <- SFT_1's split 0; SFT_2 <- DPO_1's split 0; DPO_2 <- SFT_2's split 1
+    expected = [splits["sft_data"][0], splits["data"][0], splits["sft_data"][1]]
+    assert len(sampled) == 3 and all(a is b for a, b in zip(sampled, expected))
+
+
+def test_fisher_penalty_is_the_formula_on_the_previous_stage(tiny_init, files, tmp_path):
+    from nanoalign.data import collate_sft, tokenize_sft
+    from nanoalign.dpo import response_logps
+    from nanoalign.tokenizer import Tokenizer
+
+    extra = ["--ewc=fisher", "--fisher_samples=4", "--lambda_max=1e4"]
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "a", files, *extra, "--stop_at=3"))  # the weights after step 3
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "b", files, *extra, "--stop_at=4"))  # the penalty at step 4
+    logged = records(tmp_path / "b")[3]["ewc/penalty"]
+    # DPO_1's anchor and Fisher: SFT_1's end (stage1_sft), on 4 evenly spaced rows of SFT_1's split of the SFT
+    # data, F the mean squared gradient of each row's summed response log-prob; lambda_max / 2 sum F (theta - theta*)^2
+    tok = Tokenizer.from_dir(tiny_init)
+    rows = tokenize_sft(train_sft.load_sft_examples(str(files / "sft.jsonl"), "auto"), tok, "hh", 128, 128)
+    sample = hbat.evenly_spaced(hbat.split(rows, 2, "sft_data")[0], 4)
+    start = load_pretrained(tmp_path / "a" / "stage1_sft")
+    fisher = ewc.fisher_diagonal(start, [collate_sft(sample, tok.pad_id)], lambda m, b: response_logps(m, b))
+    expected = ewc.fisher_penalty(load_pretrained(tmp_path / "a" / "model"), ewc.snapshot(start), fisher, 1e4).item()
+    assert logged > 0 and logged == pytest.approx(expected, rel=1e-4)
