@@ -228,3 +228,43 @@ def test_copies_prompt_flags_exactly_the_worlds_copy_candidates():
     for row in map(json.loads, (DATA / "prompts_test.jsonl").read_text().splitlines()):
         for kind, response in world.candidates(row["prompt"], rng):
             assert copies_prompt(row["prompt"], response) == (kind == "copy"), (kind, row["prompt"], response)
+
+
+def test_copying_at_exactly_the_threshold_counts():
+    # the prompt's two distinct 4-grams, the response holds one: containment 0.5, at the threshold
+    assert copies_prompt("one two three four five", "one two three four six", threshold=0.5)
+
+
+def test_fit_prompt_keeps_the_bos_and_the_end():
+    from types import SimpleNamespace
+
+    from nanoalign.evaluate import _fit_prompt
+
+    with_bos, without = SimpleNamespace(add_bos=True), SimpleNamespace(add_bos=False)
+    assert _fit_prompt([1, 10, 11, 12, 13, 14], 4, with_bos) == [1, 12, 13, 14]
+    assert _fit_prompt([10, 11, 12, 13, 14], 3, without) == [12, 13, 14]
+    assert _fit_prompt([1, 10, 11], 3, with_bos) == [1, 10, 11]  # it fits: unchanged
+
+
+def test_evaluate_answers_averages_rouge_over_the_referenced_records_and_counts_rouge_tokens():
+    from nanoalign.evaluate import evaluate_answers
+
+    m = evaluate_answers([{"prompt": "Tell me a joke.", "reference": "a b"}, {"prompt": "Hi."}],
+                         ["a b", "don't stop-believing"])
+    assert m["rouge_l"] == 1.0 and m["n_reference"] == 1  # the record without a reference does not count
+    assert m["mean_words"] == (2 + 4) / 2  # ROUGE tokens: don, t, stop, believing
+    # one prompt from outside the tiny world: no oracle numbers for the set
+    world_row = json.loads((DATA / "prompts_test.jsonl").read_text().splitlines()[0])
+    mixed = evaluate_answers([world_row, {"prompt": "Tell me a joke."}], ["x", "y"])
+    assert mixed["mean_quality"] is None and mixed["closed_accuracy"] is None
+
+
+def test_compare_reports_each_sides_mean_judgement():
+    from nanoalign.evaluate import compare
+
+    def judge(prompts, answers):  # longer is better
+        return [float(len(a)) for a in answers]
+
+    c = compare(["p", "q"], ["aaa", "b"], ["a", "bb"], judge)
+    assert (c["wins"], c["ties"], c["losses"], c["win_rate"]) == (1, 0, 1, 0.5)
+    assert c["judge_a"] == 2.0 and c["judge_b"] == 1.5

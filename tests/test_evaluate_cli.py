@@ -180,3 +180,46 @@ def test_command_line_errors_are_one_line(models):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --judge=nope: choose oracle or a reward model directory "
                                                 "(no such directory)"]
+
+
+def test_sample_answers_keeps_the_end_of_a_long_prompt_and_the_models_mode(tok):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                    max_seq_len=32))
+    model.train()
+    prompt = "Mia lives in Oslo. " * 20 + "Where does Mia live?"
+    assert len(encode_prompt(tok, prompt, "hh")) > 32
+    got = evaluate.sample_answers(model, tok, [prompt], "hh", max_new_tokens=8)
+    assert model.training  # back in the mode it came in
+    # by hand: the prompt's last 32 - 8 tokens, greedy
+    ids = encode_prompt(tok, prompt, "hh")[-24:]
+    gen = generate(model.eval(), [ids], 8, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    assert got == [tok.decode(gen.response(0)).strip()]
+
+
+def test_diversity_samples_are_drawn_at_temperature_1_with_seeds_after_the_greedy_ones(models, monkeypatch):
+    # the self-BLEU test above cannot see the seeds (the tiny model's samples share no 4-grams): spy on them
+    calls, real = [], evaluate.sample_answers
+
+    def spy(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed):
+        calls.append((temperature, seed))
+        return real(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed)
+
+    monkeypatch.setattr(evaluate, "sample_answers", spy)
+    evaluate.main([f"--model_a={models[0]}", "--limit=2", "--max_new_tokens=4", "--diversity_samples=3", "--seed=5",
+                   f"--prompts={PROMPTS}"])
+    assert calls == [(0.0, 5), (1.0, 6), (1.0, 7), (1.0, 8)]
+
+
+def test_without_limit_every_prompt_is_answered(models, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(PROMPTS.read_text().splitlines(True)[:3]))
+    result = evaluate.main([f"--model_a={models[0]}", "--max_new_tokens=2", f"--prompts={prompts}"])
+    assert result["n_prompts"] == 3 and result["metrics"]["A"]["n"] == 3
+
+
+def test_reward_judge_scores_an_empty_answer_as_the_eos_alone(rm_dir, tok):
+    rm = RewardModel.from_pretrained(rm_dir)
+    [score] = evaluate.reward_judge(rm, tok, "hh")(["What is 2 plus 2?"], ["   "])
+    ids = torch.tensor([encode_prompt(tok, "What is 2 plus 2?", "hh") + [tok.eos_id]])
+    assert score == pytest.approx(rm(ids, torch.ones_like(ids)).item(), abs=1e-5)
