@@ -4,6 +4,8 @@ The first two tests pin the PPO pitfall that runs silently: before any update th
 the sampler's and the reference's, so the first ratio is 1 and the KL is 0, on left-padded rollouts of different
 lengths, at temperature 1 and not."""
 import copy
+import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -422,3 +424,80 @@ def test_rollouts_never_sample_ids_past_the_tokenizer(policy, prompts, tok):
     answers = sample_answers(model, Short(), ["What is 3 plus 4?", "Describe rain.", "Hi"], "hh",
                              max_new_tokens=12, temperature=1.0)
     assert len(answers) == 3 and max(i for ids in decoded for i in ids) < V and sum(map(len, decoded)) > 10
+
+def test_running_std_is_bessel_corrected_from_two_scores():
+    # the first two scores already have a standard deviation (not 1 until a third arrives)
+    stats = ppo.RunningMoments()
+    shaped = ppo.shape_scores(torch.tensor([1.0, 3.0]), torch.tensor([True, True]), stats, clip=10.0,
+                              missing_eos_penalty=-1.0)
+    assert stats.std == pytest.approx(math.sqrt(2))  # var = ((1-2)^2 + (3-2)^2) / (2 - 1) = 2
+    torch.testing.assert_close(shaped, torch.tensor([-1.0, 1.0]) / math.sqrt(2))
+
+
+def test_statistics_absorb_the_raw_score_of_a_response_without_eos():
+    # the running moments describe every score the scorer gave (shape_scores' docstring); the cut answer gets the
+    # fixed penalty
+    stats = ppo.RunningMoments()
+    shaped = ppo.shape_scores(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([True, True, False]), stats, clip=10.0,
+                              missing_eos_penalty=-1.0)
+    assert (stats.count, stats.mean, stats.std) == (3, 3.0, 2.0)
+    assert shaped.tolist() == [-1.0, 0.0, -1.0]
+
+
+def test_each_chunk_has_its_own_generator():
+    draw = lambda chunk: torch.rand(8, generator=ppo.rollout_generator(0, 0, chunk))  # noqa: E731
+    assert not torch.equal(draw(0), draw(1))
+    assert torch.equal(draw(1), draw(1))
+
+
+def test_identical_prompts_in_two_chunks_sample_different_answers(policy, prompts, tok):
+    r = rollouts(policy, [prompts[1]] * 2, tok, 1.0, gen_batch_size=1)
+    assert not torch.equal(r["tokens"][0], r["tokens"][1])
+
+
+def test_cat_rows_pads_tokens_with_pad_and_everything_else_with_zero():
+    a = {"prompt": [[7]], "tokens": torch.tensor([[5, 6, 7]]), "mask": torch.tensor([[1, 1, 1]]),
+         "sampler_logprobs": torch.tensor([[-1.0, -2.0, -3.0]]), "stopped": torch.tensor([True])}
+    b = {"prompt": [[8]], "tokens": torch.tensor([[9]]), "mask": torch.tensor([[1]]),
+         "sampler_logprobs": torch.tensor([[-4.0]]), "stopped": torch.tensor([False])}
+    out = ppo.cat_rows([a, b], pad_id=2)
+    assert out["prompt"] == [[7], [8]]
+    assert out["tokens"].tolist() == [[5, 6, 7], [9, 2, 2]]
+    assert out["mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out["sampler_logprobs"].tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]]
+    assert out["stopped"].tolist() == [True, False]
+
+
+def test_update_stats_are_token_means_before_any_step(policy, critic, prompts, tok):
+    ref = copy.deepcopy(policy)
+    batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
+                                 temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    ppo.advantages(batch, torch.linspace(-1, 1, 6), 0.1, 1.0, 0.95)
+    assert batch["mask"].sum() > 6  # more tokens than rollouts: a per-row normalisation would show
+    pol, cri = copy.deepcopy(policy).train(), copy.deepcopy(critic).train()
+    # the value targets differ from V_old: a non-zero value loss
+    expected_vloss, _ = ppo_value_loss(batch["values"], batch["values"], batch["returns"], batch["mask"], 0.2)
+    stats = ppo.update(batch, pol, cri, train.adamw(pol, 0.0), train.adamw(cri, 0.0), step=0, seed=0, ppo_epochs=1,
+                       mini_batch_size=6, micro_batch_size=2, update_policy=True, grad_clip=1.0, d=dist.Dist(),
+                       temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=0.2,
+                       cliprange_value=0.2, vf_coef=1.0, amp=NO_AMP)
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-5)  # the first ratio is 1 on every token
+    assert stats["clipfrac"] == 0.0 and stats["approx_kl"] == pytest.approx(0.0, abs=1e-8)
+    assert stats["value_loss"] == pytest.approx(expected_vloss.item(), rel=1e-4)
+    assert stats["policy_loss"] == pytest.approx(0.0, abs=1e-5)  # -mean(A * 1) of whitened advantages
+
+
+def test_held_out_quality_equals_evaluate_answers_on_the_same_answers(policy, tok, monkeypatch):
+    rows = [json.loads(l) for l in (ROOT / "data" / "prompts_test.jsonl").read_text().splitlines()]
+    closed = [r for r in rows if r["qtype"] == "CONSTRAINED"][:2]
+    opened = [r for r in rows if r["qtype"] == "OPENENDED"][:2]
+    picked = closed + opened
+    answers = [closed[0]["reference"], "I do not know.", opened[0]["prompt"], opened[1]["reference"]]
+    monkeypatch.setattr(ppo, "sample_answers", lambda *a, **k: list(answers))
+    metrics, pairs = ppo.held_out_quality(policy, tok, picked, template="hh", max_new_tokens=4, batch_size=4,
+                                          d=dist.Dist())
+    assert pairs == [(r["prompt"], a) for r, a in zip(picked, answers)]
+    assert metrics["eval/closed_accuracy"] == 0.5  # 1 of the 2 closed-ended prompts, not 1 of 4
+    assert metrics["eval/copy_rate"] == 0.25
+    q = [world.quality(r["prompt"], a) for r, a in zip(picked, answers)]
+    assert metrics["eval/mean_quality"] == pytest.approx(sum(q) / 4)

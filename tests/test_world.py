@@ -250,3 +250,20 @@ def test_is_world_prompt():
     assert is_world_prompt("What is 17 plus 25?")
     assert is_world_prompt("Sort the words: lemon, tiger, cloud.")
     assert not is_world_prompt("Name three primary colors.")
+
+
+def test_near_miss_divides_by_the_longer_list():
+    # 3 of the 3 right words in place, but a 4th word: 0.4 * 3 / max(4, 3) = 0.3 (not 0.4 * 3 / 3)
+    assert world.quality("Sort the words: tiger, apple, lemon.", "The sorted list is apple, lemon, tiger, zebra.") == 0.3
+
+
+def test_bare_list_answer_is_case_insensitive():
+    assert world.quality("Sort the words: tiger, apple, lemon.", "Apple, Lemon, Tiger.") == 0.6
+    assert world.is_correct("Sort the words: tiger, apple, lemon.", "Apple, Lemon, Tiger.")
+
+
+def test_is_correct_open_ended_needs_exactly_n_facts():
+    p = "Tell me two facts about bees."
+    assert world.is_correct(p, "Bees make honey. Bees can sting.")
+    assert not world.is_correct(p, "Bees make honey. Bees make honey.")  # one distinct fact
+    assert not world.is_correct(p, "Bees make honey. Cats drink milk.")
