@@ -103,7 +103,7 @@ def shape_scores(raw, stopped, stats: RunningMoments | None, clip: float, missin
 
 def rollout_generator(seed: int, step: int, chunk: int, device="cpu") -> torch.Generator:
     """The sampling generator of one chunk of prompts at one step: a pure function of (seed, step, chunk), so the
-    samples do not depend on the number of ranks nor on where a run was resumed (cf. train.step_generator)."""
+    samples do not depend on the number of ranks nor on where a run was resumed."""
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1009 + chunk)
 
 

@@ -117,12 +117,6 @@ def micro_batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def step_generator(seed: int, step: int, d: dist.Dist, device="cpu") -> torch.Generator:
-    """A generator for the sampling of one step on one rank: a pure function of (seed, step, rank), so a
-    resumed run samples exactly what the uninterrupted one did."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1009 + d.rank)
-
-
 # --- models: loading and placing
 
 def load_model(path, d: dist.Dist, load: Callable = load_pretrained, build: Callable | None = None):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign.data import (IGNORE_INDEX, collate_pairs, collate_sft, read_alpaca, read_hh, read_jsonl, read_shp,
-                            tokenize_pairs, tokenize_pretrain, tokenize_sft, truncate_example)
+from nanoalign.data import (IGNORE_INDEX, collate_pairs, collate_sft, read_alpaca, read_hh, read_jsonl, read_pairs,
+                            read_shp, split_hh, tokenize_pairs, tokenize_pretrain, tokenize_sft, truncate_example)
 from nanoalign.tokenizer import Tokenizer, encode_prompt, encode_response, format_prompt
 from test_tokenizer import STANDARD_CONFIG, make_tokenizer_dir
 
@@ -347,3 +347,97 @@ def test_read_shp_bad_label_names_line(tmp_path):
     path = write_lines(tmp_path / "shp.jsonl", [json.dumps(rows[0]), json.dumps({**rows[1], "labels": 2})])
     with pytest.raises(ValueError, match=r"shp\.jsonl:2: key 'labels' must be 0 or 1"):
         read_shp(path)
+
+
+# --- edge cases a mutation audit found untested
+
+@pytest.fixture
+def std_tok(tmp_path) -> Tokenizer:
+    return Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "std_tok", config=STANDARD_CONFIG))
+
+
+def _jsonl(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+MULTI = ("prompt", "responses", "scores")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"responses": ["a", "b"], "scores": [True, 0.5]}, "key 'scores' must be a list of at least 2 finite numbers"),
+    ({"responses": ["a"], "scores": [1]}, "key 'responses' must be a list of at least 2 non-empty strings"), 
+    ({"responses": ["a", "b"], "scores": [1]}, "key 'scores' must be a list of at least 2 finite numbers"), 
+])
+def test_multi_response_records_are_checked(tmp_path, bad, message):
+    path = _jsonl(tmp_path / "m.jsonl", {"prompt": "p", **bad})
+    with pytest.raises(ValueError, match=f"^{tmp_path}/m.jsonl:1: {message}"):
+        read_jsonl(path, required=MULTI)
+
+
+SHP_ROW = {"post_id": "p", "history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1, "score_A": 2,
+           "score_B": 1}
+
+
+def test_shp_labels_must_be_an_integer_not_a_bool(tmp_path):
+    with pytest.raises(ValueError, match=r"s\.jsonl:1: key 'labels' must be 0 or 1, got True"):
+        read_shp(_jsonl(tmp_path / "s.jsonl", {**SHP_ROW, "labels": True}))
+
+
+def test_shp_multi_skips_a_post_with_one_distinct_response(tmp_path):
+    path = _jsonl(tmp_path / "s.jsonl", {**SHP_ROW, "human_ref_B": "a"})
+    assert read_shp(path, multi=True) == []
+
+
+H, A = "\n\nHuman: ", "\n\nAssistant:"
+
+
+def test_split_hh_when_rejected_is_a_prefix_of_chosen():
+    chosen = f"{H}Q{A} A{H}more{A} B"
+    rejected = f"{H}Q{A} A"
+    assert split_hh(chosen, rejected) == ("Q", f"A{H}more{A} B", "A")
+
+
+def test_split_hh_strips_exactly_one_space():
+    assert split_hh(f"{H}Q{A}  two spaces", f"{H}Q{A} B") == ("Q", " two spaces", "B")
+
+
+@pytest.mark.parametrize("chosen, rejected, message", [
+    (f"Q{A} A", f"Q{A} B", "transcript does not start with a Human turn"),
+    (f"{H}A", f"{H}B", "no shared Assistant turn"),                        
+])
+def test_split_hh_refuses_malformed_transcripts(chosen, rejected, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        split_hh(chosen, rejected)
+
+
+def test_read_pairs_hints_at_hh_only_when_the_prompt_is_missing(tmp_path):
+    with pytest.raises(ValueError) as e:
+        read_pairs(_jsonl(tmp_path / "p.jsonl", {"prompt": "p", "chosen": "c"}))
+    assert "missing key 'rejected'" in str(e.value) and "--format=hh" not in str(e.value)
+    with pytest.raises(ValueError, match="missing key 'prompt'.*; HH-RLHF transcripts\\? pass --format=hh"):
+        read_pairs(_jsonl(tmp_path / "p.jsonl", {"chosen": "c", "rejected": "r"}))
+
+
+def test_read_alpaca_blank_output_is_skipped_and_blank_input_ignored(tmp_path, capsys):
+    path = _jsonl(tmp_path / "a.jsonl", {"instruction": "x", "input": "  ", "output": "y"},
+                  {"instruction": "z", "input": "", "output": "  \n"})
+    assert read_alpaca(path) == [{"prompt": "x", "response": "y"}]
+    assert "read_alpaca: kept 1, skipped 1 (1 empty output)" in capsys.readouterr().out
+
+
+def test_tokenize_pairs_caps_both_responses_and_counts_the_cut(std_tok, capsys):
+    ex = {"prompt": "Hi", "chosen": "The capital of France is Paris.", "rejected": "Blue is a color, I think."}
+    [row] = tokenize_pairs([ex], std_tok, "hh", max_len=200, max_response_len=2)
+    assert "tokenize_pairs: 1/1 examples truncated" in capsys.readouterr().out
+    assert sum(row["chosen_mask"]) == sum(row["rejected_mask"]) == 2
+    got = [i for i, m in zip(row["rejected_ids"], row["rejected_mask"]) if m]
+    assert got == encode_response(std_tok, ex["rejected"], "hh")[:2]
+
+
+def test_tokenize_pairs_keeps_bos_within_max_len(std_tok):
+    std_tok.add_bos = True
+    ex = {"prompt": "The capital of France is Paris. " * 10 + "Capital?", "chosen": "Paris.", "rejected": "Lyon."}
+    [row] = tokenize_pairs([ex], std_tok, "hh", max_len=30)
+    assert row["chosen_ids"][0] == row["rejected_ids"][0] == std_tok.bos_id
+    assert max(len(row["chosen_ids"]), len(row["rejected_ids"])) == 30

@@ -2,6 +2,7 @@
 input checks of the scripts built on it (train_sft.py here)."""
 import copy
 import json
+import math
 import random
 import signal
 import subprocess
@@ -365,3 +366,124 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--batch_size=0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr == "error: --batch_size=0: must be positive\n"
+
+
+# --- edge cases a mutation audit found untested
+
+def _linear_with_grads(g=3.0):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)  # weight (2, 3) -> decay group, bias (2,) -> no-decay group
+    with torch.no_grad():
+        lin.weight.zero_(), lin.bias.zero_()
+    for p in lin.parameters():
+        p.grad = torch.full_like(p, g)
+    return lin
+
+
+def test_set_lr_sets_every_param_group():
+    opt = train.adamw(torch.nn.Linear(3, 2), 1e-3, weight_decay=0.1)
+    assert len(opt.param_groups) == 2
+    train.set_lr(opt, 0.25)
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+
+
+def test_data_order_depends_on_the_seed():
+    a = train.batch_indices(0, 10, 10, seed=0)
+    b = train.batch_indices(0, 10, 10, seed=1)
+    assert sorted(a) == sorted(b) == list(range(10)) and a != b
+
+
+def test_guard_stops_on_a_nonfinite_loss_with_finite_gradients():
+    lin = _linear_with_grads()
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    with pytest.raises(train.NonFiniteError, match=r"^step 4: loss nan, gradient norm 8\.48"):
+        train.optimizer_step(lin, opt, step=4, loss=float("nan"), grad_clip=1.0, d=dist.Dist())
+    assert (lin.weight == 0).all() and (lin.bias == 0).all()  # nothing stepped
+    assert all(p.grad is None for p in lin.parameters())  # and the gradients are dropped
+
+
+def test_grad_clip_zero_means_no_clipping():
+    lin = _linear_with_grads(3.0)
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    norm = train.optimizer_step(lin, opt, step=1, loss=1.0, grad_clip=0.0, d=dist.Dist())
+    assert norm == pytest.approx(3.0 * math.sqrt(8))  # 8 gradient entries of 3
+    assert torch.equal(lin.weight, torch.full((2, 3), -3.0)) and torch.equal(lin.bias, torch.full((2,), -3.0))
+
+
+def test_a_single_inf_weight_is_not_saved(tmp_path):
+    from nanoalign.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layer=1, n_head=2, hidden_dim=48, max_seq_len=32))
+    model.init_weights()
+    with torch.no_grad():
+        model.norm.weight[3] = float("inf")  # one entry, not the whole tensor
+    with pytest.raises(train.NonFiniteError, match=r"^step 5: the weights are not finite .*\(model: norm\.weight\)"):
+        train.save_checkpoint(tmp_path / "ckpt", dist.Dist(), 5, {"model": (model, None)})
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("step", -1, "key 'step' must hold a step number, got int"),         
+    ("rng", [], "key 'rng' must hold the RNG state of each rank, got list"),
+    ("extra", None, "key 'extra' must hold a dict, got NoneType"),        
+])
+def test_find_checkpoint_checks_each_key(tmp_path, key, value, message):
+    good = {"step": 3, "rng": [train._rng_state()], "extra": {}}
+    train.find_checkpoint  # noqa: B018
+    (tmp_path / "ckpt").mkdir()
+    torch.save(good, tmp_path / "ckpt" / train.STATE_FILE)
+    assert train.find_checkpoint(tmp_path / "ckpt", resume=True)["step"] == 3
+    torch.save({**good, key: value}, tmp_path / "ckpt" / train.STATE_FILE)
+    from nanoalign.cli import InputError
+    with pytest.raises(InputError, match=f": {message}$"):
+        train.find_checkpoint(tmp_path / "ckpt", resume=True)
+
+
+def test_resume_with_a_frozen_parameter(tmp_path):
+    from nanoalign.model import ModelConfig, Transformer
+
+    def build():
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layer=1, n_head=2, hidden_dim=48, max_seq_len=32))
+        m.init_weights()
+        m.tok_emb.weight.requires_grad_(False)  # frozen: AdamW holds no moments for it
+        return m
+
+    d = dist.Dist()
+    model = build()
+    opt = train.adamw(model, 1e-2)
+    model(torch.randint(0, 50, (2, 8))).float().pow(2).mean().backward()
+    train.optimizer_step(model, opt, step=1, loss=0.0, grad_clip=1.0, d=d)
+    train.save_checkpoint(tmp_path / "ckpt", d, 1, {"model": (model, opt)})
+    state = train.find_checkpoint(tmp_path / "ckpt", resume=True)
+    new = build()
+    new_opt = train.adamw(new, 1e-2)
+    assert train.restore(state, {"model": (new, new_opt)}, d) == 1
+    assert len(new_opt.state) == len(opt.state) == sum(p.requires_grad for p in new.parameters())
+
+
+def test_restore_gives_each_rank_its_own_rng_state():
+    torch.manual_seed(1)
+    s0 = train._rng_state()
+    torch.manual_seed(2)
+    s1 = train._rng_state()
+    expected = torch.rand(3)  # what rank 1 drew next when the checkpoint was written
+    torch.manual_seed(99)
+    assert train.restore({"step": 4, "rng": [s0, s1], "extra": {}}, {}, dist.Dist(rank=1, world_size=2)) == 4
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_eval_sums_counts_no_dummy_forward():
+    fn = lambda chunk: torch.tensor([float(sum(chunk)), float(len(chunk))])  # noqa: E731
+    rows = [1.0, 2.0, 4.0]
+    # rank 1 of 2 holds [2.0] and runs a second, dummy forward (rank 0 holds [1.0, 4.0]): not counted
+    assert train.eval_sums(rows, 1, dist.Dist(rank=1, world_size=2), fn).tolist() == [2.0, 1.0]
+    assert train.eval_sums(rows, 1, dist.Dist(rank=0, world_size=2), fn).tolist() == [5.0, 2.0]
+    assert train.eval_sums(rows, 2, dist.Dist(), fn).tolist() == [7.0, 3.0]  # a last, partial micro-batch
+
+
+def test_place_freezes_a_model_that_is_not_trained():
+    frozen = train.place(torch.nn.Linear(3, 2).train(), dist.Dist(), trainable=False)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    trained = train.place(torch.nn.Linear(3, 2).eval(), dist.Dist())
+    assert trained.training and all(p.requires_grad for p in trained.parameters())
