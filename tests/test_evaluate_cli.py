@@ -3,6 +3,7 @@ printed win rate equals win_rate() on the same answers, a model against itself i
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,24 @@ def test_reward_judge_scores_an_empty_answer_as_the_eos_alone(rm_dir, tok):
     [score] = evaluate.reward_judge(rm, tok, "hh")(["What is 2 plus 2?"], ["   "])
     ids = torch.tensor([encode_prompt(tok, "What is 2 plus 2?", "hh") + [tok.eos_id]])
     assert score == pytest.approx(rm(ids, torch.ones_like(ids)).item(), abs=1e-5)
+
+
+def test_a_reward_model_judge_reads_with_its_own_saved_template(tmp_path, models, rm_dir, tok):
+    # the judge was trained on alpaca-formatted text: it scores the answers in alpaca, not in the models' template
+    judge_dir = tmp_path / "rm_alpaca"
+    shutil.copytree(rm_dir, judge_dir)
+    config = judge_dir / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "nanoalign_template": "alpaca"}))
+    out = tmp_path / "eval.json"
+    result = evaluate.main([f"--model_a={models[0]}", f"--model_b={models[1]}", f"--judge={judge_dir}", "--limit=3",
+                            "--max_new_tokens=6", f"--out={out}", f"--prompts={PROMPTS}"])
+    assert json.loads(out.read_text())["templates"]["A"] == "hh"  # the models answer in their own template
+    answers = json.loads(out.read_text())["answers"]["A"]
+    prompts = [r["prompt"] for r in read_jsonl(PROMPTS)[:3]]
+    rm = RewardModel.from_pretrained(judge_dir)
+
+    def mean_score(template):
+        return sum(evaluate.reward_judge(rm, tok, template)(prompts, answers)) / 3
+
+    assert result["comparison"]["judge_a"] == pytest.approx(mean_score("alpaca"), abs=1e-6)
+    assert mean_score("alpaca") != pytest.approx(mean_score("hh"), abs=1e-4)  # the template shows in the score
