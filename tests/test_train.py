@@ -56,6 +56,9 @@ def test_lr_schedule_by_hand():
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(10) == pytest.approx(1.0)
     assert lr(60) == pytest.approx(0.55)  # halfway down the cosine: 0.1 + 0.9 * 0.5
     assert lr(110) == pytest.approx(0.1)
+    # a warmup leaving one step: the decay's first step is at the peak, and it is also the last
+    assert [train.lr_at(s, 4, 1.0, warmup_steps=3, min_lr_ratio=0.1) for s in range(4)] == pytest.approx(
+        [1 / 3, 2 / 3, 1.0, 1.0])
 
 
 def test_data_order_is_a_permutation_per_epoch():
