@@ -320,8 +320,8 @@ def bench_matmul_bound(model, B: int, N: int, repeats: int, steps: int = 20) -> 
             for _ in range(steps):
                 one_pass()
             times.append((tick() - t0) / steps)
-    return {"matmuls_per_step": len(linears), "matmul_s_per_step": statistics.median(times),
-            "min_decode_s": (N - 1) * statistics.median(times)}
+    per_step = statistics.median(times)
+    return {"matmuls_per_step": len(linears), "matmul_s_per_step": per_step, "min_decode_s": (N - 1) * per_step}
 
 
 # --- (c) batch-1 decoding against the weight-streaming floor

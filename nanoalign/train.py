@@ -83,8 +83,8 @@ def check_files(cfg, *names: str, directory: bool = False) -> None:
 
 def lr_at(step: int, total: int, peak: float, warmup_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup to the peak, then cosine down to peak * min_lr_ratio at the last step (total - 1). The decay
-    starts at the peak on the first step after the warmup, so a warmup that leaves one step (or none) never
-    reaches the floor: that last step runs at the peak."""
+    starts at the peak on the first step after the warmup, so a warmup that leaves a single step never reaches the
+    floor: that last step runs at the peak."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total - 1 - warmup_steps)  # 1.0 at the last step

@@ -351,14 +351,8 @@ def test_read_shp_bad_label_names_line(tmp_path):
 
 # --- edge cases a mutation audit found untested
 
-@pytest.fixture
-def std_tok(tmp_path) -> Tokenizer:
-    return Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "std_tok", config=STANDARD_CONFIG))
-
-
 def _jsonl(path, *records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+    return write_lines(path, [json.dumps(r) for r in records])
 
 
 MULTI = ("prompt", "responses", "scores")
@@ -366,8 +360,8 @@ MULTI = ("prompt", "responses", "scores")
 
 @pytest.mark.parametrize("bad, message", [
     ({"responses": ["a", "b"], "scores": [True, 0.5]}, "key 'scores' must be a list of at least 2 finite numbers"),
-    ({"responses": ["a"], "scores": [1]}, "key 'responses' must be a list of at least 2 non-empty strings"), 
-    ({"responses": ["a", "b"], "scores": [1]}, "key 'scores' must be a list of at least 2 finite numbers"), 
+    ({"responses": ["a"], "scores": [1]}, "key 'responses' must be a list of at least 2 non-empty strings"),
+    ({"responses": ["a", "b"], "scores": [1]}, "key 'scores' must be a list of at least 2 finite numbers"),
 ])
 def test_multi_response_records_are_checked(tmp_path, bad, message):
     path = _jsonl(tmp_path / "m.jsonl", {"prompt": "p", **bad})
@@ -404,7 +398,7 @@ def test_split_hh_strips_exactly_one_space():
 
 @pytest.mark.parametrize("chosen, rejected, message", [
     (f"Q{A} A", f"Q{A} B", "transcript does not start with a Human turn"),
-    (f"{H}A", f"{H}B", "no shared Assistant turn"),                        
+    (f"{H}A", f"{H}B", "no shared Assistant turn"),
 ])
 def test_split_hh_refuses_malformed_transcripts(chosen, rejected, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
@@ -426,18 +420,18 @@ def test_read_alpaca_blank_output_is_skipped_and_blank_input_ignored(tmp_path, c
     assert "read_alpaca: kept 1, skipped 1 (1 empty output)" in capsys.readouterr().out
 
 
-def test_tokenize_pairs_caps_both_responses_and_counts_the_cut(std_tok, capsys):
+def test_tokenize_pairs_caps_both_responses_and_counts_the_cut(tok, capsys):
     ex = {"prompt": "Hi", "chosen": "The capital of France is Paris.", "rejected": "Blue is a color, I think."}
-    [row] = tokenize_pairs([ex], std_tok, "hh", max_len=200, max_response_len=2)
+    [row] = tokenize_pairs([ex], tok, "hh", max_len=200, max_response_len=2)
     assert "tokenize_pairs: 1/1 examples truncated" in capsys.readouterr().out
     assert sum(row["chosen_mask"]) == sum(row["rejected_mask"]) == 2
     got = [i for i, m in zip(row["rejected_ids"], row["rejected_mask"]) if m]
-    assert got == encode_response(std_tok, ex["rejected"], "hh")[:2]
+    assert got == encode_response(tok, ex["rejected"], "hh")[:2]
 
 
-def test_tokenize_pairs_keeps_bos_within_max_len(std_tok):
-    std_tok.add_bos = True
+def test_tokenize_pairs_keeps_bos_within_max_len(tok):
+    tok.add_bos = True
     ex = {"prompt": "The capital of France is Paris. " * 10 + "Capital?", "chosen": "Paris.", "rejected": "Lyon."}
-    [row] = tokenize_pairs([ex], std_tok, "hh", max_len=30)
-    assert row["chosen_ids"][0] == row["rejected_ids"][0] == std_tok.bos_id
+    [row] = tokenize_pairs([ex], tok, "hh", max_len=30)
+    assert row["chosen_ids"][0] == row["rejected_ids"][0] == tok.bos_id
     assert max(len(row["chosen_ids"]), len(row["rejected_ids"])) == 30

@@ -3,14 +3,16 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import reference
 from nanoalign import world
-from nanoalign.evaluate import (copies_prompt, lcs_length, mean_self_bleu, oracle_score, reward_accuracy, rouge_l,
-                                rouge_tokens, self_bleu, sentence_bleu, win_rate)
+from nanoalign.evaluate import (_fit_prompt, compare, copies_prompt, evaluate_answers, lcs_length, mean_self_bleu,
+                                oracle_score, reward_accuracy, rouge_l, rouge_tokens, self_bleu, sentence_bleu,
+                                win_rate)
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -236,10 +238,6 @@ def test_copying_at_exactly_the_threshold_counts():
 
 
 def test_fit_prompt_keeps_the_bos_and_the_end():
-    from types import SimpleNamespace
-
-    from nanoalign.evaluate import _fit_prompt
-
     with_bos, without = SimpleNamespace(add_bos=True), SimpleNamespace(add_bos=False)
     assert _fit_prompt([1, 10, 11, 12, 13, 14], 4, with_bos) == [1, 12, 13, 14]
     assert _fit_prompt([10, 11, 12, 13, 14], 3, without) == [12, 13, 14]
@@ -247,8 +245,6 @@ def test_fit_prompt_keeps_the_bos_and_the_end():
 
 
 def test_evaluate_answers_averages_rouge_over_the_referenced_records_and_counts_rouge_tokens():
-    from nanoalign.evaluate import evaluate_answers
-
     m = evaluate_answers([{"prompt": "Tell me a joke.", "reference": "a b"}, {"prompt": "Hi."}],
                          ["a b", "don't stop-believing"])
     assert m["rouge_l"] == 1.0 and m["n_reference"] == 1  # the record without a reference does not count
@@ -260,8 +256,6 @@ def test_evaluate_answers_averages_rouge_over_the_referenced_records_and_counts_
 
 
 def test_compare_reports_each_sides_mean_judgement():
-    from nanoalign.evaluate import compare
-
     def judge(prompts, answers):  # longer is better
         return [float(len(a)) for a in answers]
 

@@ -235,8 +235,9 @@ def test_a_reward_model_judge_reads_with_its_own_saved_template(tmp_path, models
     out = tmp_path / "eval.json"
     result = evaluate.main([f"--model_a={models[0]}", f"--model_b={models[1]}", f"--judge={judge_dir}", "--limit=3",
                             "--max_new_tokens=6", f"--out={out}", f"--prompts={PROMPTS}"])
-    assert json.loads(out.read_text())["templates"]["A"] == "hh"  # the models answer in their own template
-    answers = json.loads(out.read_text())["answers"]["A"]
+    saved = json.loads(out.read_text())
+    assert saved["templates"]["A"] == "hh"  # the models answer in their own template
+    answers = saved["answers"]["A"]
     prompts = [r["prompt"] for r in read_jsonl(PROMPTS)[:3]]
     rm = RewardModel.from_pretrained(judge_dir)
 

@@ -18,7 +18,10 @@ import train_sft
 from nanoalign import ewc, hbat
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
+from nanoalign.data import collate_sft, tokenize_sft
+from nanoalign.dpo import response_logps
 from nanoalign.reward import RewardModel
+from nanoalign.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -378,10 +381,6 @@ def test_fisher_is_estimated_on_the_previous_stages_split(tiny_init, files, tmp_
 
 
 def test_fisher_penalty_is_the_formula_on_the_previous_stage(tiny_init, files, tmp_path):
-    from nanoalign.data import collate_sft, tokenize_sft
-    from nanoalign.dpo import response_logps
-    from nanoalign.tokenizer import Tokenizer
-
     extra = ["--ewc=fisher", "--fisher_samples=4", "--lambda_max=1e4"]
     train_dpo.main(dpo_args(tiny_init, tmp_path / "a", files, *extra, "--stop_at=3"))  # the weights after step 3
     train_dpo.main(dpo_args(tiny_init, tmp_path / "b", files, *extra, "--stop_at=4"))  # the penalty at step 4

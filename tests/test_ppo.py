@@ -4,7 +4,6 @@ The first two tests pin the PPO pitfall that runs silently: before any update th
 the sampler's and the reference's, so the first ratio is 1 and the KL is 0, on left-padded rollouts of different
 lengths, at temperature 1 and not."""
 import copy
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from nanoalign import dist, ppo, train, world
+from nanoalign.data import read_jsonl
 from nanoalign.evaluate import sample_answers
 from nanoalign.losses import ppo_policy_loss, ppo_value_loss, token_logprobs
 from nanoalign.model import ModelConfig, Transformer
@@ -488,7 +488,7 @@ def test_update_stats_are_token_means_before_any_step(policy, critic, prompts, t
 
 
 def test_held_out_quality_equals_evaluate_answers_on_the_same_answers(policy, tok, monkeypatch):
-    rows = [json.loads(l) for l in (ROOT / "data" / "prompts_test.jsonl").read_text().splitlines()]
+    rows = read_jsonl(ROOT / "data" / "prompts_test.jsonl")
     closed = [r for r in rows if r["qtype"] == "CONSTRAINED"][:2]
     opened = [r for r in rows if r["qtype"] == "OPENENDED"][:2]
     picked = closed + opened

@@ -331,6 +331,9 @@ def test_a_damaged_train_state_is_one_error_naming_the_file_and_key(init_dir, tm
         (lambda st: st | {"step": "two"}, f"--resume: {path}: key 'step' must hold a step number, got str"),
         (lambda st: {k: v for k, v in st.items() if k != "rng"},
          f"--resume: {path}: key 'rng' must hold the RNG state of each rank, it is missing"),
+        (lambda st: st | {"step": -1}, f"--resume: {path}: key 'step' must hold a step number, got int"),
+        (lambda st: st | {"rng": []}, f"--resume: {path}: key 'rng' must hold the RNG state of each rank, got list"),
+        (lambda st: st | {"extra": None}, f"--resume: {path}: key 'extra' must hold a dict, got NoneType"),
         (moment_reshaped, "train_state.pt: optimizer holds exp_avg of shape (3,) for tok_emb.weight, whose shape is"),
         (moments_added, "train_state.pt: optimizer holds parameters this model does not have: blocks.0.weight (a "
                           "checkpoint of another model?)"),
@@ -413,11 +416,8 @@ def test_grad_clip_zero_means_no_clipping():
     assert torch.equal(lin.weight, torch.full((2, 3), -3.0)) and torch.equal(lin.bias, torch.full((2,), -3.0))
 
 
-def test_a_single_inf_weight_is_not_saved(tmp_path):
-    from nanoalign.model import ModelConfig, Transformer
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layer=1, n_head=2, hidden_dim=48, max_seq_len=32))
-    model.init_weights()
+def test_a_single_inf_weight_is_not_saved(tok, tmp_path):
+    model = tiny(tok)
     with torch.no_grad():
         model.norm.weight[3] = float("inf")  # one entry, not the whole tensor
     with pytest.raises(train.NonFiniteError, match=r"^step 5: the weights are not finite .*\(model: norm\.weight\)"):
@@ -425,30 +425,9 @@ def test_a_single_inf_weight_is_not_saved(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("step", -1, "key 'step' must hold a step number, got int"),         
-    ("rng", [], "key 'rng' must hold the RNG state of each rank, got list"),
-    ("extra", None, "key 'extra' must hold a dict, got NoneType"),        
-])
-def test_find_checkpoint_checks_each_key(tmp_path, key, value, message):
-    good = {"step": 3, "rng": [train._rng_state()], "extra": {}}
-    train.find_checkpoint  # noqa: B018
-    (tmp_path / "ckpt").mkdir()
-    torch.save(good, tmp_path / "ckpt" / train.STATE_FILE)
-    assert train.find_checkpoint(tmp_path / "ckpt", resume=True)["step"] == 3
-    torch.save({**good, key: value}, tmp_path / "ckpt" / train.STATE_FILE)
-    from nanoalign.cli import InputError
-    with pytest.raises(InputError, match=f": {message}$"):
-        train.find_checkpoint(tmp_path / "ckpt", resume=True)
-
-
-def test_resume_with_a_frozen_parameter(tmp_path):
-    from nanoalign.model import ModelConfig, Transformer
-
+def test_resume_with_a_frozen_parameter(tok, tmp_path):
     def build():
-        torch.manual_seed(0)
-        m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layer=1, n_head=2, hidden_dim=48, max_seq_len=32))
-        m.init_weights()
+        m = tiny(tok)
         m.tok_emb.weight.requires_grad_(False)  # frozen: AdamW holds no moments for it
         return m
 
