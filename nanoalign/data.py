@@ -14,6 +14,10 @@ Gotchas:
 - Truncation keeps the END of the prompt (the latest question) and caps the response; a capped
   response loses its EOS so the model is never taught to stop mid-sentence. An example whose
   response leaves no room for any prompt token is dropped; both are counted and printed.
+- A preference pair whose two responses are the same tokens (the same text, or texts that differ only past
+  the response cap) says nothing: every pairwise loss has zero gradient on it (the two log-probs or scores
+  are equal), yet it counts in the batch mean, and an evaluation scores its tie as a wrong answer.
+  tokenize_pairs drops such pairs, counted and printed.
 - Labels are NOT shifted: labels[t] is the target for position t and the loss compares
   logits[:, :-1] with labels[:, 1:]. Padding is on the right and is never in the labels, even if
   pad_id happens to equal eos_id (labels come from the response mask, not from the ids).
@@ -320,9 +324,10 @@ def tokenize_pairs(examples: list[dict], tok: Tokenizer, template: str, max_len:
                    max_response_len: int | None = None) -> list[dict]:
     """{"prompt","chosen","rejected"} -> chosen_ids/chosen_mask/rejected_ids/rejected_mask.
 
-    Both sides keep the same (identically truncated) prompt: DPO compares log-probs given one prompt.
+    Both sides keep the same (identically truncated) prompt: DPO compares log-probs given one prompt. A pair whose
+    responses are the same tokens once capped is dropped (counted and printed): it carries no preference.
     """
-    out, cut, dropped = [], 0, 0
+    out, cut, dropped, tied = [], 0, 0, 0
     for ex in examples:
         bos, prompt = _split_bos(tok, encode_prompt(tok, ex["prompt"], template))
         chosen = encode_response(tok, ex["chosen"], template)
@@ -334,10 +339,16 @@ def tokenize_pairs(examples: list[dict], tok: Tokenizer, template: str, max_len:
             continue
         # [:None] keeps the whole response
         kept_prompt, kept_chosen, kept_rejected = fitted[0], chosen[:max_response_len], rejected[:max_response_len]
+        if kept_chosen == kept_rejected:
+            tied += 1
+            continue
         cut += (kept_prompt, kept_chosen, kept_rejected) != (prompt, chosen, rejected)
         c, r = _join(bos + kept_prompt, kept_chosen), _join(bos + kept_prompt, kept_rejected)
         out.append({"chosen_ids": c["ids"], "chosen_mask": c["mask"], "rejected_ids": r["ids"], "rejected_mask": r["mask"]})
     _report_cuts("tokenize_pairs", len(examples), cut, dropped, max_len)
+    if tied:
+        print(f"tokenize_pairs: {tied}/{len(examples)} pairs dropped (chosen and rejected are the same tokens"
+              f"{f' within --max_response_len={max_response_len}' if max_response_len else ''})")
     return out
 
 

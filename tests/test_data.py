@@ -429,6 +429,20 @@ def test_tokenize_pairs_caps_both_responses_and_counts_the_cut(tok, capsys):
     assert got == encode_response(tok, ex["rejected"], "hh")[:2]
 
 
+def test_tokenize_pairs_drops_pairs_whose_responses_are_the_same_tokens(tok, capsys):
+    """A tie has zero gradient in every pairwise loss but counts in the batch mean (and as an error in eval)."""
+    same = {"prompt": "Hi", "chosen": "Paris.", "rejected": "Paris."}
+    past_cap = {"prompt": "Hi", "chosen": "The capital is Paris.", "rejected": "The capital is Lyon."}
+    differs = {"prompt": "Hi", "chosen": "Paris.", "rejected": "Lyon."}
+    rows = tokenize_pairs([same, past_cap, differs], tok, "hh", max_len=200, max_response_len=3)
+    assert "tokenize_pairs: 2/3 pairs dropped (chosen and rejected are the same tokens within --max_response_len=3)" \
+        in capsys.readouterr().out
+    assert [row["chosen_ids"][-3:] for row in rows] == [encode_response(tok, "Paris.", "hh")[:3]]
+    # uncapped, only the literal twin goes
+    assert len(tokenize_pairs([same, past_cap, differs], tok, "hh", max_len=200)) == 2
+    assert "1/3 pairs dropped (chosen and rejected are the same tokens)" in capsys.readouterr().out
+
+
 def test_tokenize_pairs_keeps_bos_within_max_len(tok):
     tok.add_bos = True
     ex = {"prompt": "The capital of France is Paris. " * 10 + "Capital?", "chosen": "Paris.", "rejected": "Lyon."}
