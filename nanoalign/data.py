@@ -332,6 +332,9 @@ def tokenize_pairs(examples: list[dict], tok: Tokenizer, template: str, max_len:
         bos, prompt = _split_bos(tok, encode_prompt(tok, ex["prompt"], template))
         chosen = encode_response(tok, ex["chosen"], template)
         rejected = encode_response(tok, ex["rejected"], template)
+        if chosen[:max_response_len] == rejected[:max_response_len]:  # no preference left to learn: skip before fitting
+            tied += 1
+            continue
         # the longer response decides how much prompt fits; both responses get the same cap
         fitted = truncate_example(prompt, max(chosen, rejected, key=len), max_len - len(bos), max_response_len)
         if fitted is None:
@@ -339,16 +342,12 @@ def tokenize_pairs(examples: list[dict], tok: Tokenizer, template: str, max_len:
             continue
         # [:None] keeps the whole response
         kept_prompt, kept_chosen, kept_rejected = fitted[0], chosen[:max_response_len], rejected[:max_response_len]
-        if kept_chosen == kept_rejected:
-            tied += 1
-            continue
         cut += (kept_prompt, kept_chosen, kept_rejected) != (prompt, chosen, rejected)
         c, r = _join(bos + kept_prompt, kept_chosen), _join(bos + kept_prompt, kept_rejected)
         out.append({"chosen_ids": c["ids"], "chosen_mask": c["mask"], "rejected_ids": r["ids"], "rejected_mask": r["mask"]})
     _report_cuts("tokenize_pairs", len(examples), cut, dropped, max_len)
-    if tied:
-        print(f"tokenize_pairs: {tied}/{len(examples)} pairs dropped (chosen and rejected are the same tokens"
-              f"{f' within --max_response_len={max_response_len}' if max_response_len else ''})")
+    where = f" within --max_response_len={max_response_len}" if max_response_len else ""
+    _report_skipped("tokenize_pairs", len(out), {f"with chosen and rejected the same tokens{where}": tied} if tied else {})
     return out
 
 

@@ -435,12 +435,12 @@ def test_tokenize_pairs_drops_pairs_whose_responses_are_the_same_tokens(tok, cap
     past_cap = {"prompt": "Hi", "chosen": "The capital is Paris.", "rejected": "The capital is Lyon."}
     differs = {"prompt": "Hi", "chosen": "Paris.", "rejected": "Lyon."}
     rows = tokenize_pairs([same, past_cap, differs], tok, "hh", max_len=200, max_response_len=3)
-    assert "tokenize_pairs: 2/3 pairs dropped (chosen and rejected are the same tokens within --max_response_len=3)" \
+    assert "tokenize_pairs: kept 1, skipped 2 (2 with chosen and rejected the same tokens within --max_response_len=3)" \
         in capsys.readouterr().out
     assert [row["chosen_ids"][-3:] for row in rows] == [encode_response(tok, "Paris.", "hh")[:3]]
     # uncapped, only the literal twin goes
     assert len(tokenize_pairs([same, past_cap, differs], tok, "hh", max_len=200)) == 2
-    assert "1/3 pairs dropped (chosen and rejected are the same tokens)" in capsys.readouterr().out
+    assert "tokenize_pairs: kept 2, skipped 1 (1 with chosen and rejected the same tokens)\n" in capsys.readouterr().out
 
 
 def test_tokenize_pairs_keeps_bos_within_max_len(tok):
