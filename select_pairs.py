@@ -220,11 +220,9 @@ def main(argv=None):
         raise InputError(f"--data={cfg.data}: no records")
 
     # --- models
-    if cfg.model == Config.model and not Path(cfg.model).exists():
-        print(f"{cfg.model} not found: training the tiny SFT model first (python train_sft.py)", flush=True)
-        import train_sft
-
-        train_sft.main([f"--device={cfg.device}"])
+    if cfg.model == Config.model:
+        import train_sft  # the repository's SFT script, beside this one
+        train.train_first(cfg.model, "the tiny SFT model", "train_sft.py", train_sft.main, [f"--device={cfg.device}"])
     try:
         ckpt = resolve_dir(cfg.model)
     except FileNotFoundError as e:

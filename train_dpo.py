@@ -239,11 +239,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
     stages = hbat.plan(cfg, "dpo")
-    if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT) and not (Path(cfg.init) / "config.json").exists():
-        base = cfg.init == hbat.BASE_INIT  # Hbat starts from the pretrained base: it does the SFT itself
-        print(f"{cfg.init} not found: training the tiny {'base' if base else 'SFT'} model first (python train_sft.py"
-              f"{' --mode=pretrain' if base else ''})", flush=True)
-        train_sft.main([f"--device={cfg.device}", *(["--mode=pretrain"] if base else [])])
+    if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT):
+        hbat.train_init_first(cfg.init, cfg.device, train_sft.main)
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
     if cfg.batch_size % d.world_size:

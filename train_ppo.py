@@ -27,7 +27,6 @@ scores by their running mean/std; per-token reward -beta KL, plus the score on t
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -36,12 +35,12 @@ from pathlib import Path
 import torch
 
 import train_sft
-from nanoalign import dist, hbat, ppo, train, world
+from nanoalign import dist, hbat, ppo, train
 from nanoalign.checkpoint import resolve_dir
 from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
                            check_range, parse_config, run)
-from nanoalign.data import read_jsonl, tokenize_sft
-from nanoalign.losses import AdaptiveKLController, masked_mean
+from nanoalign.data import tokenize_sft
+from nanoalign.losses import AdaptiveKLController
 from nanoalign.reward import RewardModel
 from nanoalign.tokenizer import TEMPLATES, Tokenizer
 
@@ -146,30 +145,11 @@ def check_world(cfg: Config, d: dist.Dist) -> None:
 def prerequisites(cfg: Config) -> None:
     """The tiny SFT model and the tiny reward model, trained first when a default path is missing."""
     import train_rm  # the repository's script, beside this one
-    say = int(os.environ.get("RANK", "0")) == 0
-    if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT) and not Path(cfg.init).exists() and not cfg.resume:
-        base = cfg.init == hbat.BASE_INIT  # Hbat starts from the pretrained base: it does the SFT itself
-        if say:
-            print(f"{cfg.init} not found: training the tiny {'base' if base else 'SFT'} model first (python "
-                  f"train_sft.py{' --mode=pretrain' if base else ''})", flush=True)
-        train_sft.main([f"--device={cfg.device}", *(["--mode=pretrain"] if base else [])])
-    if cfg.reward == "rm" and cfg.reward_model == Config.reward_model and not Path(cfg.reward_model).exists():
-        if say:
-            print(f"{cfg.reward_model} not found: training the tiny reward model first (python train_rm.py)", flush=True)
-        train_rm.main([f"--device={cfg.device}"])
-
-
-def load_prompts(cfg: Config) -> tuple[list[dict], list[dict]]:
-    need = ("prompt", "qtype", "reference") if cfg.reward in ("r3", "r3_random_qtype") else ("prompt",)
-    rows = read_jsonl(cfg.data, required=need)
-    if not rows:
-        raise InputError(f"--data={cfg.data}: no prompts")
-    if cfg.reward == "oracle" and not all(world.is_world_prompt(r["prompt"]) for r in rows):
-        raise InputError(f"--reward=oracle judges only tiny-world prompts; {cfg.data} has others")
-    eval_rows = read_jsonl(cfg.eval_data, required=("prompt",))[:cfg.eval_prompts] if cfg.eval_data else []
-    if not all(world.is_world_prompt(r["prompt"]) for r in eval_rows):
-        raise InputError(f"--eval_data={cfg.eval_data}: the oracle judges only tiny-world prompts (pass --eval_data=)")
-    return rows, eval_rows
+    if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT) and not cfg.resume:
+        hbat.train_init_first(cfg.init, cfg.device, train_sft.main)
+    if cfg.reward == "rm" and cfg.reward_model == Config.reward_model:
+        train.train_first(cfg.reward_model, "the tiny reward model", "train_rm.py", train_rm.main,
+                          [f"--device={cfg.device}"])
 
 
 def main(argv=None):
@@ -206,9 +186,7 @@ def main(argv=None):
     reward_model = None
     if cfg.reward == "rm":
         rm_dir = resolve_dir(cfg.reward_model)
-        if (rm_dir / "tokenizer.json").exists() and Tokenizer.from_dir(rm_dir).tok.get_vocab() != tok.tok.get_vocab():
-            raise InputError(f"--reward_model={cfg.reward_model}: its tokenizer differs from the policy's; the reward "
-                             f"model reads the policy's token ids")
+        tok.check_same_vocab(rm_dir, f"--reward_model={cfg.reward_model}")
         reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
                                                     build=RewardModel.from_config), d, trainable=False)
     if state:
@@ -218,24 +196,16 @@ def main(argv=None):
     else:  # no reward model to start from: the SFT trunk with a zero value head (every value 0)
         critic_dir, load_critic = init_dir, lambda p: RewardModel.from_causal_lm(p, head_init="zeros")
     critic = train.place(train.load_model(critic_dir, d, load=load_critic, build=RewardModel.from_config), d)
-    encoder = None
-    if cfg.reward in ppo.TEXT_REWARDS and cfg.reward not in ("oracle", "length"):
-        from nanoalign.encoder import Encoder
-        encoder = Encoder.from_pretrained(cfg.relevance_model, device=d.device)
+    encoder = ppo.relevance_encoder(cfg.reward, cfg.relevance_model, d.device)  # None unless the reward needs one
     # the KL controller and the score statistics live across the whole run (all PPO stages)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     stats = ppo.RunningMoments()
-    if state:
-        if missing := [k for k in ("kl_ctl", "score_stats") if k not in state["extra"]]:
-            raise InputError(f"--resume: {ckpt / train.STATE_FILE} holds no {' and no '.join(missing)} "
-                             f"(not a PPO run's)")
-        kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
-        stats.load_state_dict(state["extra"]["score_stats"])
+    ppo.restore_run_state(state, kl_ctl, stats, ckpt / train.STATE_FILE)
     dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"
                    f"{f' ({cfg.reward_model})' if reward_model is not None else ''}, template {cfg.template!r}")
 
     # --- data: the prompts (and Hbat's SFT examples), each in --splits disjoint parts
-    rows, eval_rows = load_prompts(cfg)
+    rows, eval_rows = ppo.load_prompts(cfg.data, cfg.eval_data, cfg.eval_prompts, cfg.reward)
     sft_cfg = train_sft.Config(lr=cfg.sft_lr, micro_batch_size=cfg.micro_batch_size, save_every=cfg.save_every,
                                seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
     sft_rows = tokenize_sft(train_sft.load_sft_examples(cfg.sft_data, "auto"), tok, cfg.template, min(
@@ -292,18 +262,13 @@ def main(argv=None):
                                          temperature=cfg.temperature, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
                                          amp=amp)
             t2 = time.time()
-            if reward_model is not None:
-                batch["scores"] = ppo.reward_model_scores(batch, reward_model, micro_batch_size=cfg.micro_batch_size,
-                                                          pad_id=tok.pad_id, amp=amp)
-            else:  # a reward that reads the decoded answer (the stop token dropped)
-                mine = batch["index"].tolist()
-                answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]).strip() for j in range(len(mine))]
-                batch["scores"] = ppo.text_scores(cfg.reward, [rows[index[i]] for i in mine], answers, encoder=encoder,
-                                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, step=run_step,
-                                                  index=mine).to(d.device)
+            batch["scores"] = ppo.score_rollouts(batch, cfg.reward, [rows[i] for i in index], tok=tok,
+                                                 reward_model=reward_model, encoder=encoder,
+                                                 micro_batch_size=cfg.micro_batch_size,
+                                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, step=run_step,
+                                                 amp=amp)
             t3 = time.time()
             batch = ppo.gather_rollouts(batch, d, tok.pad_id)
-            mask = batch["mask"].bool()
             scores = ppo.shape_scores(batch["scores"], batch["stopped"], stats if cfg.score_norm else None,
                                       cfg.score_clip, cfg.missing_eos_penalty)
             kl_coef = kl_ctl.value
@@ -322,16 +287,7 @@ def main(argv=None):
             t5 = time.time()
 
             penalty = update_stats.pop("penalty", None)
-            gap = torch.where(mask, (batch["sampler_logprobs"] - batch["logprobs"]).abs(), 0.0).max().item()
-            record = {**stage.record(step + 1), "objective/kl": adv_stats["kl"], "objective/kl_coef": kl_coef,
-                      "objective/scores": batch["scores"].float().mean().item(),
-                      "objective/entropy": masked_mean(batch["entropy"], mask).item(),
-                      **{f"ppo/{k}": v for k, v in update_stats.items()},
-                      "ppo/explained_variance": adv_stats["explained_variance"],
-                      "ppo/logprob_gap": gap, "ppo/response_length": mask.sum(-1).float().mean().item(),
-                      "ppo/eos_fraction": batch["stopped"].float().mean().item(),
-                      "ppo/advantages_mean": adv_stats["advantages_mean"],
-                      "ppo/returns_mean": adv_stats["returns_mean"],
+            record = {**stage.record(step + 1), **ppo.step_metrics(batch, adv_stats, update_stats, kl_coef),
                       **hbat.ewc_record(stage, penalty, update_stats["policy_loss"]),
                       "time/generation": t1 - t0, "time/scoring": t3 - t2, "time/forward": (t2 - t1) + (t4 - t3),
                       "time/update": t5 - t4}
@@ -345,14 +301,13 @@ def main(argv=None):
             bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}")
             # --- save
             if train.should_save(step + 1, cfg.save_every, stage.last):
-                stage.save(d, step + 1, models(step + 1), tokenizer=tok,
-                           extra={"kl_ctl": kl_ctl.state_dict(), "score_stats": stats.state_dict()})
+                stage.save(d, step + 1, models(step + 1), tokenizer=tok, extra=ppo.run_state(kl_ctl, stats))
         bar.close()
         return record
 
     def sft_stage(stage: hbat.Stage, policy, rows, penalty_fn):
         # PPO's state does not change in an SFT stage, but a run resumed inside one needs it
-        stage.extra.update(kl_ctl=kl_ctl.state_dict(), score_stats=stats.state_dict())
+        stage.extra.update(ppo.run_state(kl_ctl, stats))
         return train_sft.sft_stage(sft_cfg, d, "sft", policy, tok, rows, [], stage, cfg.sft_lr, penalty_fn)
 
     hbat.run_schedule(cfg, d, stages, policy, data, sft_stage=sft_stage, pref_stage=ppo_stage, init_dir=init_dir,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -142,13 +141,9 @@ def normalize_offset(rm, rows, cfg, d, pad_id, amp) -> tuple[float, float]:
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
-    if cfg.init == Config.init and not cfg.resume and not Path(cfg.init).exists():
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{cfg.init} not found: training the tiny SFT model first "
-                  f"(python train_sft.py --device={cfg.device})", flush=True)
+    if cfg.init == Config.init and not cfg.resume:
         import train_sft  # the repository's SFT script, beside this one
-
-        train_sft.main([f"--device={cfg.device}"])
+        train.train_first(cfg.init, "the tiny SFT model", "train_sft.py", train_sft.main, [f"--device={cfg.device}"])
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
     if cfg.batch_size % d.world_size:

@@ -144,6 +144,14 @@ def plan(cfg, pref_kind: str) -> list[Stage]:
     return stages
 
 
+def train_init_first(init: str, device: str, train_sft_main: Callable[[list[str]], None]) -> None:
+    """A preference script's default --init (SFT_INIT, or BASE_INIT for Hbat, which starts from the pretrained
+    base and does the SFT itself), trained first with train_sft.py when it is missing (train.train_first)."""
+    pretrain = ["--mode=pretrain"] if init == BASE_INIT else []
+    train.train_first(init, f"the tiny {'base' if pretrain else 'SFT'} model", "train_sft.py", train_sft_main,
+                      [f"--device={device}", *pretrain])
+
+
 def split(rows: list, n: int, flag: str) -> list[list]:
     """n disjoint splits of the rows that together hold every row: split j = rows[j::n]."""
     if n > len(rows):

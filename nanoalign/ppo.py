@@ -4,8 +4,9 @@ One PPO step (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022; docs/methods
 
     sample_rollouts      y ~ pi(.|x) at temperature tau with the KV-cache sampler, a generator per prompt chunk
     rollout_forwards     no-grad forwards on prompt + response: the policy's log-probs ("old", RECOMPUTED by the
-                         trainer), the reference's log-probs, the critic's values, the entropy, the reward model
-    text_scores          the other reward sources: R3 and its ablations (nanoalign.r3), the tiny world's oracle
+                         trainer), the reference's log-probs, the critic's values, the entropy
+    score_rollouts       the score of each answer from the --reward source: the reward model (reward_model_scores)
+                         or a reward that reads text (text_scores): R3 and its ablations (nanoalign.r3), the oracle
     gather_rollouts      every rank gets the whole global batch (it is small: ids and per-token floats)
     shape_scores         running mean/std normalisation, clipping, the missing-EOS penalty
     advantages           per-token KL penalty + score on the last token, GAE, masked whitening
@@ -38,6 +39,8 @@ from contextlib import contextmanager
 import torch
 
 from . import dist, hbat, train, world
+from .cli import InputError
+from .data import read_jsonl
 from .generate import generate, left_pad
 from .losses import (entropy_from_logits, explained_variance, gae, logprobs_from_logits, masked_mean,
                      ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
@@ -280,6 +283,19 @@ def text_scores(reward: str, prompts: list[dict], responses: list[str], *, encod
                      qtypes if variant == "r3" else None, max_new_tokens, variant=variant)
 
 
+def score_rollouts(batch: dict, reward: str, rows: list[dict], *, tok, reward_model=None, encoder=None,
+                   micro_batch_size: int, max_new_tokens: int, seed: int, step: int, amp) -> torch.Tensor:
+    """This rank's rollouts scored by the source --reward names (B,): "rm", the reward model on the token ids
+    (reward_model_scores); any other, a reward that reads the decoded answer, the stop token dropped
+    (text_scores). rows: the data rows of the step's prompt list, which batch["index"] points into."""
+    if reward == "rm":
+        return reward_model_scores(batch, reward_model, micro_batch_size=micro_batch_size, pad_id=tok.pad_id, amp=amp)
+    mine = batch["index"].tolist()
+    answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]).strip() for j in range(len(mine))]
+    return text_scores(reward, [rows[i] for i in mine], answers, encoder=encoder, max_new_tokens=max_new_tokens,
+                       seed=seed, step=step, index=mine).to(batch["tokens"].device)
+
+
 def gather_rollouts(batch: dict, d: dist.Dist, pad_id: int) -> dict:
     """The global batch on every rank, rows in the order of the global prompt list (so it is the same batch,
     bit for bit, whatever the number of ranks)."""
@@ -391,7 +407,70 @@ def update(batch: dict, policy, critic, policy_opt, critic_opt, *, step: int, se
     return {**out, "penalty": sum(penalties) / len(penalties)} if penalties else out
 
 
+# --- what a step logs, and what a resumed run restores
+
+def step_metrics(batch: dict, adv_stats: dict, update_stats: dict, kl_coef: float) -> dict:
+    """A step's metrics (docs/methods.md "## 3. PPO"), from the gathered batch after the update:
+    objective/kl (nats per answer, what the adaptive coefficient targets), objective/kl_coef (the beta the step's
+    rewards used), objective/scores (the raw scores' mean, before normalisation and the missing-EOS penalty),
+    objective/entropy (per response token), ppo/<update stats>, ppo/explained_variance, ppo/logprob_gap (the
+    largest |sampler - trainer| log-prob of a response token: float noise, unless the two disagree on the
+    distribution), ppo/response_length, ppo/eos_fraction, ppo/advantages_mean and ppo/returns_mean."""
+    mask = batch["mask"].bool()
+    gap = torch.where(mask, (batch["sampler_logprobs"] - batch["logprobs"]).abs(), 0.0).max().item()
+    return {"objective/kl": adv_stats["kl"], "objective/kl_coef": kl_coef,
+            "objective/scores": batch["scores"].float().mean().item(),
+            "objective/entropy": masked_mean(batch["entropy"], mask).item(),
+            **{f"ppo/{k}": v for k, v in update_stats.items()},
+            "ppo/explained_variance": adv_stats["explained_variance"], "ppo/logprob_gap": gap,
+            "ppo/response_length": mask.sum(-1).float().mean().item(),
+            "ppo/eos_fraction": batch["stopped"].float().mean().item(),
+            "ppo/advantages_mean": adv_stats["advantages_mean"], "ppo/returns_mean": adv_stats["returns_mean"]}
+
+
+def run_state(kl_ctl, stats: RunningMoments) -> dict:
+    """What a PPO run carries from step to step besides the models: the KL controller and the score statistics
+    (saved as a checkpoint's extra state)."""
+    return {"kl_ctl": kl_ctl.state_dict(), "score_stats": stats.state_dict()}
+
+
+def restore_run_state(state: dict | None, kl_ctl, stats: RunningMoments, path) -> None:
+    """Load run_state's parts from a checkpoint's train state (None: a fresh run, nothing to do); a train state
+    without them (path: where it was read) is not a PPO run's."""
+    if state is None:
+        return
+    if missing := [k for k in ("kl_ctl", "score_stats") if k not in state["extra"]]:
+        raise InputError(f"--resume: {path} holds no {' and no '.join(missing)} (not a PPO run's)")
+    kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
+    stats.load_state_dict(state["extra"]["score_stats"])
+
+
 # --- prompts and held-out evaluation
+
+def load_prompts(data: str, eval_data: str, eval_prompts: int, reward: str) -> tuple[list[dict], list[dict]]:
+    """PPO's prompts (.jsonl rows) and the first eval_prompts held-out ones ("" for none). R3 (and its random-qtype
+    ablation) reads each row's "qtype" and "reference" too; the oracle reward, and the held-out evaluation, judge
+    only tiny-world prompts."""
+    rows = read_jsonl(data, required=("prompt", "qtype", "reference") if reward in ("r3", "r3_random_qtype")
+                      else ("prompt",))
+    if not rows:
+        raise InputError(f"--data={data}: no prompts")
+    if reward == "oracle" and not all(world.is_world_prompt(r["prompt"]) for r in rows):
+        raise InputError(f"--reward=oracle judges only tiny-world prompts; {data} has others")
+    eval_rows = read_jsonl(eval_data, required=("prompt",))[:eval_prompts] if eval_data else []
+    if not all(world.is_world_prompt(r["prompt"]) for r in eval_rows):
+        raise InputError(f"--eval_data={eval_data}: the oracle judges only tiny-world prompts (pass --eval_data=)")
+    return rows, eval_rows
+
+
+def relevance_encoder(reward: str, relevance_model: str, device):
+    """The sentence encoder of the rewards that measure relevance (R3 and its ablations but "length"), loaded
+    from relevance_model (nanoalign.encoder); None for the others."""
+    if reward not in TEXT_REWARDS or reward in ("oracle", "length"):
+        return None
+    from .encoder import Encoder  # only these rewards need it
+    return Encoder.from_pretrained(relevance_model, device=device)
+
 
 def encode_prompts(tok, rows: list[dict], template: str, max_prompt_len: int) -> list[list[int]]:
     """Each row's prompt in the template; a longer one keeps its end (the question), and its BOS."""

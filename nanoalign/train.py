@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -117,6 +118,21 @@ def rank_share(items: list, d: dist.Dist) -> list:
 
 def micro_batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# --- the tiny defaults
+
+def train_first(path, what: str, script: str, train_main: Callable[[list[str]], None], argv: list[str]) -> None:
+    """Train a missing default model before a script reads it. With no arguments every script runs on the tiny
+    world, whose models come from the scripts before it (out/sft/model from train_sft.py, out/rm/model from
+    train_rm.py); a script calls this only for its DEFAULT paths, so a mistyped --init still fails as not found.
+    `path` counts as present once it holds a config.json. Under torchrun every rank calls train_main (the ranks run
+    it together, as one distributed job); rank 0 says so."""
+    if (Path(path) / "config.json").exists():
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{path} not found: training {what} first (python {' '.join([script, *argv])})", flush=True)
+    train_main(argv)
 
 
 # --- models: loading and placing

@@ -501,3 +501,49 @@ def test_held_out_quality_equals_evaluate_answers_on_the_same_answers(policy, to
     assert metrics["eval/copy_rate"] == 0.25
     q = [world.quality(r["prompt"], a) for r, a in zip(picked, answers)]
     assert metrics["eval/mean_quality"] == pytest.approx(sum(q) / 4)
+
+
+def test_score_rollouts_judges_each_decoded_answer_against_the_row_its_index_names(tok):
+    """A text reward reads this rank's rollouts: row j is the prompt batch["index"][j] of the step's prompt list,
+    its answer the tokens under its mask, decoded without the stop token."""
+    rows = read_jsonl(ROOT / "data" / "prompts_test.jsonl")[:3]
+    answers = [rows[2]["reference"], rows[0]["reference"] + " " + rows[0]["reference"]]  # right; right but said twice
+    ids = [tok.encode(a) + [tok.eos_id] for a in answers]
+    width = max(map(len, ids)) + 2
+    tokens = torch.tensor([i + [tok.pad_id] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    batch = {"index": torch.tensor([2, 0]), "tokens": tokens, "mask": mask}
+    scores = ppo.score_rollouts(batch, "oracle", rows, tok=tok, micro_batch_size=2, max_new_tokens=width, seed=0,
+                                step=0, amp=NO_AMP)
+    assert scores.tolist() == [world.quality(rows[2]["prompt"], answers[0]), world.quality(rows[0]["prompt"], answers[1])]
+    assert scores[0] == 1.0 and scores[1] < 1.0  # (the doubled answer pays the repetition penalty)
+
+
+def test_step_metrics_read_response_tokens_only():
+    """ppo/logprob_gap is the largest sampler/trainer gap over response tokens (a gap on a masked-out token is
+    ignored), the entropy a token mean, the length and EOS fraction per answer; the rest passes through."""
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    batch = {"mask": mask, "sampler_logprobs": torch.tensor([[-1.0, -2.0, -3.0], [-1.0, 50.0, 0.0]]),
+             "logprobs": torch.tensor([[-1.0, -2.25, -3.0], [-1.125, 0.0, 0.0]]),
+             "entropy": torch.tensor([[1.0, 2.0, 3.0], [6.0, 99.0, 99.0]]), "scores": torch.tensor([0.5, -1.5]),
+             "stopped": torch.tensor([True, False])}
+    adv = {"kl": 0.3, "explained_variance": 0.5, "advantages_mean": 0.0, "returns_mean": 0.25}
+    m = ppo.step_metrics(batch, adv, {"policy_loss": 0.125, "clipfrac": 0.0}, kl_coef=0.2)
+    assert m == {"objective/kl": 0.3, "objective/kl_coef": 0.2, "objective/scores": -0.5, "objective/entropy": 3.0,
+                 "ppo/policy_loss": 0.125, "ppo/clipfrac": 0.0, "ppo/explained_variance": 0.5,
+                 "ppo/logprob_gap": 0.25, "ppo/response_length": 2.0, "ppo/eos_fraction": 0.5,
+                 "ppo/advantages_mean": 0.0, "ppo/returns_mean": 0.25}
+
+
+def test_run_state_round_trips_and_a_train_state_without_it_is_refused(tmp_path):
+    from nanoalign.losses import AdaptiveKLController
+
+    kl_ctl, stats = AdaptiveKLController(0.2, 6.0, 10000), ppo.RunningMoments()
+    kl_ctl.update(9.0, 64)
+    stats.update(torch.tensor([1.0, 2.0, 4.0]))
+    kl_ctl2, stats2 = AdaptiveKLController(0.2, 6.0, 10000), ppo.RunningMoments()
+    ppo.restore_run_state({"extra": ppo.run_state(kl_ctl, stats)}, kl_ctl2, stats2, tmp_path / "train_state.pt")
+    assert kl_ctl2.value == kl_ctl.value != 0.2 and stats2.state_dict() == stats.state_dict()
+    ppo.restore_run_state(None, kl_ctl2, stats2, tmp_path / "train_state.pt")  # a fresh run: nothing to restore
+    with pytest.raises(ValueError, match=r"--resume: .*train_state.pt holds no kl_ctl and no score_stats \(not a PPO"):
+        ppo.restore_run_state({"extra": {}}, kl_ctl2, stats2, tmp_path / "train_state.pt")

@@ -304,3 +304,15 @@ def test_response_ids_are_those_of_the_full_text_for_sentencepiece_style(kind, t
     n_prompt = mask.index(1)
     assert ids[:-1] == full  # the response ids are exactly those the model reads inside the full text
     assert tok.decode(ids[n_prompt:-1]).strip() == response.strip()
+
+
+def test_a_second_model_must_read_the_same_vocabulary(tmp_path, tok):
+    """PPO's reward model reads the policy's token ids: a different tokenizer.json is refused, naming the flag;
+    the same one, or none at all (taken on trust), passes."""
+    same = make_tokenizer_dir(tmp_path / "same", config=STANDARD_CONFIG)
+    tok.check_same_vocab(same, "--reward_model=same")
+    (tmp_path / "bare").mkdir()
+    tok.check_same_vocab(tmp_path / "bare", "--reward_model=bare")
+    other = make_tokenizer_dir(tmp_path / "other", specials=("<s>", "</s>", "<pad>", "<sep>"), config=STANDARD_CONFIG)
+    with pytest.raises(ValueError, match=r"^--reward_model=other: its tokenizer differs from the policy's"):
+        tok.check_same_vocab(other, "--reward_model=other")

@@ -469,3 +469,26 @@ def test_place_freezes_a_model_that_is_not_trained():
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     trained = train.place(torch.nn.Linear(3, 2).eval(), dist.Dist())
     assert trained.training and all(p.requires_grad for p in trained.parameters())
+
+
+def test_train_first_trains_a_missing_default_once_and_only_rank_0_says_so(tmp_path, monkeypatch, capsys):
+    """A script's missing default model is trained by the script before it (every rank calls it: under torchrun
+    they run it together); present means it holds a config.json, so an empty directory left behind is trained."""
+    calls = []
+    path = tmp_path / "sft" / "model"
+
+    def fake_train(argv):
+        calls.append(argv)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")
+
+    path.mkdir(parents=True)  # an empty directory is not a model
+    train.train_first(path, "the tiny SFT model", "train_sft.py", fake_train, ["--device=cpu"])
+    assert calls == [["--device=cpu"]]
+    assert capsys.readouterr().out == f"{path} not found: training the tiny SFT model first (python train_sft.py --device=cpu)\n"
+    train.train_first(path, "the tiny SFT model", "train_sft.py", fake_train, ["--device=cpu"])
+    assert len(calls) == 1  # now it is there
+    (path / "config.json").unlink()
+    monkeypatch.setenv("RANK", "1")
+    train.train_first(path, "the tiny SFT model", "train_sft.py", fake_train, ["--device=cpu"])
+    assert len(calls) == 2 and capsys.readouterr().out == ""
