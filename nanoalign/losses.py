@@ -243,6 +243,9 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     The returns R and V_old come from the rollout, before any update. stats: vf_clipfrac (fraction of valid
     tokens where the clipped term is the larger one), detached."""
     mask = mask.bool()
+    # masked entries are selected away BEFORE the arithmetic: (V - inf)^2 selected out by masked_mean still sends
+    # 0 * inf = NaN back to V
+    values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
     values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped = (values - returns).pow(2)
     clipped = (values_clipped - returns).pow(2)

@@ -285,9 +285,19 @@ def test_ppo_value_loss_clips_around_the_old_values():
     values = t([[1.5, 1.5, 0.9], [0.5, 0.5, 50.0]])
     returns = t([[2.0, 1.0, 0.0], [2.0, 0.0, -50.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    loss, stats = ppo_value_loss(values, torch.ones(2, 3), returns, mask, clip=0.2)
+    loss, stats = ppo_value_loss(values.requires_grad_(), torch.ones(2, 3), returns, mask, clip=0.2)
     close(loss, 0.459)
     close(stats["vf_clipfrac"], 0.4)
+    # dL/dV = (V - R) / 5 where the unclipped term is the larger, 0 where the clipped one is (and on the pad)
+    loss.backward()
+    close(values.grad, [[0.0, 0.1, 0.18], [-0.3, 0.0, 0.0]])
+    # garbage under the mask, even inf, changes neither the loss nor the gradient (no 0 * inf = NaN)
+    garbage = values.detach().clone().requires_grad_()
+    loss2, _ = ppo_value_loss(garbage, t([[1.0, 1.0, 1.0], [1.0, 1.0, float("nan")]]),
+                              t([[2.0, 1.0, 0.0], [2.0, 0.0, float("inf")]]), mask, clip=0.2)
+    loss2.backward()
+    close(loss2, 0.459)
+    close(garbage.grad, values.grad)
 
 
 def test_explained_variance():
