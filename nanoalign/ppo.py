@@ -272,8 +272,9 @@ def text_scores(reward: str, prompts: list[dict], responses: list[str], *, encod
     ablations (the response cut at the first stop string inside r3_reward). prompts are the data rows (raw
     "prompt", and "qtype"/"reference" for R3). r3_random_qtype draws each row's query type from a generator of
     (seed, step, row index), so it too is the same for any number of ranks."""
-    if reward == "oracle":
-        return torch.tensor([world.quality(p["prompt"], y) for p, y in zip(prompts, responses)], dtype=torch.float64)
+    if reward == "oracle":  # judged as the held-out evaluation judges an answer: stripped (evaluate.sample_answers)
+        return torch.tensor([world.quality(p["prompt"], y.strip()) for p, y in zip(prompts, responses)],
+                            dtype=torch.float64)
     qtypes, variant = [p.get("qtype") for p in prompts], reward
     if reward == "r3_random_qtype":  # R3 with the query type drawn at random instead of read from the data
         qtypes = [random.Random((seed * 1_000_003 + step) * 1_000_003 + i).choice(("OPENENDED", "CONSTRAINED"))
@@ -287,11 +288,13 @@ def score_rollouts(batch: dict, reward: str, rows: list[dict], *, tok, reward_mo
                    micro_batch_size: int, max_new_tokens: int, seed: int, step: int, amp) -> torch.Tensor:
     """This rank's rollouts scored by the source --reward names (B,): "rm", the reward model on the token ids
     (reward_model_scores); any other, a reward that reads the decoded answer, the stop token dropped
-    (text_scores). rows: the data rows of the step's prompt list, which batch["index"] points into."""
+    (text_scores). rows: the data rows of the step's prompt list, which batch["index"] points into. The text is
+    passed on unstripped: R3 cuts it at the first stop string BEFORE anything else, and "\n\nHuman:" stripped to
+    "Human:" would no longer be one (an answer that opens a new turn would be paid for the turn)."""
     if reward == "rm":
         return reward_model_scores(batch, reward_model, micro_batch_size=micro_batch_size, pad_id=tok.pad_id, amp=amp)
     mine = batch["index"].tolist()
-    answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]).strip() for j in range(len(mine))]
+    answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]) for j in range(len(mine))]
     return text_scores(reward, [rows[i] for i in mine], answers, encoder=encoder, max_new_tokens=max_new_tokens,
                        seed=seed, step=step, index=mine).to(batch["tokens"].device)
 

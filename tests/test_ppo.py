@@ -519,6 +519,21 @@ def test_score_rollouts_judges_each_decoded_answer_against_the_row_its_index_nam
     assert scores[0] == 1.0 and scores[1] < 1.0  # (the doubled answer pays the repetition penalty)
 
 
+def test_score_rollouts_cuts_r3_answers_at_a_stop_string_before_anything_else(tok):
+    """An answer that opens a new turn at once ("\n\nHuman: ...") is cut to nothing: stripping it first would turn
+    the role tag into "Human:", which is no stop string, and R3 would pay for the invented turn."""
+    rows = [{"prompt": "Tell me about bees."}] * 2
+    answers = ["\n\nHuman: tell me more about bees and the sea", "Sure.\n\nHuman: more"]
+    ids = [tok.encode(a) + [tok.eos_id] for a in answers]
+    assert [tok.decode(i) for i in ids] == answers
+    width = max(map(len, ids))
+    batch = {"index": torch.tensor([0, 1]), "mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
+             "tokens": torch.tensor([i + [tok.pad_id] * (width - len(i)) for i in ids])}
+    scores = ppo.score_rollouts(batch, "length", rows, tok=tok, micro_batch_size=2, max_new_tokens=width, seed=0,
+                                step=0, amp=NO_AMP)
+    assert scores.tolist() == pytest.approx([0.0, 0.02])  # LI: no tokens; "Sure" and "."
+
+
 def test_step_metrics_read_response_tokens_only():
     """ppo/logprob_gap is the largest sampler/trainer gap over response tokens (a gap on a masked-out token is
     ignored), the entropy a token mean, the length and EOS fraction per answer; the rest passes through."""
