@@ -299,6 +299,16 @@ def _split_bos(tok: Tokenizer, prompt_ids: list[int]) -> tuple[list[int], list[i
     return prompt_ids[:n], prompt_ids[n:]
 
 
+def fit_example(tok: Tokenizer, prompt_ids: list[int], response_ids: list[int], max_len: int,
+                max_response_len: int | None = None) -> tuple[list[int], list[int]] | None:
+    """truncate_example for a prompt encoded with its BOS (encode_prompt): the BOS stays first, and the cut takes
+    the tokens after it. Every reader of (prompt, response) text uses this, training and judging alike, so a
+    long prompt is cut the same way wherever it is scored."""
+    bos, prompt = _split_bos(tok, prompt_ids)
+    fitted = truncate_example(prompt, response_ids, max_len - len(bos), max_response_len)
+    return None if fitted is None else (bos + fitted[0], fitted[1])
+
+
 def _join(prompt_ids: list[int], response_ids: list[int]) -> dict:
     return {"ids": prompt_ids + response_ids, "mask": [0] * len(prompt_ids) + [1] * len(response_ids)}
 
@@ -308,14 +318,14 @@ def tokenize_sft(examples: list[dict], tok: Tokenizer, template: str, max_len: i
     """{"prompt","response"} -> {"ids","mask"} with mask = 1 on the response tokens and its EOS."""
     out, cut, dropped = [], 0, 0
     for ex in examples:
-        bos, prompt = _split_bos(tok, encode_prompt(tok, ex["prompt"], template))
+        prompt = encode_prompt(tok, ex["prompt"], template)
         response = encode_response(tok, ex["response"], template)
-        fitted = truncate_example(prompt, response, max_len - len(bos), max_response_len)
+        fitted = fit_example(tok, prompt, response, max_len, max_response_len)
         if fitted is None:
             dropped += 1
             continue
         cut += fitted != (prompt, response)
-        out.append(_join(bos + fitted[0], fitted[1]))
+        out.append(_join(*fitted))
     _report_cuts("tokenize_sft", len(examples), cut, dropped, max_len)
     return out
 

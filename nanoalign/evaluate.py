@@ -46,7 +46,7 @@ from nanoalign import world
 from nanoalign.checkpoint import load_pretrained, resolve_dir
 from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
                            parse_config)
-from nanoalign.data import collate_sft, read_jsonl, truncate_example
+from nanoalign.data import collate_sft, fit_example, read_jsonl
 from nanoalign.generate import generate, sampling_error
 from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt, encode_response
 from nanoalign.train import check_files
@@ -295,12 +295,12 @@ def oracle_judge(prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
 def reward_judge(rm, tok, template: str, batch_size: int = 32) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
     """A batch judge scoring each (prompt, answer) with a reward model, as it was trained: the template's prompt
     + response + EOS, right-padded, the score read at the last real token (the EOS). An empty answer is scored
-    as the EOS alone; a prompt too long for the context loses its start."""
+    as the EOS alone; a prompt too long for the context loses its start, not its BOS (as in training)."""
     device = next(rm.parameters()).device
 
     def row(prompt: str, answer: str) -> dict:
         response = encode_response(tok, answer, template) if answer.strip() else [tok.eos_id]
-        fitted = truncate_example(encode_prompt(tok, prompt, template), response, rm.cfg.max_seq_len)
+        fitted = fit_example(tok, encode_prompt(tok, prompt, template), response, rm.cfg.max_seq_len)
         if fitted is None:
             raise ValueError(f"an answer of {len(response)} tokens does not fit the reward model's context "
                              f"of {rm.cfg.max_seq_len}")

@@ -1,5 +1,6 @@
 """nanoalign.evaluate's model-side helpers and command line: batched answers equal one-by-one answers, the
 printed win rate equals win_rate() on the same answers, a model against itself is exactly 0.5, bad flags."""
+import copy
 import json
 import os
 import re
@@ -224,6 +225,22 @@ def test_reward_judge_scores_an_empty_answer_as_the_eos_alone(rm_dir, tok):
     [score] = evaluate.reward_judge(rm, tok, "hh")(["What is 2 plus 2?"], ["   "])
     ids = torch.tensor([encode_prompt(tok, "What is 2 plus 2?", "hh") + [tok.eos_id]])
     assert score == pytest.approx(rm(ids, torch.ones_like(ids)).item(), abs=1e-5)
+
+
+def test_reward_judge_cuts_a_long_prompt_after_its_bos_as_training_does(rm_dir, tok):
+    """The reward model was trained on prompts cut after their BOS (data.fit_example); its judge cuts them the same
+    way, so a long prompt keeps its BOS and its end."""
+    bos_tok = copy.copy(tok)
+    bos_tok.add_bos = True
+    rm = RewardModel.from_pretrained(rm_dir)
+    prompt = "Mia lives in Oslo. " * 40 + "Where does Mia live?"
+    [score] = evaluate.reward_judge(rm, bos_tok, "hh")([prompt], ["Oslo."])
+    ids, response = encode_prompt(bos_tok, prompt, "hh"), encode_response(bos_tok, "Oslo.", "hh")
+    L = rm.cfg.max_seq_len
+    assert ids[0] == bos_tok.bos_id and len(ids) + len(response) > L
+    row = torch.tensor([[bos_tok.bos_id] + ids[len(ids) - (L - len(response) - 1):] + response])
+    assert row.shape[1] == L
+    assert score == pytest.approx(rm(row, torch.ones_like(row)).item(), abs=1e-5)
 
 
 def test_a_reward_model_judge_reads_with_its_own_saved_template(tmp_path, models, rm_dir, tok):
