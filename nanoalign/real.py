@@ -188,12 +188,13 @@ def label_pair(prompt: str, responses: list[str], scores: list[float], i: int, j
     """The pair (i, j) as a preference record, the higher-scored response chosen whatever the order of i, j.
 
     Returns {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}, or None when the scores are
-    equal: a tie says nothing about which response is better, so the prompt is dropped rather than labelled
-    by position.
+    equal (a tie says nothing about which response is better, so the prompt is dropped rather than labelled
+    by position) or the two texts are (a data set listing one response twice with two scores: the pair would
+    teach nothing, and the most similar pair, "hard", picks exactly such a twin).
     """
     if i == j:
         raise ValueError(f"a pair needs two different responses, got i = j = {i}")
-    if scores[i] == scores[j]:
+    if scores[i] == scores[j] or responses[i] == responses[j]:
         return None
     w, l = (i, j) if scores[i] > scores[j] else (j, i)
     return {"prompt": prompt, "chosen": responses[w], "rejected": responses[l],

@@ -252,6 +252,7 @@ def test_label_pair_uses_scores_not_order():
 
 def test_label_pair_drops_ties():
     assert label_pair("p", ["a", "b"], [0.5, 0.5], 0, 1) is None
+    assert label_pair("p", ["a", "b", "a"], [0.1, 0.5, 0.9], 0, 2) is None  # one text listed twice: no preference
     with pytest.raises(ValueError, match="two different responses"):
         label_pair("p", ["a", "b"], [0.1, 0.5], 1, 1)
 
