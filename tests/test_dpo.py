@@ -18,7 +18,7 @@ from conftest import DEVICES, logged as records, ranks
 from nanoalign import dist, dpo, evaluate, train
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
-from nanoalign.data import collate_pairs, collate_sft, read_jsonl, tokenize_pairs
+from nanoalign.data import collate_pairs, read_jsonl, tokenize_pairs
 from nanoalign.generate import generate
 from nanoalign.tokenizer import Tokenizer, encode_prompt
 
@@ -53,8 +53,11 @@ def args(tiny_plain, out, files, *extra):
 
 
 def alone(model, ids, mask):
-    """log p(response | prompt) of one sequence run alone: no padding, no batch."""
-    return dpo.response_logps(model, collate_sft([{"ids": ids, "mask": mask}], pad_id=0)).item()
+    """log p(response | prompt) of one sequence run alone (no padding, no batch), summed by hand and not by
+    dpo.response_logps: for each response token t (mask 1, its EOS included), the log-softmax of the logits at
+    position t - 1, read at ids[t]. A SUM over the tokens (PITFALLS: DPO sums, only IPO averages)."""
+    logp = F.log_softmax(model(torch.tensor([ids]))[0].float(), -1)  # (T, V)
+    return sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
 
 
 def test_cached_reference_logps_equal_those_of_each_sequence_alone(tiny_plain, rows, tiny_tok, tmp_path, capsys):
