@@ -109,7 +109,32 @@ def _config_from_hf(hf: dict, vocab_size: int) -> ModelConfig:
     raise ValueError(f"unknown model_type {kind!r} in config.json; nanoalign loads {', '.join(SUPPORTED)}")
 
 
+def inexpressible(cfg: ModelConfig) -> list[str]:
+    """The settings of cfg that its Hugging Face family (cfg.model_type) has no field for: saved anyway, they would
+    be lost, and the checkpoint would reload as another function (a LLaMA with LayerNorm comes back with RMSNorm)
+    or not at all. Empty when the config round-trips."""
+    if cfg.model_type == "llama":  # RMSNorm, SwiGLU, every head dim rotated, sequential residual
+        want = {"norm": "rmsnorm", "mlp": "swiglu", "rotary_pct": 1.0, "parallel_residual": False}
+    elif cfg.model_type == "gpt_neox":  # LayerNorm with biases, a GELU MLP with biases, one k/v head per query head
+        want = {"norm": "layernorm", "mlp_bias": True, "n_kv_head": cfg.n_head, "head_dim": cfg.dim // cfg.n_head}
+        if cfg.mlp not in ("gelu", "gelu_tanh"):
+            want["mlp"] = "gelu or gelu_tanh"
+    else:
+        return [f"model_type={cfg.model_type!r} (nanoalign saves {', '.join(SUPPORTED)})"]
+    return [f"{k}={getattr(cfg, k)!r} (the {cfg.model_type} format has {v})" for k, v in want.items()
+            if getattr(cfg, k) != v]
+
+
+def check_expressible(cfg: ModelConfig) -> None:
+    """Refuse to save a config its Hugging Face family cannot express (inexpressible), before anything is written,
+    instead of writing a checkpoint that reloads as another model. Both halves of a save call it: config_to_hf and
+    hf_state_dict."""
+    if problems := inexpressible(cfg):
+        raise ValueError(f"cannot save this model as {cfg.model_type}: {'; '.join(problems)}")
+
+
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    check_expressible(cfg)
     common = {
         "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "intermediate_size": cfg.hidden_dim, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
@@ -128,7 +153,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
                 "hidden_act": act, "layer_norm_eps": cfg.norm_eps, "rotary_pct": cfg.rotary_pct,
                 "rotary_emb_base": cfg.rope_base, "use_parallel_residual": cfg.parallel_residual,
                 "attention_bias": cfg.attn_bias}
-    raise ValueError(f"cannot save model_type {cfg.model_type!r}")
 
 
 # --- tensor names: Hugging Face <-> nanoalign
@@ -242,6 +266,10 @@ def tensor_files(ckpt: Path) -> dict[str, Path]:
         for shard in sorted(set(weight_map.values())):
             if not (ckpt / shard).is_file():
                 raise FileNotFoundError(f"{index} lists shard {shard}, which is not in {ckpt}")
+            with open_tensors(ckpt / shard) as f:  # the header only: a tensor the index does not list is unknown
+                if unlisted := [k for k in f.keys() if weight_map.get(k) != shard]:
+                    raise KeyError(f"{ckpt / shard} holds tensors {index.name} does not list there: "
+                                   f"{', '.join(unlisted)}")
         return {k: ckpt / f for k, f in weight_map.items()}
     single = ckpt / "model.safetensors"
     if single.exists():
@@ -308,7 +336,13 @@ def _checked_config(ckpt: Path):
     cfg = config_from_hf(hf_cfg, vocab_size=rows, where=ckpt / "config.json")
 
     names = hf_names(cfg)
-    optional = {"lm_head.weight", "embed_out.weight"} if cfg.tie_embeddings else set()
+    # a tied checkpoint may also store its head (transformers writes it): never read, but it must be the head of
+    # this model, under this family's name and in the embedding's shape
+    head = "lm_head.weight" if cfg.model_type == "llama" else "embed_out.weight"
+    optional = {head} if cfg.tie_embeddings else set()
+    if head in optional and head in files and (shape := _shape(files[head], head)) != [rows, cfg.dim]:
+        raise ValueError(f"tensor {head} in {files[head]} has shape {shape}, expected [{rows}, {cfg.dim}] "
+                         f"(the embedding's, to which the config ties it)")
     missing = [k for k in names if k not in files]
     unexpected = [f"{k} (in {files[k].name})" for k in files
                   if k not in names and k not in optional and not k.endswith(IGNORED_SUFFIXES)]
@@ -414,6 +448,7 @@ def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
 def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """nanoalign-named tensors (model.state_dict(), or a full state gathered from FSDP shards) -> the same
     weights under Hugging Face names, NeoX q, k, v fused back per head."""
+    check_expressible(cfg)
     out = {}
     for hf, ours in hf_names(cfg).items():
         if isinstance(ours, tuple):

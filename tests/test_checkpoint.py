@@ -1,5 +1,6 @@
 """Strict loading and safe saving: each malformed checkpoint raises an error naming what is wrong."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -432,4 +433,41 @@ def test_unsupported_llama_configs_are_refused(tmp_path, change, message):
     _, d = saved(tmp_path)
     edit(d, lambda c: {**c, **change})
     with pytest.raises(ValueError, match=message):
+        load_pretrained(d)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(rotary_pct=0.5), "rotary_pct=0.5"), (dict(parallel_residual=True), "parallel_residual=True"),
+    (dict(norm="layernorm"), "norm='layernorm'"), (dict(mlp="gelu_tanh"), "mlp='gelu_tanh'"),
+    (dict(NEOX, n_kv_head=1), "n_kv_head=1"), (dict(NEOX, head_dim=8), "head_dim=8"),
+    (dict(NEOX, mlp="swiglu"), "mlp='swiglu'"), (dict(NEOX, mlp_bias=False), "mlp_bias=False")])
+def test_a_config_its_format_cannot_express_is_refused_before_anything_is_written(tmp_path, kw, field):
+    """Saved anyway, such a model would reload as another function (a LLaMA with LayerNorm comes back with RMSNorm
+    and without its biases) or fail far from the cause."""
+    model = Transformer(ModelConfig(**{**dict(vocab_size=50, dim=32, n_layer=2, n_head=2, hidden_dim=48,
+                                              max_seq_len=32), **kw}))
+    with pytest.raises(ValueError, match=rf"^cannot save this model as \w+: .*{re.escape(field)} \(the \w+ format has"):
+        save_pretrained(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_tied_checkpoints_stored_head_must_be_this_models(tmp_path):
+    _, d = saved(tmp_path, tie_embeddings=True)
+    rewrite(d, lambda t: t.update({"lm_head.weight": torch.zeros(7, 3)}))
+    with pytest.raises(ValueError, match=r"^tensor lm_head\.weight in .* has shape \[7, 3\], expected \[50, 32\]"):
+        load_pretrained(d)
+    rewrite(d, lambda t: (t.pop("lm_head.weight"), t.update({"embed_out.weight": torch.zeros(50, 32)})))
+    with pytest.raises(KeyError, match=r"unexpected tensors: embed_out\.weight"):  # the other family's head
+        load_pretrained(d)
+
+
+def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(tmp_path):
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layer=2, n_head=2, hidden_dim=48, max_seq_len=32))
+    d = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=5_000)
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors["model.layers.9.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=rf"{shard.name} holds tensors model\.safetensors\.index\.json does not list "
+                                       r"there: model\.layers\.9\.mlp\.up_proj\.weight"):
         load_pretrained(d)
