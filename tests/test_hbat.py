@@ -172,7 +172,8 @@ def assert_same_records(a, b, tol, skip=("pairs_per_s", "tok_per_s", "wall_s")):
 
 def test_alternating_dpo_stages_ewc_and_references(tiny_init, files, tmp_path, capsys):
     out = tmp_path / "hbat"
-    train_dpo.main(dpo_args(tiny_init, out, files))
+    # S_u is ~1e14 here: at T = 1e13 Ω spreads over the tensors, so its entropy shows which scores built it
+    train_dpo.main(dpo_args(tiny_init, out, files, "--ewc_temperature=1e13"))
     printed = capsys.readouterr().out
     log = records(out)
     assert [(r["step"], r["stage"]) for r in log] == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3), (7, 4), (8, 4)]
@@ -201,8 +202,11 @@ def test_alternating_dpo_stages_ewc_and_references(tiny_init, files, tmp_path, c
     snap = lambda p: ewc.snapshot(load_pretrained(p))  # noqa: E731
     init, s1, s2, s3 = snap(tiny_init), snap(out / "stage1_sft"), snap(out / "stage2_dpo"), snap(out / "stage3_sft")
     scores = ewc.accumulate(ewc.delta_scores(init, s1), ewc.delta_scores(s2, s3))
-    omega = ewc.importance(scores, 100.0, 1.0)
-    assert log[6]["ewc/omega_entropy"] == pytest.approx(ewc.omega_entropy(omega), abs=1e-9)
+    entropy = lambda scores: ewc.omega_entropy(ewc.importance(scores, 100.0, 1e13))  # noqa: E731
+    assert log[6]["ewc/omega_entropy"] == pytest.approx(entropy(scores), abs=1e-9)
+    # ... and not from SFT_2's alone (nor SFT_1's): the assertion above can tell them apart
+    for alone in (ewc.delta_scores(s2, s3), ewc.delta_scores(init, s1)):
+        assert abs(entropy(alone) - entropy(scores)) > 1e-6
     saved = torch.load(out / "model" / "train_state.pt", weights_only=False)["extra"]["hbat"]["scores"]
     assert saved["sft"] == pytest.approx(scores, rel=1e-9)  # the checkpoint carries the accumulated scores
 
