@@ -420,9 +420,21 @@ def _usual_permissions(root: Path):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def _sync(path: Path) -> None:
+    """Flush a file's or a directory's contents to the disk (fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
     """Call write(tmp_dir), then move tmp_dir to dst. An existing dst is replaced only after the new one
-    is complete, so a crash at any point leaves either the old or the new directory, never a half one."""
+    is complete, so a crash at any point leaves either the old or the new directory, never a half one.
+    Every file is flushed to the disk before the renames, and the renames after them: without it, after a power
+    loss (not a process crash) the file system may show the new names over data that never reached the disk,
+    with the previous checkpoint already deleted."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_swap(dst)
@@ -430,12 +442,15 @@ def atomic_write_dir(dst: str | os.PathLike, write) -> Path:
     try:
         write(tmp)
         _usual_permissions(tmp)
+        for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:  # files before the directories holding them
+            _sync(path)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
             os.replace(dst, old)
             os.replace(tmp, dst)
         else:
             os.replace(tmp, dst)
+        _sync(dst.parent)  # the renames themselves, before the previous checkpoint is deleted
         # the previous checkpoint, and any left behind by an earlier crash
         for stale in dst.parent.glob(f".{dst.name}.old-*"):
             shutil.rmtree(stale, ignore_errors=True)

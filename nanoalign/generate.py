@@ -111,7 +111,8 @@ def sampling_error(max_new_tokens: int, temperature: float, top_k: int | None, t
 
 
 def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
-    """logits (B, V) float -> next ids (B,) and their log-probs (B,) under softmax(logits / temperature).
+    """logits (B, V) float -> next ids (B,) and their log-probs (B,) under softmax(logits / temperature); greedy
+    (temperature 0) takes the argmax, with its log-prob under softmax(logits), the model's own distribution.
 
     Sampling is by inverse CDF: one uniform number per row, located in the running sums of the
     probabilities. torch.multinomial instead draws one exponential number per vocabulary entry and picks

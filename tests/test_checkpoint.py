@@ -471,3 +471,22 @@ def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(tmp_path):
     with pytest.raises(KeyError, match=rf"{shard.name} holds tensors model\.safetensors\.index\.json does not list "
                                        r"there: model\.layers\.9\.mlp\.up_proj\.weight"):
         load_pretrained(d)
+
+
+def test_every_file_reaches_the_disk_before_the_renames(tmp_path, monkeypatch):
+    """A power loss must not find the new names over unwritten data: each file and directory of the new checkpoint
+    is fsynced before it is renamed into place, and the parent directory (the renames) before the old one goes."""
+    import nanoalign.checkpoint as ckpt_mod
+
+    events = []
+    real_replace = ckpt_mod.os.replace
+    monkeypatch.setattr(ckpt_mod, "_sync", lambda p: events.append(("sync", Path(p))))
+    monkeypatch.setattr(ckpt_mod.os, "replace", lambda a, b: (events.append(("rename", Path(b))), real_replace(a, b)))
+    model, d = saved(tmp_path)  # a first save, then one over it
+    events.clear()
+    save_pretrained(model, d)
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    synced = {p.name for kind, p in events[:renames[0]] if kind == "sync"}
+    assert {p.name for p in d.iterdir()} <= synced and len(renames) == 2
+    assert any(name.startswith(".ckpt.tmp-") for name in synced)  # the directory itself
+    assert events[renames[-1] + 1] == ("sync", d.parent)
