@@ -250,8 +250,8 @@ def main(argv=None):
     train.clean_stale(ckpt, d)
     state = train.find_checkpoint(ckpt, cfg.resume)
     # (--steps and Hbat's flags: hbat.run_schedule)
-    train.check_resumed_flags(cfg, state, ("init", "data", "format", "loss", "beta", "label_smoothing", "lr", "seed",
-                                           "batch_size", "min_lr_ratio", "warmup_steps", "weight_decay",
+    train.check_resumed_flags(cfg, state, ("init", "data", "format", "template", "loss", "beta", "label_smoothing",
+                                           "lr", "seed", "batch_size", "min_lr_ratio", "warmup_steps", "weight_decay",
                                            "grad_clip", "max_len", "max_response_len"))
     init_dir = resolve_dir(cfg.init)
     tok = Tokenizer.from_dir(init_dir)

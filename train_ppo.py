@@ -178,6 +178,7 @@ def main(argv=None):
     if cfg.template == "auto":
         cfg.template = tok.template or "hh"
     tok.template = cfg.template
+    train.check_resumed_flags(cfg, state, ("template",))  # once resolved: the checkpoint holds the resolved one
     policy = train.place(train.load_model(ckpt if state else init_dir, d), d)
     tok.check_vocab(policy.cfg.vocab_size)
     if cfg.max_prompt_len + cfg.max_new_tokens > policy.cfg.max_seq_len:

@@ -181,9 +181,9 @@ def main(argv=None):
         raise InputError(f"--offset_data={cfg.offset_data}: no demonstrations to centre the scores on (pass "
                          f"--offset_data= to leave the scores uncentred)")
     steps = cfg.steps or math.ceil(len(train_rows) / cfg.batch_size)
-    train.check_resumed_flags(cfg, state, ("data", "format", "offset_data", "steps", "lr", "seed", "batch_size",
-                                           "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_len",
-                                           "max_response_len"))
+    train.check_resumed_flags(cfg, state, ("data", "format", "template", "offset_data", "steps", "lr", "seed",
+                                           "batch_size", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
+                                           "max_len", "max_response_len"))
     dist.print0(d, f"{len(train_rows)} training pairs ({steps} steps of {cfg.batch_size}), {len(val_rows)} held out")
 
     # --- loop

@@ -149,8 +149,8 @@ def fit(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokenize
     if not rows:
         raise InputError(f"[{phase}] no training examples left after tokenizing (see the counts above)")
     ckpt = run_dir / "model"
-    phase_flags = ("pretrain_data", "pretrain_steps", "pretrain_lr") if phase == "pretrain" else ("data", "format",
-                                                                                                "steps", "lr")
+    phase_flags = ("pretrain_data", "pretrain_steps", "pretrain_lr", "tokenizer") if phase == "pretrain" else (
+        "data", "format", "template", "steps", "lr")  # (the template is resolved from auto by now)
     train.check_resumed_flags(cfg, state, phase_flags + ("seed", "batch_size", "min_lr_ratio", "warmup_steps",
                                                          "weight_decay", "grad_clip", "max_len", "max_response_len"))
     model = train.place(model, d)
@@ -243,7 +243,8 @@ def main(argv=None):
     base_ckpt, sft_ckpt = Path(cfg.base_dir) / "model", Path(cfg.out_dir) / "model"
     for ckpt in (base_ckpt, sft_ckpt):
         train.clean_stale(ckpt, d)
-    base_state = train.find_checkpoint(base_ckpt, True, required=False)
+    # --mode=auto without --init pretrains unless a finished base is there: only then is the base's state read
+    base_state = train.find_checkpoint(base_ckpt, True, required=False) if cfg.mode == "auto" and not cfg.init else None
     base_finished = base_state is not None and base_state["step"] >= cfg.pretrain_steps
     pretraining = cfg.mode == "pretrain" or (cfg.mode == "auto" and not cfg.init and not base_finished)
     if cfg.resume:  # something of this run must be on disk

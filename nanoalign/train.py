@@ -415,10 +415,26 @@ class MetricsLog:
         if d.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step:
-                lines = self.path.read_text().splitlines() if self.path.exists() else []
-                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                self.path.write_text("".join(line + "\n" for line in kept))
+                self.path.write_text("".join(line + "\n" for line in self._records_up_to(resume_step)))
         self.t0 = time.time()
+
+    def _records_up_to(self, step: int) -> list[str]:
+        """The log's lines of the steps up to `step`. A last line cut short (the process killed, the disk full in the
+        middle of a write) is dropped: a step is logged before it is saved, so that step is past the checkpoint."""
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines):
+                    break
+                raise InputError(f"--resume: {self.path}:{n}: not a JSON record ({e.msg})") from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        return kept
 
     def log(self, record: dict) -> None:
         if self.d.is_main:

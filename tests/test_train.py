@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -226,6 +227,28 @@ def test_metrics_log_keeps_only_what_the_checkpoint_covers(tmp_path):
     assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [7, 6]
 
 
+def test_fine_tuning_a_given_model_never_reads_the_tiny_base_state(init_dir, tmp_path):
+    """With --init the tiny base plays no part: a damaged base train_state (another run's) must not stop the run."""
+    base = tmp_path / "base" / "model"
+    base.mkdir(parents=True)
+    (base / "train_state.pt").write_bytes(b"not a checkpoint")
+    train_sft.main(args(init_dir, tmp_path / "run", "--steps=1", f"--base_dir={tmp_path / 'base'}"))
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_metrics_log_drops_a_last_line_cut_short_and_names_a_damaged_one(tmp_path):
+    """A step is logged before it is saved, so a record cut short by a crash is past the checkpoint: dropped. A
+    damaged line anywhere else is an error naming the file and the line."""
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": s, "loss": s}) + "\n" for s in (1, 2))
+    path.write_text(whole + '{"step": 3, "lo')
+    train.MetricsLog(path, dist.Dist(), resume_step=2)
+    assert path.read_text() == whole
+    path.write_text(json.dumps({"step": 1}) + "\n{oops\n" + json.dumps({"step": 2}) + "\n")
+    with pytest.raises(InputError, match=rf"^--resume: {re.escape(str(path))}:2: not a JSON record"):
+        train.MetricsLog(path, dist.Dist(), resume_step=2)
+
+
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {root!r})
@@ -300,7 +323,8 @@ def test_a_bad_eval_file_or_a_max_len_past_the_context_fails_before_training(ini
 
 def test_resume_refuses_flags_that_change_the_updates(init_dir, tmp_path):
     train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", "--stop_at=1"))
-    for flag, was in (("--lr=0.5", "--lr=0.001"), ("--steps=2", "--steps=3"), ("--seed=7", "--seed=0")):
+    for flag, was in (("--lr=0.5", "--lr=0.001"), ("--steps=2", "--steps=3"), ("--seed=7", "--seed=0"),
+                      ("--template=plain", "--template=hh")):  # the template every token of the run was cut by
         with pytest.raises(InputError, match=f"^{flag}: the checkpoint to resume was written with {was}; resume "
                                              f"with the flags of the interrupted run$"):
             train_sft.main(args(init_dir, tmp_path / "run", "--steps=3", flag, "--resume"))

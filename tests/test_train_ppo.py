@@ -59,7 +59,10 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     # the KL controller comes from the checkpoint, so a flag of it changed on resuming would be ignored: refused
     for flag, message in (("--kl_target=3", "--kl_target=3.0: the checkpoint to resume was written with --kl_target=6.0"),
                           ("--adaptive_kl=0", "--adaptive_kl=False: the checkpoint to resume was written with "
-                                              "--adaptive_kl=True")):
+                                              "--adaptive_kl=True"),
+                          # and the template, checked once auto is resolved (the default resume below passes)
+                          ("--template=plain", "--template=plain: the checkpoint to resume was written with "
+                                               "--template=hh")):
         with pytest.raises(InputError, match="^" + message):
             train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--resume", flag))
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--resume"))
