@@ -321,17 +321,23 @@ def reward_judge(rm, tok, template: str, batch_size: int = 32) -> Callable[[Sequ
 def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str],
             judge: Callable[[Sequence[str], Sequence[str]], list[float]]) -> dict:
     """A against B under a batch judge (judge(prompts, answers) -> one score per answer): the win rate
-    (#wins + 1/2 #ties) / #prompts as win_rate() defines it, the counts, and each side's mean score.
-    Each answer is scored once, in batches (a reward model judge runs a forward per batch)."""
+    (#wins + 1/2 #ties) / #prompts as win_rate() defines it, its standard error over the prompts
+    (win_rate_se: the sample std of the per-prompt points 1, 1/2, 0 over sqrt(#prompts)), the counts, and each
+    side's mean score. Each answer is scored once, in batches (a reward model judge runs a forward per batch).
+    Two identical answers are a tie whatever their scores: a reward model scores the same text a few ulps apart
+    in batches padded to other lengths, which would turn the tie into a random win or loss."""
     if not len(prompts) == len(answers_a) == len(answers_b):
         raise ValueError(f"compare needs one answer per prompt from each model: {len(prompts)} prompts, "
                          f"{len(answers_a)} answers_a, {len(answers_b)} answers_b")
     if not prompts:
         raise ValueError("compare of zero prompts is undefined")
     a, b = judge(prompts, answers_a), judge(prompts, answers_b)
-    wins, ties = sum(x > y for x, y in zip(a, b)), sum(x == y for x, y in zip(a, b))
-    return {"win_rate": (wins + 0.5 * ties) / len(prompts), "wins": wins, "ties": ties,
-            "losses": len(prompts) - wins - ties, "judge_a": sum(a) / len(a), "judge_b": sum(b) / len(b)}
+    points = [0.5 if x == y or ya == yb else float(x > y) for x, y, ya, yb in zip(a, b, answers_a, answers_b)]
+    n, rate = len(points), sum(points) / len(points)
+    se = (sum((q - rate) ** 2 for q in points) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    wins, ties = points.count(1.0), points.count(0.5)
+    return {"win_rate": rate, "win_rate_se": se, "wins": wins, "ties": ties, "losses": n - wins - ties,
+            "judge_a": sum(a) / len(a), "judge_b": sum(b) / len(b)}
 
 
 # --- the command line: python -m nanoalign.evaluate
@@ -423,11 +429,12 @@ def main(argv=None) -> dict:
         from nanoalign.reward import RewardModel  # only a reward model judge needs it
 
         rm = RewardModel.from_pretrained(cfg.judge, device=cfg.device, dtype=getattr(torch, cfg.dtype))
-        # the reward model's own tokenizer and template when saved with it, else model A's
+        # the reward model's own tokenizer and template when saved with it (it reads text as it was trained to,
+        # whatever --template the answering models use), else model A's tokenizer and --template
         tok_dir = Path(cfg.judge) if (Path(cfg.judge) / "tokenizer.json").exists() else ckpt_a
         rm_tok = Tokenizer.from_dir(tok_dir)
         rm_tok.check_vocab(rm.cfg.vocab_size)
-        rm_template = (rm_tok.template or "hh") if cfg.template == "auto" else cfg.template
+        rm_template = rm_tok.template or ("hh" if cfg.template == "auto" else cfg.template)
         judge = reward_judge(rm, rm_tok, rm_template, cfg.batch_size)
     else:
         judge = oracle_judge
@@ -462,7 +469,7 @@ def main(argv=None) -> dict:
         c = result["comparison"]
         print(f"judge {cfg.judge}: mean score A {c['judge_a']:.4f}, B {c['judge_b']:.4f}; A wins {c['wins']}, "
               f"ties {c['ties']}, loses {c['losses']}")
-        print(f"win rate of A over B: {c['win_rate']:.4f}")
+        print(f"win rate of A over B: {c['win_rate']:.4f} (standard error {c['win_rate_se']:.4f})")
     if cfg.out:
         result["answers"] = answers
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

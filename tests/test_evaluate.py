@@ -262,3 +262,19 @@ def test_compare_reports_each_sides_mean_judgement():
     c = compare(["p", "q"], ["aaa", "b"], ["a", "bb"], judge)
     assert (c["wins"], c["ties"], c["losses"], c["win_rate"]) == (1, 0, 1, 0.5)
     assert c["judge_a"] == 2.0 and c["judge_b"] == 1.5
+    # the standard error over prompts: points 1, 1/2, 0 have mean 1/2 and sample variance 1/4, so sqrt(1/4 / 3)
+    c = compare(["p", "q", "r"], ["aaa", "b", "c"], ["a", "d", "ccc"], judge)
+    assert (c["win_rate"], c["ties"]) == (0.5, 1) and c["win_rate_se"] == pytest.approx((0.25 / 3) ** 0.5)
+
+
+def test_compare_counts_two_identical_answers_as_a_tie_whatever_their_scores():
+    """A reward model scores the same text a few ulps apart in batches padded to other lengths: identical answers
+    must stay a tie, not become a random win or loss."""
+    calls = []
+
+    def noisy(prompts, answers):  # "same" drifts by an ulp or so from one batch to the next; "y" beats "x"
+        calls.append(1)
+        return [1.0 + 1e-7 * len(calls) if a == "same" else float(a == "y") for a in answers]
+
+    c = compare(["p", "q"], ["same", "x"], ["same", "y"], noisy)
+    assert (c["wins"], c["ties"], c["losses"]) == (0, 1, 1) and c["win_rate"] == 0.25

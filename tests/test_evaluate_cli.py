@@ -263,3 +263,8 @@ def test_a_reward_model_judge_reads_with_its_own_saved_template(tmp_path, models
 
     assert result["comparison"]["judge_a"] == pytest.approx(mean_score("alpaca"), abs=1e-6)
     assert mean_score("alpaca") != pytest.approx(mean_score("hh"), abs=1e-4)  # the template shows in the score
+    # --template changes how the models are prompted, not how the judge reads: it keeps its own
+    result = evaluate.main([f"--model_a={models[0]}", f"--model_b={models[1]}", f"--judge={judge_dir}", "--limit=3",
+                            "--max_new_tokens=6", f"--out={out}", f"--prompts={PROMPTS}", "--template=plain"])
+    answers = json.loads(out.read_text())["answers"]["A"]
+    assert result["comparison"]["judge_a"] == pytest.approx(mean_score("alpaca"), abs=1e-6)
