@@ -187,7 +187,7 @@ def main(argv=None):
     reward_model = None
     if cfg.reward == "rm":
         rm_dir = resolve_dir(cfg.reward_model)
-        tok.check_same_vocab(rm_dir, f"--reward_model={cfg.reward_model}")
+        tok.check_reads_the_same(rm_dir, f"--reward_model={cfg.reward_model}")
         reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
                                                     build=RewardModel.from_config), d, trainable=False)
     if state:

@@ -109,13 +109,20 @@ class Tokenizer:
             raise ValueError(f"tokenizer vocab size {max_id + 1} (ids up to {max_id}) does not fit the model's "
                              f"vocab size {model_vocab_size}: wrong tokenizer for this checkpoint?")
 
-    def check_same_vocab(self, model_dir, flag: str) -> None:
-        """A second model that reads this tokenizer's ids (PPO's reward model reads the policy's) must have been
-        trained with the same vocabulary; one saved without a tokenizer.json is taken on trust. flag: the option
-        that named model_dir, for the error (e.g. "--reward_model=out/rm/model")."""
-        path = Path(model_dir) / "tokenizer.json"
-        if path.exists() and Tokenizer.from_dir(model_dir).tok.get_vocab() != self.tok.get_vocab():
+    def check_reads_the_same(self, model_dir, flag: str) -> None:
+        """A second model that reads this tokenizer's ids (PPO's reward model reads the policy's rollouts) must have
+        been trained with the same vocabulary, and on text in the same template (this one's .template) when both
+        are known; one saved without a tokenizer.json is taken on trust. flag: the option that named model_dir,
+        for the error (e.g. "--reward_model=out/rm/model")."""
+        if not (Path(model_dir) / "tokenizer.json").exists():
+            return
+        other = Tokenizer.from_dir(model_dir)
+        if other.tok.get_vocab() != self.tok.get_vocab():
             raise ValueError(f"{flag}: its tokenizer differs from the policy's, whose token ids it would read")
+        if other.template and self.template and other.template != self.template:
+            raise ValueError(f"{flag}: it was trained on {other.template!r}-formatted text and would read the policy's "
+                             f"{self.template!r} prompts (pass --template={other.template}, or a reward model "
+                             f"trained on {self.template!r})")
 
     def save(self, dir: str | Path) -> None:
         dir = Path(dir)

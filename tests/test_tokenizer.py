@@ -306,13 +306,21 @@ def test_response_ids_are_those_of_the_full_text_for_sentencepiece_style(kind, t
     assert tok.decode(ids[n_prompt:-1]).strip() == response.strip()
 
 
-def test_a_second_model_must_read_the_same_vocabulary(tmp_path, tok):
-    """PPO's reward model reads the policy's token ids: a different tokenizer.json is refused, naming the flag;
-    the same one, or none at all (taken on trust), passes."""
+def test_a_second_model_must_read_the_same_vocabulary_and_template(tmp_path, tok):
+    """PPO's reward model reads the policy's token ids: a different tokenizer.json is refused, naming the flag, and
+    so is one trained on another template; the same one, one without a template, or none at all (taken on trust)
+    passes."""
     same = make_tokenizer_dir(tmp_path / "same", config=STANDARD_CONFIG)
-    tok.check_same_vocab(same, "--reward_model=same")
+    tok.template = "hh"
+    tok.check_reads_the_same(same, "--reward_model=same")
     (tmp_path / "bare").mkdir()
-    tok.check_same_vocab(tmp_path / "bare", "--reward_model=bare")
+    tok.check_reads_the_same(tmp_path / "bare", "--reward_model=bare")
     other = make_tokenizer_dir(tmp_path / "other", specials=("<s>", "</s>", "<pad>", "<sep>"), config=STANDARD_CONFIG)
     with pytest.raises(ValueError, match=r"^--reward_model=other: its tokenizer differs from the policy's"):
-        tok.check_same_vocab(other, "--reward_model=other")
+        tok.check_reads_the_same(other, "--reward_model=other")
+    alpaca = make_tokenizer_dir(tmp_path / "alpaca", config={**STANDARD_CONFIG, "nanoalign_template": "alpaca"})
+    with pytest.raises(ValueError, match=r"^--reward_model=alpaca: it was trained on 'alpaca'-formatted text and "
+                                         r"would read the policy's 'hh' prompts \(pass --template=alpaca"):
+        tok.check_reads_the_same(alpaca, "--reward_model=alpaca")
+    tok.template = "alpaca"
+    tok.check_reads_the_same(alpaca, "--reward_model=alpaca")
