@@ -67,6 +67,8 @@ _KEY_CHECKS = {
     "labels": (lambda v: v in (0, 1) and not isinstance(v, bool), "0 or 1"),
     "score_A": (_is_number, "a finite number"),
     "score_B": (_is_number, "a finite number"),
+    # R3's query type (AlpacaFarm's labels), read where the branching needs it: a typo would fail only mid-run
+    "qtype": (lambda v: v in ("OPENENDED", "CONSTRAINED"), "OPENENDED or CONSTRAINED"),
 }
 _NON_EMPTY_STRING = (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
 
@@ -208,7 +210,9 @@ def read_alpaca(path: str | Path) -> list[dict]:
     records, skipped = [], 0
     for where, r in _read_json_or_jsonl(Path(path)):
         prompt = _alpaca_prompt(r, where)
-        output = r.get("output", "")
+        if "output" not in r:  # a mis-keyed file ("response", "outputs") must not read as empty outputs
+            raise ValueError(f"{where}: missing key 'output' (has {sorted(r)})")
+        output = r["output"]
         if not isinstance(output, str):
             raise ValueError(f"{where}: key 'output' must be a string, got {output!r:.80}")
         if not output.strip():

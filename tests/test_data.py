@@ -197,6 +197,10 @@ def test_read_alpaca_errors_name_record(tmp_path):
     path.write_text(json.dumps([{"instruction": "x", "input": 5, "output": "y"}]))
     with pytest.raises(ValueError, match=r"bad\.json\[0\]: key 'input' must be a string"):
         read_alpaca(path)
+    # a mis-keyed record is an error naming it, not an empty output skipped without a word
+    path.write_text(json.dumps([CLASSIC[0], {"instruction": "x", "response": "y"}]))
+    with pytest.raises(ValueError, match=r"bad\.json\[1\]: missing key 'output' \(has \['instruction', 'response'\]\)"):
+        read_alpaca(path)
 
 
 # --- SHP

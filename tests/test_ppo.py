@@ -4,6 +4,7 @@ The first two tests pin the PPO pitfall that runs silently: before any update th
 the sampler's and the reference's, so the first ratio is 1 and the KL is 0, on left-padded rollouts of different
 lengths, at temperature 1 and not."""
 import copy
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -562,3 +563,15 @@ def test_run_state_round_trips_and_a_train_state_without_it_is_refused(tmp_path)
     ppo.restore_run_state(None, kl_ctl2, stats2, tmp_path / "train_state.pt")  # a fresh run: nothing to restore
     with pytest.raises(ValueError, match=r"--resume: .*train_state.pt holds no kl_ctl and no score_stats \(not a PPO"):
         ppo.restore_run_state({"extra": {}}, kl_ctl2, stats2, tmp_path / "train_state.pt")
+
+
+def test_r3_prompts_with_an_unknown_query_type_are_refused_when_read(tmp_path):
+    """R3 branches on qtype: a typo must be an error naming the line when the prompts are read, not one deep in the
+    first rollout's scoring, after the models have loaded."""
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "What is 3 plus 4?", "qtype": "CONSTRAINED", "reference": "3 plus 4 is 7."},
+            {"prompt": "Tell me about bees.", "qtype": "closed", "reference": "Bees make honey."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"^{path}:2: key 'qtype' must be OPENENDED or CONSTRAINED, got 'closed'"):
+        ppo.load_prompts(str(path), "", 0, "r3")
+    assert len(ppo.load_prompts(str(path), "", 0, "relevance")[0]) == 2  # rewards that ignore qtype read it as is
