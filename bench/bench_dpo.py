@@ -4,8 +4,8 @@
     python bench/bench_dpo.py --steps 20 --json /tmp/dpo.json
     python bench/bench_dpo.py --quick      # a smoke run of a few seconds (what the tests run)
 
-One optimizer step on each side = the DPO loss (sigmoid, beta 0.1) over the same tokenized tiny-world pairs in
-micro-batches (chosen and rejected of a micro-batch in one right-padded forward), backward, gradient clipping at
+One optimizer step on each side = the DPO loss (sigmoid, train_dpo's beta 0.25) over the same tokenized tiny-world
+pairs in micro-batches (chosen and rejected of a micro-batch in one right-padded forward), backward, clipping at
 1.0 and the same AdamW update. Both sides start from the same weights (saved by nanoalign, loaded by
 transformers) and read the same token ids (TRL's own DataCollatorForPreference collates our tokenized pairs).
 - nanoalign: train_dpo.pair_sums + train.accumulate_gradients + train.optimizer_step. The reference log-probs
@@ -142,7 +142,7 @@ def main(argv=None):
         sys.exit(f"error: the DPO benchmark compares against TRL: pip install trl accelerate datasets ({e})")
     hf_logging.set_verbosity_error()
 
-    cfg = train_dpo.Config(eval_prompts="", val_data="")  # loss dpo, beta 0.1, batch 32 in micro-batches of 16
+    cfg = train_dpo.Config(eval_prompts="", val_data="")  # loss dpo, beta 0.25, batch 32 in micro-batches of 16
     if args.quick:
         cfg.batch_size, cfg.micro_batch_size = 8, 4
     tok = Tokenizer.from_dir(ROOT / "data" / "tokenizer")
