@@ -1,5 +1,6 @@
 """Every benchmark runs at a tiny size, so none can rot. The speed targets themselves are checked by running
 the benchmarks (see the README's Performance section), never by timing a unit test."""
+import json
 import re
 import subprocess
 import sys
@@ -24,12 +25,31 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
     reference("transformers")  # every benchmark measures against transformers (bench_dpo: TRL on top of it)
     if script.name == "bench_dpo.py":
         reference("trl")
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--threads=1"], cwd=tmp_path,
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--threads=1", f"--json={out}"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each prints at least one ratio against its peer measured in the same run
     ratios = re.findall(r"ratio nanoalign/(?:transformers|trl) = ([0-9.]+)x", proc.stdout)
     assert ratios and all(float(r) > 0 for r in ratios), proc.stdout[-2000:]
+    # ... and each ratio is nanoalign's rate over its peer's, as printed and as saved (an inverted one would pass above)
+    result = json.loads(out.read_text())
+    rate = lambda r, side: r[side]["tokens_per_s"]  # noqa: E731
+    if script.name == "bench_sft.py":
+        saved = [(result["ratio"], rate(result, "nanoalign") / rate(result, "transformers"))]
+    elif script.name == "bench_dpo.py":
+        saved = [(result["tokens_per_s_ratio"], result["nanoalign"]["tokens_per_s_with_precompute"] / rate(result, "trl")),
+                 (result["step_alone_ratio"], rate(result, "nanoalign") / rate(result, "trl"))]
+    elif script.name == "bench_model.py":
+        saved = [(result[k]["ratio"], rate(result[k], "nanoalign") / rate(result[k], "transformers"))
+                 for k in ("generate", "train")]
+    else:
+        rollouts = result["rollouts"]
+        saved = [(rollouts["ratio"], rate(rollouts, "nanoalign") / rate(rollouts, "transformers")),
+                 (result["generation_share"], result["phase_s"]["generation"] / result["step_s"])]
+    for value, expected in saved:
+        assert value == pytest.approx(expected, rel=1e-9)
+    assert f"= {saved[0][0]:.2f}x" in proc.stdout  # the first one saved is printed too
     if script.name == "bench_model.py" and _onednn_packing_works():
         # the ceiling the prepacked matmuls put on the generation ratio: a whole generate() call takes at least its
         # decode steps' matmuls, so the measured ratio sits under it (a pass timed
