@@ -259,6 +259,13 @@ def main(argv=None):
                                                                         if cfg.sample else ())
     extras = [{k: v for k, v in r.items() if k not in dropped} for r in records]
     if kind == "pairs":
+        # a pair whose two texts are the same carries no preference, and "hard" (the most similar) would pick it first
+        twins = {k for k, r in enumerate(records) if r["chosen"] == r["rejected"]}
+        records, extras = ([x for k, x in enumerate(xs) if k not in twins] for xs in (records, extras))
+        skipped_ties += len(twins)
+        if not records:
+            raise InputError(f"--data={cfg.data}: every pair's chosen and rejected are the same text: "
+                             f"nothing to select")
         e = embed([{"prompt": r["prompt"], "response": r[side]} for side in ("chosen", "rejected") for r in records])
         candidates = real.pair_cosine(e[:len(records)], e[len(records):])  # (N,)
         keep = real.select_pairs(candidates, cfg.strategy, cfg.fraction, cfg.seed)
@@ -291,6 +298,9 @@ def main(argv=None):
         candidates = torch.cat(candidates)
         described = f"{len(records)} prompts with {len(e)} {'sampled ' if cfg.sample else ''}responses"
     print(f"embedded {len(e)} responses with {ckpt} (template {template!r}) in {time.time() - t0:.1f} s")
+    if not pairs:  # an empty file would only fail later, in the script that trains on it
+        raise InputError(f"--data={cfg.data}: no pair to write: all {skipped_ties} prompts were ties (equal scores or "
+                         f"identical texts)")
 
     # --- save
     out = Path(cfg.out or f"out/real/{'onpolicy' if cfg.sample else 'pairs'}_{cfg.strategy}.jsonl")

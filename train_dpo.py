@@ -55,8 +55,8 @@ import torch
 import train_sft
 from nanoalign import dist, dpo, hbat, train, world
 from nanoalign.checkpoint import load_pretrained, model_config, resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
-                           check_range, parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
+                           check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import collate_pairs, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
 from nanoalign.evaluate import oracle_score, sample_answers, win_rate
 from nanoalign.losses import dpo_loss
@@ -128,12 +128,12 @@ def check_config(cfg: Config) -> None:
         raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
     check_non_negative(cfg, "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at", "num_samples")
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    check_learning_rates(cfg, "lr")
     check_device(cfg)
     train.check_files(cfg, "data", "val_data", "eval_prompts")
     if cfg.out_dir != "auto":
         check_output(cfg.out_dir, "out_dir", directory=True)
-    if cfg.eval_prompts:  # read now: a bad file must fail before training, not after it
-        read_jsonl(cfg.eval_prompts, required=("prompt",))
+    train.check_prompt_file(cfg, "eval_prompts")
     hbat.check_config(cfg, "dpo")
 
 

@@ -37,8 +37,8 @@ import torch
 import train_sft
 from nanoalign import dist, hbat, ppo, train
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
-                           check_range, parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
+                           check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import tokenize_sft
 from nanoalign.losses import AdaptiveKLController
 from nanoalign.reward import RewardModel
@@ -125,6 +125,7 @@ def check_config(cfg: Config) -> None:
     check_range(cfg, "gamma", 0.0, 1.0)
     check_range(cfg, "lam", 0.0, 1.0)
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    check_learning_rates(cfg, "lr", "critic_lr")
     for name in ("mini_batch_size", "gen_batch_size"):
         if cfg.rollout_batch_size % getattr(cfg, name):
             raise InputError(f"--{name}={getattr(cfg, name)} must divide --rollout_batch_size={cfg.rollout_batch_size}")
@@ -190,6 +191,9 @@ def main(argv=None):
         tok.check_reads_the_same(rm_dir, f"--reward_model={cfg.reward_model}")
         reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
                                                     build=RewardModel.from_config), d, trainable=False)
+        if (n := cfg.max_prompt_len + cfg.max_new_tokens) > reward_model.cfg.max_seq_len:  # it reads whole rollouts
+            raise InputError(f"--reward_model={cfg.reward_model}: its context of {reward_model.cfg.max_seq_len} tokens "
+                             f"is shorter than --max_prompt_len + --max_new_tokens = {n}")
     if state:
         critic_dir, load_critic = ckpt / "critic", RewardModel.from_pretrained
     elif reward_model is not None:

@@ -38,8 +38,8 @@ import torch
 
 from nanoalign import dist, train
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
-                           check_range, parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
+                           check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import collate_pairs, collate_sft, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
 from nanoalign.losses import bt_loss
 from nanoalign.reward import RewardModel, is_reward_checkpoint, set_offset_to_zero_mean
@@ -85,6 +85,7 @@ def check_config(cfg: Config) -> None:
     check_positive(cfg, "batch_size", "micro_batch_size", "max_len", "max_response_len", "lr", "eval_every")
     check_non_negative(cfg, "steps", "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at")
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    check_learning_rates(cfg, "lr")
     check_device(cfg)
     if not cfg.init:
         raise InputError("--init: give the SFT checkpoint (a directory or a hub id) to start from")

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from nanoalign import dist, hbat, train
 from nanoalign.checkpoint import resolve_dir
-from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
-                           check_range, parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
+                           check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import IGNORE_INDEX, collate_sft, read_alpaca, read_hh, read_jsonl, tokenize_pretrain, tokenize_sft
 from nanoalign.evaluate import evaluate_answers, sample_answers
 from nanoalign.model import ModelConfig, Transformer
@@ -131,6 +131,7 @@ def check_config(cfg: Config) -> None:
                    "pretrain_steps", "pretrain_lr", "dim", "n_layer", "n_head", "hidden_dim", "eval_every")
     check_non_negative(cfg, "warmup_steps", "weight_decay", "grad_clip", "save_every", "stop_at", "num_samples")
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    check_learning_rates(cfg, "lr", "pretrain_lr")
     check_device(cfg)
     if cfg.dim % cfg.n_head or (cfg.dim // cfg.n_head) % 2:
         raise InputError(f"--dim={cfg.dim}: must be a multiple of --n_head={cfg.n_head}, with an even quotient "
@@ -138,8 +139,7 @@ def check_config(cfg: Config) -> None:
     train.check_files(cfg, "data", "val_data", "eval_data")
     check_output(cfg.out_dir, "out_dir", directory=True)
     check_output(cfg.base_dir, "base_dir", directory=True)
-    if cfg.eval_data:  # read now: a bad file must fail before training, not after it
-        read_jsonl(cfg.eval_data, required=("prompt",))
+    train.check_prompt_file(cfg, "eval_data")
 
 
 # --- the training loop (pretraining, SFT, and the SFT stages of Hbat in train_dpo.py / train_ppo.py)
@@ -147,7 +147,9 @@ def fit(cfg: Config, d: dist.Dist, phase: str, model: Transformer, tok: Tokenize
         state: dict | None, steps: int, peak_lr: float):
     """A whole run: the schedule of one stage."""
     if not rows:
-        raise InputError(f"[{phase}] no training examples left after tokenizing (see the counts above)")
+        flag = "pretrain_data" if phase == "pretrain" else "data"
+        raise InputError(f"--{flag}={getattr(cfg, flag)}: no training examples left after tokenizing (see the counts "
+                         f"above)")
     ckpt = run_dir / "model"
     phase_flags = ("pretrain_data", "pretrain_steps", "pretrain_lr", "tokenizer") if phase == "pretrain" else (
         "data", "format", "template", "steps", "lr")  # (the template is resolved from auto by now)
@@ -217,12 +219,15 @@ def tiny_model(cfg: Config, tok: Tokenizer) -> Transformer:
     return model
 
 
+EVAL_NEW_TOKENS = 48  # the length cap of the final evaluation's greedy answers
+
+
 def final_eval(model, tok, cfg, d):
     """Greedy answers to the held-out prompts, a few printed; the oracle's metrics on tiny-world prompts."""
     if not cfg.eval_data:
         return None
     records = read_jsonl(cfg.eval_data, required=("prompt",))
-    answers = sample_answers(model, tok, [r["prompt"] for r in records], cfg.template, max_new_tokens=48)
+    answers = sample_answers(model, tok, [r["prompt"] for r in records], cfg.template, max_new_tokens=EVAL_NEW_TOKENS)
     for r, a in list(zip(records, answers))[:cfg.num_samples]:
         dist.print0(d, f"\n> {r['prompt']}\n  {a}\n  (reference: {r.get('reference', '-')})")
     result = evaluate_answers(records, answers)
@@ -276,6 +281,9 @@ def main(argv=None):
     model = train.load_model(init_dir, d)
     if cfg.max_len > model.cfg.max_seq_len:
         raise InputError(f"--max_len={cfg.max_len}: the model's context length is {model.cfg.max_seq_len}")
+    if cfg.eval_data and model.cfg.max_seq_len < EVAL_NEW_TOKENS + 2:  # found now, not after training
+        raise InputError(f"--eval_data={cfg.eval_data}: answers of up to {EVAL_NEW_TOKENS} tokens leave no room for a "
+                         f"prompt in the model's context of {model.cfg.max_seq_len} (pass --eval_data= to skip it)")
     if not (init_dir / "tokenizer.json").exists():
         train.check_files(cfg, "tokenizer", directory=True)
     tok = Tokenizer.from_dir(init_dir if (init_dir / "tokenizer.json").exists() else cfg.tokenizer)

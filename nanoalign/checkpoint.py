@@ -295,6 +295,7 @@ REQUIRED_KEYS = {"llama": ("hidden_size", "num_hidden_layers", "num_attention_he
 POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "intermediate_size", "max_position_embeddings")
 POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct")
+BOOLEANS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_parallel_residual")
 
 
 def read_config(ckpt: Path) -> dict:
@@ -313,6 +314,16 @@ def read_config(ckpt: Path) -> dict:
     for key in POSITIVE_NUMBERS:
         if hf.get(key) is not None and (type(hf[key]) not in (int, float) or not 0 < hf[key] < float("inf")):
             raise ValueError(f"{path}: key {key!r} must be a positive number, got {hf[key]!r}")
+    for key in BOOLEANS:  # JSON's "false" is a string, and a non-empty string is true
+        if hf.get(key) is not None and type(hf[key]) is not bool:
+            raise ValueError(f"{path}: key {key!r} must be true or false, got {hf[key]!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None:
+            if not isinstance(hf[key], dict):
+                raise ValueError(f"{path}: key {key!r} must be an object or null, got {hf[key]!r}")
+            if (bad := next((k for k, v in hf[key].items() if k.endswith(("factor", "_embeddings", "rope_theta"))
+                             and (type(v) not in (int, float) or not 0 < v < float("inf"))), None)):
+                raise ValueError(f"{path}: key {key!r}: {bad!r} must be a positive number, got {hf[key][bad]!r}")
     return hf
 
 

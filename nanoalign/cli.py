@@ -90,12 +90,27 @@ def check_range(cfg, name: str, low=None, high=None, *, low_open=False, high_ope
         raise InputError(f"--{name}={value}: must be in {interval}")
 
 
+def check_learning_rates(cfg, *names: str) -> None:
+    """Learning rates in (0, 1]: AdamW moves each weight by about the learning rate a step, so a larger one is a
+    typo (1e-5 written 1e5); it would train to garbage, or past float32's range, and still save a checkpoint."""
+    for name in names:
+        check_range(cfg, name, 0.0, 1.0, low_open=True)
+
+
 def check_device(cfg) -> None:
-    """--device: cpu, or cuda (cuda:N) on a machine with a GPU."""
+    """--device: cpu, or cuda (cuda:N, N one of this machine's GPUs)."""
     import torch  # here, so that parsing flags does not need torch
 
-    if not cfg.device.startswith(("cpu", "cuda")) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda"
+                                                                and not torch.cuda.is_available()):
         raise InputError(f"--device={cfg.device}: choose cpu, or cuda on a machine with a GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device={cfg.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def check_output(path, flag: str, directory: bool) -> None:

@@ -26,6 +26,7 @@ Gotchas:
 import gzip
 import json
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def _lines(path: Path):
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at byte "
                                      f"{e.start + 1} of the line); convert the file to UTF-8") from None
-    except (gzip.BadGzipFile, EOFError) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: not a complete gzip file ({e})") from None
 
 

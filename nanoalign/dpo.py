@@ -100,10 +100,13 @@ def _read_cache(path: Path, key: str, splits: dict) -> tuple[dict | None, str]:
         cache = torch.load(path, weights_only=True)
     except Exception as e:  # an unreadable file is recomputed, not fatal
         return None, f"{path} is unreadable ({type(e).__name__})"
+    if not isinstance(cache, dict) or not isinstance(cache.get("logps"), dict):  # not a cache this code wrote
+        return None, f"{path} is not a reference log-prob cache"
     if cache.get("fingerprint") != key:
         return None, f"{path} was computed for other data or another reference"
     logps = cache["logps"]
-    if set(logps) != set(splits) or any(len(logps[k]) != len(rows) for k, rows in splits.items()):
+    if set(logps) != set(splits) or any(not torch.is_tensor(logps[k]) or logps[k].shape != (len(rows), 2)
+                                        for k, rows in splits.items()):
         return None, f"{path} holds other splits"
     return logps, ""
 

@@ -444,7 +444,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             pos += 1
     # a model that produced NaN or inf logits sampled garbage: refuse it (one host read, after the loop)
     if not bool(logprobs.isfinite().all()):
-        raise ValueError("the model produced non-finite logits (NaN or inf) while sampling")
+        small = f", or temperature {temperature} is small enough for logits / temperature to overflow (use 0 for " \
+                f"greedy)" if 0 < temperature < 1 else ""
+        raise ValueError(f"the model produced non-finite logits (NaN or inf) while sampling{small}")
     return Generation(tokens, mask, logprobs, prompt_ids, prompt_mask, stopped)
 
 

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from . import dist, ewc, train
-from .cli import InputError, check_choice, check_positive
+from .cli import InputError, check_choice, check_learning_rates, check_positive
 from .data import collate_sft
 from .dpo import response_logps
 
@@ -70,6 +70,7 @@ def check_config(cfg, pref_kind: str) -> None:
     check_choice(cfg, "schedule", SCHEDULES)
     check_choice(cfg, "ewc", EWC_VARIANTS)
     check_positive(cfg, "splits", "sft_steps", "sft_lr", "lambda_max", "ewc_temperature", "fisher_samples")
+    check_learning_rates(cfg, "sft_lr")
     if cfg.sft_data == "auto":
         cfg.sft_data = "data/sft_train.jsonl" if cfg.schedule == "alternating" else ""
     if cfg.schedule == "alternating" and not cfg.sft_data:

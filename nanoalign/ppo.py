@@ -461,6 +461,8 @@ def load_prompts(data: str, eval_data: str, eval_prompts: int, reward: str) -> t
     if reward == "oracle" and not all(world.is_world_prompt(r["prompt"]) for r in rows):
         raise InputError(f"--reward=oracle judges only tiny-world prompts; {data} has others")
     eval_rows = read_jsonl(eval_data, required=("prompt",))[:eval_prompts] if eval_data else []
+    if eval_data and eval_prompts and not eval_rows:
+        raise InputError(f"--eval_data={eval_data}: no prompts (pass --eval_data= to skip the evaluation)")
     if not all(world.is_world_prompt(r["prompt"]) for r in eval_rows):
         raise InputError(f"--eval_data={eval_data}: the oracle judges only tiny-world prompts (pass --eval_data=)")
     return rows, eval_rows
@@ -472,7 +474,11 @@ def relevance_encoder(reward: str, relevance_model: str, device):
     if reward not in TEXT_REWARDS or reward in ("oracle", "length"):
         return None
     from .encoder import Encoder  # only these rewards need it
-    return Encoder.from_pretrained(relevance_model, device=device)
+    try:
+        return Encoder.from_pretrained(relevance_model, device=device)
+    except (ValueError, KeyError, OSError, ImportError) as e:  # ImportError: the packaged MiniLM is not installed
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise InputError(f"--relevance_model={relevance_model}: {message}") from None
 
 
 def encode_prompts(tok, rows: list[dict], template: str, max_prompt_len: int) -> list[list[int]]:

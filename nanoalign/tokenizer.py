@@ -164,6 +164,9 @@ def _special_id(tok, configs: dict, kind: str, path: Path) -> int | None:
         token = configs[name].get(f"{kind}_token")
         if isinstance(token, dict):  # {"content": "</s>", "lstrip": false, ...}
             token = token.get("content")
+        if token is not None and not isinstance(token, str):
+            raise ValueError(f"{path / name}: {kind}_token must be a token string (or {{\"content\": ...}}), got "
+                             f"{token!r} (an id goes in {kind}_token_id)")
         if token:
             i = tok.token_to_id(token)
             if i is None:

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from . import dist
 from .checkpoint import atomic_write_dir, load_pretrained, model_config, recover_interrupted_swap, write_pretrained
 from .cli import InputError
+from .data import read_jsonl
 from .model import Transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,14 @@ def check_files(cfg, *names: str, directory: bool = False) -> None:
             hint = (f"; the default data/ paths are relative to the repository: run from {REPO_ROOT} "
                     f"or pass --{name}={REPO_ROOT / value}")
         raise InputError(f"--{name}={value}: not found (looked in {Path.cwd()}){hint}")
+
+
+def check_prompt_file(cfg, name: str) -> None:
+    """The held-out prompts the flag `name` names (skipped when empty), read before any work: a bad file, or one
+    without a single prompt, fails now naming the flag, not at the evaluation after training."""
+    if path := getattr(cfg, name):
+        if not read_jsonl(path, required=("prompt",)):
+            raise InputError(f"--{name}={path}: no prompts (pass --{name}= to skip the evaluation)")
 
 
 # --- schedule and data order

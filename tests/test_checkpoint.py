@@ -417,6 +417,18 @@ def test_config_values_must_be_positive(tmp_path, key, value):
         load_pretrained(d)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("tie_word_embeddings", "false", "must be true or false, got 'false'"),  # a non-empty string would read as true
+    ("rope_scaling", "linear", "must be an object or null, got 'linear'"),
+    ("rope_parameters", 5, "must be an object or null, got 5"),
+    ("rope_scaling", {"type": "linear", "factor": "x"}, "'factor' must be a positive number, got 'x'")])
+def test_hand_edited_config_values_of_the_wrong_type_are_named(tmp_path, key, value, message):
+    _, d = saved(tmp_path)
+    path = edit(d, lambda c: {**c, key: value})
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: key {key!r}:? {re.escape(message)}"):
+        load_pretrained(d)
+
+
 def test_rope_parameters_of_newer_transformers_are_read(tmp_path):
     _, d = saved(tmp_path)
     edit(d, lambda c: {**{k: v for k, v in c.items() if k != "rope_theta"},

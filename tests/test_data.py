@@ -75,6 +75,10 @@ def test_read_jsonl_non_utf8_names_file_and_line(tmp_path):
     gz.write_bytes(gzip.compress(b'{"a": 1}\n' * 100)[:-20])  # cut short, as by a failed download
     with pytest.raises(ValueError, match=f"{gz}: not a complete gzip file"):
         read_jsonl(gz)
+    whole = gzip.compress(b'{"a": 1}\n' * 100)
+    gz.write_bytes(whole[:12] + bytes(b ^ 0x5A for b in whole[12:30]) + whole[30:])  # corrupt inside the stream
+    with pytest.raises(ValueError, match=f"{gz}: not a complete gzip file"):
+        read_jsonl(gz)
 
 
 def test_read_jsonl_ignores_a_byte_order_mark(tmp_path):

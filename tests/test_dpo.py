@@ -147,6 +147,12 @@ def test_changing_the_data_or_the_reference_recomputes_the_cache(tiny_plain, row
     (ref / "config.json").write_text(json.dumps(config))
     assert logps({"val": edited})[1]
     assert not logps({"val": edited})[1]
+    # a file there that this code did not write (a list, a cache with a tensor of another shape): recomputed
+    current, kept = logps({"val": edited})[0], torch.load(cache, weights_only=True)
+    for other in ([1, 2], {**kept, "logps": {"val": torch.zeros(3)}}):
+        torch.save(other, cache)
+        again, computed = logps({"val": edited})
+        assert computed and torch.equal(again["val"], current["val"])
 
 
 def test_no_reference_model_is_alive_while_the_policy_trains(tiny_plain, files, tmp_path, monkeypatch):

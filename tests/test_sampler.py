@@ -498,8 +498,11 @@ def test_non_finite_logits_are_refused():
     with torch.no_grad():
         model.lm_head.weight[3, 0] = float("nan")
     for temperature in (0.0, 1.0):
-        with pytest.raises(ValueError, match="non-finite logits"):
+        with pytest.raises(ValueError, match="non-finite logits \\(NaN or inf\\) while sampling$"):
             generate(model, [[1, 2, 3]], 4, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    # a finite model at a temperature so small that logits / temperature overflow: the message says so
+    with pytest.raises(ValueError, match="or temperature 1e-300 is small enough for logits / temperature to overflow"):
+        generate(tiny("llama_gqa"), [[1, 2, 3]], 4, temperature=1e-300, generator=torch.Generator().manual_seed(0))
 
 
 def test_cuda_graph_needs_a_cuda_device():

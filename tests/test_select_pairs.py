@@ -66,6 +66,10 @@ def test_scores_label_the_pair_and_ties_are_skipped(tmp_path, tiny_plain, multi)
     assert [(p["chosen"], p["rejected"]) for p in again] == [(p["chosen"], p["rejected"]) for p in pairs]
     for p, q in zip(pairs, again):
         assert abs(p["cosine"] - q["cosine"]) < 1e-6
+    # only ties: an error, not an empty file that the training script would reject later
+    with pytest.raises(InputError, match=r"^--data=.*: no pair to write: all 1 prompts were ties"):
+        select(tmp_path, write_jsonl(tmp_path / "ties.jsonl", multi[:1]), tiny_plain, name="ties_out.jsonl")
+    assert not (tmp_path / "ties_out.jsonl").exists()
 
 
 def test_easy_takes_the_least_similar_pair_and_hard_the_most(tmp_path, tiny_plain, tiny_tok, multi):
@@ -105,6 +109,14 @@ def test_pairs_input_keeps_a_fraction_with_their_labels(tmp_path, tiny_plain, ti
     with pytest.raises(InputError, match=r"^--fraction=0.04: keeps none of the 10 pairs$"):
         select(tmp_path, data, tiny_plain, "--strategy=easy", "--fraction=0.04", name="none.jsonl")
     assert not (tmp_path / "none.jsonl").exists()
+    # a pair of two identical texts carries no preference, and "hard" would pick it first: skipped as a tie
+    twin = {**records[0], "rejected": records[0]["chosen"]}
+    twin_result, twin_hard = select(tmp_path, write_jsonl(tmp_path / "twins.jsonl", [twin] + records[1:]), tiny_plain,
+                                    "--strategy=hard", name="twin_hard.jsonl")
+    assert twin_result["skipped_ties"] == 1 and all(p["chosen"] != p["rejected"] for p in twin_hard)
+    with pytest.raises(InputError, match=r"^--data=.*: every pair's chosen and rejected are the same text"):
+        select(tmp_path, write_jsonl(tmp_path / "all_twins.jsonl", [twin]), tiny_plain, name="nothing.jsonl")
+    assert not (tmp_path / "nothing.jsonl").exists()
 
 
 def test_label_error_rate_equals_a_hand_count(tmp_path, tiny_plain, capsys):

@@ -119,6 +119,12 @@ def test_config_token_missing_from_vocab_is_an_error(tmp_path):
         Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config={"eos_token": "<eos>"}))
 
 
+def test_config_token_that_is_not_a_string_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: eos_token must be a token string .*got 5 \(an id "
+                                         r"goes in eos_token_id\)"):
+        Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config={"eos_token": 5}))
+
+
 def test_add_bos_from_post_processor(tmp_path):
     tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config=STANDARD_CONFIG, bos_post_processor=True))
     assert tok.add_bos is True

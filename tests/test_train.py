@@ -34,8 +34,8 @@ def tok():
 
 def tiny(tok, seed=0, **kw):
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
-                                    max_seq_len=128, **kw))
+    model = Transformer(ModelConfig(**{**dict(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, hidden_dim=64,
+                                              max_seq_len=128), **kw}))
     model.init_weights()
     return model
 
@@ -303,6 +303,9 @@ def test_a_run_killed_mid_save_resumes_to_the_uninterrupted_result(init_dir, tmp
     ("--stepz=10", "unrecognized arguments: --stepz=10"),
     ("--data=/", "--data=/: expected a file, found a directory"),
     ("--n_head=3", "--dim=128: must be a multiple of --n_head=3, with an even quotient"),
+    ("--device=cpux", "--device=cpux: choose cpu, or cuda"),  # not a device torch can parse
+    ("--lr=1e5", "--lr=100000.0: must be in (0.0, 1.0]"),  # 1e-5 mistyped: it would train to garbage and save it
+    ("--pretrain_lr=2", "--pretrain_lr=2.0: must be in (0.0, 1.0]"),
 ])
 def test_bad_flags_are_refused_before_any_work(init_dir, tmp_path, flag, message):
     with pytest.raises(InputError) as e:
@@ -318,7 +321,22 @@ def test_a_bad_eval_file_or_a_max_len_past_the_context_fails_before_training(ini
         train_sft.main(args(init_dir, tmp_path / "run", f"--eval_data={bad}"))
     with pytest.raises(InputError, match="^--max_len=1000: the model's context length is 128$"):
         train_sft.main(args(init_dir, tmp_path / "run", "--max_len=1000"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match=f"^--eval_data={empty}: no prompts \\(pass --eval_data= to skip"):
+        train_sft.main(args(init_dir, tmp_path / "run", f"--eval_data={empty}"))
+    with pytest.raises(InputError, match=f"^--data={empty}: no training examples left after tokenizing"):
+        train_sft.main(args(init_dir, tmp_path / "run", f"--data={empty}"))
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_final_evaluation_that_cannot_fit_the_context_fails_before_training(tok, tmp_path):
+    short = save_pretrained(tiny(tok, max_seq_len=32), tmp_path / "short", tokenizer=tok)
+    with pytest.raises(InputError, match=r"^--eval_data=.*: answers of up to 48 tokens leave no room for a prompt in "
+                                         r"the model's context of 32"):
+        train_sft.main(args(short, tmp_path / "run", "--max_len=32",
+                            f"--eval_data={ROOT / 'data' / 'prompts_test.jsonl'}"))
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_resume_refuses_flags_that_change_the_updates(init_dir, tmp_path):

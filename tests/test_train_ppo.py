@@ -187,12 +187,33 @@ def test_text_rewards_run_with_a_zero_initialised_critic(tiny_init, tmp_path, re
     ("--dtype=float16", "--dtype=float16: train in bfloat16 or float32"),
     ("--value_warmup_steps=-1", "--value_warmup_steps=-1: must be >= 0"),
     ("--data=nope.jsonl", "--data=nope.jsonl: not found"),
+    ("--critic_lr=5", "--critic_lr=5.0: must be in (0.0, 1.0]"),
+    ("--eval_data=/dev/null", "--eval_data=/dev/null: no prompts"),
     ("--max_prompt_len=120", "--max_prompt_len + --max_new_tokens = 130 exceeds the model's context length 128"),
 ])
 def test_bad_flags_are_refused_with_one_line(tiny_init, tiny_rm, tmp_path, flag, message):
     with pytest.raises(InputError, match=message.replace("+", r"\+").replace("[", r"\[").replace("(", r"\(")):
         train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "bad", flag))
     assert not (tmp_path / "bad" / "model").exists()
+
+
+def test_a_reward_model_or_relevance_model_that_cannot_serve_is_named_before_any_rollout(tiny_init, tiny_tok,
+                                                                                        tmp_path):
+    """A reward model whose context is shorter than a rollout, and a relevance model that is no BERT, fail naming
+    their flag, before any work (not mid-run with a bare shape or format error)."""
+    from nanoalign.model import ModelConfig
+    from nanoalign.reward import RewardModel
+
+    torch.manual_seed(0)
+    short = RewardModel(ModelConfig(vocab_size=tiny_tok.vocab_size, dim=32, n_layer=1, n_head=2, hidden_dim=64,
+                                    max_seq_len=32)).save_pretrained(tmp_path / "rm32", tokenizer=tiny_tok)
+    with pytest.raises(InputError, match=rf"^--reward_model={short}: its context of 32 tokens is shorter than "
+                                         rf"--max_prompt_len \+ --max_new_tokens = 74$"):
+        train_ppo.main(args(tiny_init, short, tmp_path / "rm", "--eval_data="))
+    with pytest.raises(InputError, match=rf"^--relevance_model={tiny_init}: .*model_type 'llama'"):
+        train_ppo.main(args(tiny_init, "", tmp_path / "r3", "--reward=relevance", f"--relevance_model={tiny_init}",
+                            "--eval_data="))
+    assert not (tmp_path / "rm" / "model").exists() and not (tmp_path / "r3" / "model").exists()
 
 
 def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
