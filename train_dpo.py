@@ -171,8 +171,10 @@ def compare_answers(cfg, d, policy, init_dir, tok, template, base: str = "sft") 
         del model
     for p, a, b in list(zip(prompts, answers["dpo"], answers[base]))[:cfg.num_samples]:
         print(f"\n> {p}\n  dpo: {a}\n  {base}: {b}")
-    if not all(world.is_world_prompt(p) for p in prompts):
-        return None  # the oracle judges only its own world's prompts
+    if not all(world.is_world_prompt(p) for p in prompts):  # the oracle judges only its own world's prompts
+        print(f"\n--eval_prompts={cfg.eval_prompts} holds prompts from outside the tiny world: answers shown, no "
+              f"oracle win rate (python -m nanoalign.evaluate --judge=REWARD_MODEL_DIR compares them)")
+        return None
     result = {"n_prompts": len(prompts),
               f"win_rate_vs_{base}": win_rate(oracle_score, prompts, answers["dpo"], answers[base])}
     for name, ans in answers.items():

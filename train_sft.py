@@ -231,6 +231,9 @@ def final_eval(model, tok, cfg, d):
     for r, a in list(zip(records, answers))[:cfg.num_samples]:
         dist.print0(d, f"\n> {r['prompt']}\n  {a}\n  (reference: {r.get('reference', '-')})")
     result = evaluate_answers(records, answers)
+    if result["mean_quality"] is None:  # the oracle judges only its own world's prompts
+        dist.print0(d, f"\n--eval_data={cfg.eval_data} holds prompts from outside the tiny world: answers shown, no "
+                       f"oracle metrics")
     if result["closed_accuracy"] is not None:
         dist.print0(d, f"\nclosed-ended accuracy (greedy, {result['n_closed']} held-out prompts): "
                        f"{result['closed_accuracy']:.1%}; mean oracle quality over all {result['n']}: "

@@ -242,6 +242,17 @@ def test_an_unchanged_policy_ties_with_the_reference_on_every_prompt(tiny_plain,
     assert evaluate.sample_answers(model, tiny_tok, prompts, "hh", 6, batch_size=2)[0] == expected
 
 
+def test_held_out_prompts_from_outside_the_tiny_world_get_answers_and_a_word_instead_of_a_win_rate(tiny_plain, files,
+                                                                                                   tmp_path, capsys):
+    prompts = tmp_path / "open.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Write a haiku about the sea."}) + "\n")
+    train_dpo.main(args(tiny_plain, tmp_path / "run", files, "--steps=1", "--val_data=", f"--eval_prompts={prompts}",
+                        "--num_samples=1"))
+    out = capsys.readouterr().out
+    assert "> Write a haiku about the sea." in out and "holds prompts from outside the tiny world" in out
+    assert "win_rate_vs_sft" not in json.loads((tmp_path / "run" / "eval.json").read_text())
+
+
 def test_hh_transcripts_and_the_template_saved_with_the_init(tiny_plain, tiny_tok, tmp_path, capsys):
     hh = tmp_path / "hh.jsonl"
     pairs = read_jsonl(PREFS)[:8]

@@ -192,6 +192,16 @@ def test_sft_on_real_alpacafarm_data_uses_the_alpaca_template(tiny_plain, tmp_pa
     assert len(losses(tmp_path / "alpaca")) == 2
 
 
+def test_held_out_prompts_from_outside_the_tiny_world_are_answered_and_said_to_have_no_oracle(tiny_plain, tmp_path,
+                                                                                              capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Write a haiku about the sea."}) + "\n")
+    train_sft.main(args(tiny_plain, tmp_path / "run", "--steps=1", f"--eval_data={prompts}", "--num_samples=1"))
+    out = capsys.readouterr().out
+    assert "> Write a haiku about the sea." in out
+    assert f"--eval_data={prompts} holds prompts from outside the tiny world: answers shown, no oracle metrics" in out
+
+
 def test_no_init_pretrains_a_base_then_fine_tunes_and_scores(tmp_path, capsys):
     """The default flow on a miniature budget: pretrain (every token), SFT, greedy answers judged by the oracle."""
     prompts = tmp_path / "prompts.jsonl"
