@@ -131,6 +131,7 @@ def check_config(cfg: Config) -> None:
             raise InputError(f"--{name}={getattr(cfg, name)} must divide --rollout_batch_size={cfg.rollout_batch_size}")
     check_device(cfg)
     train.check_files(cfg, "data", "eval_data")
+    train.check_prompt_file(cfg, "eval_data")
     if cfg.out_dir != "auto":
         check_output(cfg.out_dir, "out_dir", directory=True)
     hbat.check_config(cfg, "ppo")

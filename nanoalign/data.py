@@ -344,21 +344,21 @@ def tokenize_pairs(examples: list[dict], tok: Tokenizer, template: str, max_len:
     """
     out, cut, dropped, tied = [], 0, 0, 0
     for ex in examples:
-        bos, prompt = _split_bos(tok, encode_prompt(tok, ex["prompt"], template))
+        prompt = encode_prompt(tok, ex["prompt"], template)
         chosen = encode_response(tok, ex["chosen"], template)
         rejected = encode_response(tok, ex["rejected"], template)
         if chosen[:max_response_len] == rejected[:max_response_len]:  # no preference left to learn: skip before fitting
             tied += 1
             continue
         # the longer response decides how much prompt fits; both responses get the same cap
-        fitted = truncate_example(prompt, max(chosen, rejected, key=len), max_len - len(bos), max_response_len)
+        fitted = fit_example(tok, prompt, max(chosen, rejected, key=len), max_len, max_response_len)
         if fitted is None:
             dropped += 1
             continue
         # [:None] keeps the whole response
         kept_prompt, kept_chosen, kept_rejected = fitted[0], chosen[:max_response_len], rejected[:max_response_len]
         cut += (kept_prompt, kept_chosen, kept_rejected) != (prompt, chosen, rejected)
-        c, r = _join(bos + kept_prompt, kept_chosen), _join(bos + kept_prompt, kept_rejected)
+        c, r = _join(kept_prompt, kept_chosen), _join(kept_prompt, kept_rejected)
         out.append({"chosen_ids": c["ids"], "chosen_mask": c["mask"], "rejected_ids": r["ids"], "rejected_mask": r["mask"]})
     _report_cuts("tokenize_pairs", len(examples), cut, dropped, max_len)
     where = f" within --max_response_len={max_response_len}" if max_response_len else ""

@@ -461,8 +461,6 @@ def load_prompts(data: str, eval_data: str, eval_prompts: int, reward: str) -> t
     if reward == "oracle" and not all(world.is_world_prompt(r["prompt"]) for r in rows):
         raise InputError(f"--reward=oracle judges only tiny-world prompts; {data} has others")
     eval_rows = read_jsonl(eval_data, required=("prompt",))[:eval_prompts] if eval_data else []
-    if eval_data and eval_prompts and not eval_rows:
-        raise InputError(f"--eval_data={eval_data}: no prompts (pass --eval_data= to skip the evaluation)")
     if not all(world.is_world_prompt(r["prompt"]) for r in eval_rows):
         raise InputError(f"--eval_data={eval_data}: the oracle judges only tiny-world prompts (pass --eval_data=)")
     return rows, eval_rows
