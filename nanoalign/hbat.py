@@ -216,9 +216,10 @@ def run_schedule(cfg, d: dist.Dist, stages: list[Stage], model, data: dict, *, s
     resume_step = state["step"] if state else 0
     # kind -> S: the delta scores of the finished stages of that kind, summed (saved with every checkpoint)
     scores = dict(((state.get("extra") or {}).get("hbat") or {}).get("scores", {})) if state else {}
-    # another schedule would mean other stages, and other delta scores than the checkpoint holds
+    # another schedule would mean other stages, and other delta scores than the checkpoint holds; another
+    # --steps, even of one stage, another learning-rate schedule from the resumed step on
     train.check_resumed_flags(cfg, state, ("schedule", "splits", "sft_data", "sft_steps", "steps", "ewc")
-                              if len(stages) > 1 else ("sft_data",))
+                              if len(stages) > 1 else ("sft_data", "steps"))
     stage_log = train.MetricsLog(run_dir / "stages.jsonl", d, resume_step)
     params = dict(model.named_parameters())
     for stage in stages:

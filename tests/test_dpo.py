@@ -214,6 +214,9 @@ def test_resume_continues_exactly(tiny_plain, files, tmp_path, capsys):
     train_dpo.main(args(tiny_plain, tmp_path / "full", files, "--steps=4"))
     train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--stop_at=2", "--eval_prompts="))
     capsys.readouterr()
+    # another --steps would put the resumed steps on another run's learning-rate schedule: refused
+    with pytest.raises(InputError, match="^--steps=8: the checkpoint to resume was written with --steps=4"):
+        train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=8", "--resume"))
     train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume"))
     out = capsys.readouterr().out
     assert "reference log-probs: reused" in out and "resumed from" in out

@@ -60,6 +60,8 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     for flag, message in (("--kl_target=3", "--kl_target=3.0: the checkpoint to resume was written with --kl_target=6.0"),
                           ("--adaptive_kl=0", "--adaptive_kl=False: the checkpoint to resume was written with "
                                               "--adaptive_kl=True"),
+                          # another --steps is another learning-rate schedule from the resumed step on
+                          ("--steps=6", "--steps=6: the checkpoint to resume was written with --steps=4"),
                           # and the template, checked once auto is resolved (the default resume below passes)
                           ("--template=plain", "--template=plain: the checkpoint to resume was written with "
                                                "--template=hh")):
