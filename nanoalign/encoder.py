@@ -125,6 +125,8 @@ class Encoder(nn.Module):
         """[CLS] text [SEP], truncated to max_len tokens (default: the position table), right-padded
         -> input_ids, attention_mask (B, T)."""
         max_len = min(max_len or self.cfg.max_len, self.cfg.max_len)
+        if max_len < 2:  # e.ids[:max_len - 2] would keep nearly the whole text, not cut it
+            raise ValueError(f"max_len={max_len}: a row needs at least 2 tokens, [CLS] and [SEP]")
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         rows = [[self.cls_id] + e.ids[:max_len - 2] + [self.sep_id] for e in encodings]
         T = max(len(r) for r in rows)

@@ -67,6 +67,10 @@ def test_truncation_and_padding_do_not_change_embeddings(tmp_path):
     long = " ".join(["the cat sat"] * 40)
     ids, mask = enc.tokenize([long, "a dog"])
     assert ids.shape == (2, 24) and ids[0, -1] == 3 and mask[0].all()  # [CLS] + 22 tokens + [SEP]
+    short, _ = enc.tokenize([long], max_len=2)
+    assert short.tolist() == [[ids[0, 0].item(), 3]]  # [CLS] [SEP]: the text cut away entirely
+    with pytest.raises(ValueError, match="max_len=1: a row needs at least 2 tokens"):
+        enc.tokenize([long], max_len=1)
     alone = torch.cat([enc.embed([t]) for t in TEXTS])
     torch.testing.assert_close(enc.embed(TEXTS), alone, atol=1e-5, rtol=0)
     assert enc.embed([]).shape == (0, 32)
