@@ -82,14 +82,20 @@ def test_wrong_shape(tmp_path):
 
 
 def test_norm_eps_and_rope_base_come_from_config_json(tmp_path):
-    model, d = saved(tmp_path)
-    path = d / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "rms_norm_eps": 0.5, "rope_theta": 37.0}))
-    again = load_pretrained(d)
-    assert (again.cfg.norm_eps, again.cfg.rope_base) == (0.5, 37.0)
+    """Each value alone is read and used: weights large enough (std 0.2) that attention, and so the rotary base,
+    moves the logits (at the default std 0.02 a changed eps alone would account for the whole difference)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layer=2, n_head=2, hidden_dim=48, max_seq_len=32))
+    model.init_weights(std=0.2)
+    d = save_pretrained(model, tmp_path / "ckpt")
+    original = json.loads((d / "config.json").read_text())
     x = torch.randint(0, 50, (1, 12))
-    with torch.no_grad():
-        assert not torch.allclose(again(x), model(x), atol=1e-3)  # and the model uses them
+    for key, value, field in (("rms_norm_eps", 0.5, "norm_eps"), ("rope_theta", 37.0, "rope_base")):
+        (d / "config.json").write_text(json.dumps({**original, key: value}))
+        again = load_pretrained(d)
+        assert getattr(again.cfg, field) == value
+        with torch.no_grad():
+            assert (again(x) - model(x)).abs().max() > 1e-2, key  # and the model uses it
 
 
 def test_neox_layer_norm_eps_comes_from_config_json(tmp_path):

@@ -137,7 +137,20 @@ def test_read_hh_tokens_match_the_transcript(tok):
 # --- Alpaca / AlpacaFarm
 
 
-@pytest.mark.skipif(not ALPACAFARM.is_file(), reason=f"AlpacaFarm validation file not found at {ALPACAFARM}")
+def test_read_alpacafarm_format(capsys):
+    """AlpacaFarm's records ({"input", "output", "qtype"}, the instruction and any "### Input:" part already in
+    "input"), from a five-record sample in its format that ships with the tests: the empty output is skipped
+    and counted, qtype kept, the input kept whole as the prompt."""
+    records = read_alpaca(FIXTURES / "alpacafarm_sample.json")
+    assert "read_alpaca: kept 4, skipped 1 (1 empty output)" in capsys.readouterr().out
+    assert [r["qtype"] for r in records] == ["OPENENDED", "CONSTRAINED", "CONSTRAINED", "OPENENDED"]
+    assert records[1] == {"prompt": "Sort the following numbers from smallest to largest.\n\n### Input:\n7, 2, 9, 4",
+                          "response": "2, 4, 7, 9", "qtype": "CONSTRAINED"}
+    assert format_prompt(records[1]["prompt"], "alpaca").endswith("### Input:\n7, 2, 9, 4\n\n### Response:\n")
+
+
+@pytest.mark.skipif(not ALPACAFARM.is_file(), reason=f"AlpacaFarm validation file not found at {ALPACAFARM} "
+                                                    "(the sample in tests/fixtures covers the format)")
 def test_read_alpacafarm_file(capsys):
     records = read_alpaca(ALPACAFARM)
     # record 730 has an empty output

@@ -201,7 +201,7 @@ def test_dpo_is_stable_for_huge_margins_and_checks_its_arguments():
             dpo_loss(PC, PR, RC, RR, **kwargs)
 
 
-def test_dpo_on_a_random_batch_against_trl_formulas():
+def test_dpo_and_ipo_losses_on_a_random_batch_by_their_equations():
     """Not a call into TRL: TRL 1.16 computes its DPO loss inline in DPOTrainer._compute_loss, after the model forward,
     and importing that module needs accelerate and datasets. This pins the same formulas as written there on a
     random batch: sigmoid -logsigmoid(beta delta), and IPO on each sequence's log-ratio divided by its own length,

@@ -95,6 +95,24 @@ def test_partial_rotary_leaves_the_tail_alone():
     assert not torch.allclose(out[..., 1:4], x[..., 1:4])
 
 
+def test_partial_rotary_frequencies_use_the_rotated_slices_size(monkeypatch):
+    """Pythia (rotary_pct 0.25, head_dim 16): the model rotates R = 4 dims of each head, at the frequencies
+    base^(-2i / R) of a 4-dim rotary embedding (not of the head's 16 dims), by hand at base 7 for positions 0..5."""
+    from nanoalign import model as model_module
+
+    seen, real = [], model_module.apply_rope
+    monkeypatch.setattr(model_module, "apply_rope", lambda x, cos, sin: seen.append((cos, sin)) or real(x, cos, sin))
+    model = tiny("pythia", rope_base=7.0)
+    assert (model.cfg.head_dim, model.cfg.rotary_dim) == (16, 4)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 6)))
+    cos, sin = seen[0]
+    inv_freq = [1.0, 7.0 ** (-2 / 4)]
+    angles = torch.tensor([[p * f for f in inv_freq * 2] for p in range(6)])  # rotate-half layout: i and i + R/2
+    torch.testing.assert_close(cos[0, 0], angles.cos())
+    torch.testing.assert_close(sin[0, 0], angles.sin())
+
+
 def test_tied_embeddings_share_one_parameter():
     model = tiny("llama_gqa", tie_embeddings=True)
     assert model.lm_head.weight is model.tok_emb.weight

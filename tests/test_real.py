@@ -261,12 +261,20 @@ def test_end_to_end_on_multi_response_data():
     tok = Tokenizer.from_dir(DATA / "tokenizer")
     model = tiny_model(vocab_size=tok.vocab_size)
     records = [json.loads(line) for line in (DATA / "multi_train.jsonl").read_text().splitlines()[:3]]
+    labelled = 0
     for record in records:
         examples = [{"prompt": record["prompt"], "response": r} for r in record["responses"]]
         emb = embed_responses(model, tok, examples, "hh", max_len=128)
+        assert emb.shape == (len(examples), model.cfg.dim)
+        torch.testing.assert_close(emb[1], embed_responses(model, tok, examples[1:2], "hh", max_len=128)[0])
+        cos = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
+        pairs = [(a, b) for a in range(len(examples)) for b in range(a + 1, len(examples))]
+        assert set(select_from_responses(emb, "hard")) == set(max(pairs, key=lambda ab: cos[ab].item()))
         for strategy in ("hard", "easy", "centroid", "random"):
             i, j = select_from_responses(emb, strategy)
             pair = label_pair(record["prompt"], record["responses"], record["scores"], i, j)
             if pair is not None:
+                labelled += 1
                 assert pair["chosen_score"] > pair["rejected_score"]
                 assert {pair["chosen"], pair["rejected"]} == {record["responses"][i], record["responses"][j]}
+    assert labelled >= 6  # most of the 12 picks have two different scores: the checks above ran

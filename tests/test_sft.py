@@ -179,10 +179,9 @@ def test_transformers_loads_the_sft_checkpoint(tiny_plain, tmp_path):
     assert {"loss", "lr", "grad_norm", "tokens", "tok_per_s", "eval_loss"} <= set(record)
 
 
-ALPACAFARM = ROOT.parent / "shared" / "data" / "alpacafarm_val_qtype.json"
+ALPACAFARM = ROOT / "tests" / "fixtures" / "alpacafarm_sample.json"  # AlpacaFarm's format, five records
 
 
-@pytest.mark.skipif(not ALPACAFARM.exists(), reason="shared/data not beside the checkout")
 def test_sft_on_real_alpacafarm_data_uses_the_alpaca_template(tiny_plain, tmp_path, capsys):
     train_sft.main(args(tiny_plain, tmp_path / "alpaca", "--steps=2", f"--data={ALPACAFARM}", "--val_data=",
                         "--num_samples=0"))
