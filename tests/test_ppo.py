@@ -335,6 +335,36 @@ def test_each_epoch_visits_every_rollout_once_in_its_own_shuffled_order(policy, 
     assert orders(step=0) == first and orders(step=1) != first
 
 
+def test_every_epoch_trains_against_the_rollouts_old_values_log_probs_and_returns(policy, critic, prompts, tok,
+                                                                                   monkeypatch):
+    """The clipping anchors (old log-probs, old values) and the targets (advantages, returns) are fixed when the
+    rollouts are made: the second epoch, after the models moved, must see the first epoch's numbers, not ones
+    recomputed from the moved models."""
+    ref = copy.deepcopy(policy)
+    batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
+                                 temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    ppo.advantages(batch, torch.ones(6), 0.1, 1.0, 0.95)
+    fixed = {k: batch[k].clone() for k in ("logprobs", "values", "advantages", "returns")}
+    seen, select = [], ppo.select_rows
+
+    def spy(b, rows):  # what each minibatch is given, and which rollouts those are
+        mb = select(b, rows)
+        seen.append((torch.as_tensor(rows), {k: mb[k].clone() for k in fixed}))
+        return mb
+
+    monkeypatch.setattr(ppo, "select_rows", spy)
+    pol, cri = copy.deepcopy(policy).train(), copy.deepcopy(critic).train()
+    ppo.update(batch, pol, cri, train.adamw(pol, 1e-2), train.adamw(cri, 1e-2), step=0, seed=0, ppo_epochs=2,
+               mini_batch_size=6, micro_batch_size=6, update_policy=True, grad_clip=1.0, d=dist.Dist(),
+               temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=0.2, cliprange_value=0.2,
+               vf_coef=1.0, amp=NO_AMP)
+    assert len(seen) == 2  # one minibatch of all six rollouts per epoch
+    assert not torch.equal(pol.tok_emb.weight, policy.tok_emb.weight)  # the models moved between the epochs
+    for epoch, (rows, given) in enumerate(seen):
+        for k, v in fixed.items():
+            torch.testing.assert_close(given[k], v[rows], rtol=0, atol=0, msg=f"epoch {epoch}: {k}")
+
+
 def test_reward_model_scores_of_a_padded_batch_equal_each_rollout_scored_alone(policy, critic, prompts, tok):
     """reward_model_scores collates left-padded prompts with right-padded responses of different lengths: each
     score must be the one of prompt + response run alone (read at its stop token, pads hidden), not one read at
