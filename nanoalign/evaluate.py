@@ -3,6 +3,7 @@ that answer held-out prompts with a model and judge the answers, and a command l
 
     python -m nanoalign.evaluate --model_a=out/dpo/model --model_b=out/sft/model            # judged by the oracle
     python -m nanoalign.evaluate --model_a=out/dpo/model --model_b=out/sft/model --judge=out/rm/model --out=eval.json
+    python -m nanoalign.evaluate --model_a=out/sft/model --best_of=8 --best_of_rm=out/rm/model --model_b=out/sft/model
 
 The metric functions are pure (strings and numbers in, a number out), so scripts can combine them with any
 generator or judge. What each metric is for (see docs/methods.md, "## 8. Evaluation"):
@@ -25,10 +26,15 @@ Model-side helpers (the command line is built from them; scripts reuse them):
   sample_answers     one answer per prompt, greedy by default, batched, decoded up to the stop token
   evaluate_answers   mean oracle quality, closed-ended accuracy, ROUGE-L against references, copy rate, length
   compare            win rate of A over B under a judge that scores a batch: oracle_judge or reward_judge
+  best_of_n          per prompt, the sample a judge scores highest (best-of-n sampling against a reward model)
 - A model answers well only in the template it was trained with: the command line formats each model's
   prompts with the template saved with its tokenizer (--template overrides).
 - A reward model scores prompt + response + EOS, as it was trained: an answer cut by max_new_tokens is scored
   as if it had ended there.
+- Best-of-n against a reward model (--best_of) is the cheapest test of whether that reward model can improve a
+  policy: if its pick of n samples is no better than one sample under the oracle, no optimiser (PPO included)
+  climbing that reward model will raise the oracle's quality. On the tiny world the command line also prints the
+  oracle's own best of n (the room a perfect reward model would find) and the quality of one sample.
 """
 import json
 import math
@@ -340,6 +346,33 @@ def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequenc
             "judge_a": sum(a) / len(a), "judge_b": sum(b) / len(b)}
 
 
+def best_of_n(prompts: Sequence[str], samples: Sequence[Sequence[str]],
+              judge: Callable[[Sequence[str], Sequence[str]], list[float]]) -> list[str]:
+    """Best-of-n sampling: samples[k][i] is the k-th sample for prompts[i]; returns, for each prompt, the sample
+    the batch judge scores highest (the earliest on a tie). All n x len(prompts) samples are scored in one call."""
+    if not samples:
+        raise ValueError("best_of_n of zero samples per prompt is undefined")
+    if any(len(s) != len(prompts) for s in samples):
+        raise ValueError(f"best_of_n needs one sample per prompt in each of the {len(samples)} lists: "
+                         f"{len(prompts)} prompts, lists of {sorted({len(s) for s in samples})}")
+    scores = judge([p for _ in samples for p in prompts], [a for s in samples for a in s])
+    n = len(prompts)
+    best = [max(range(len(samples)), key=lambda k: (scores[k * n + i], -k)) for i in range(n)]
+    return [samples[k][i] for i, k in enumerate(best)]
+
+
+def best_of_metrics(prompts: Sequence[str], samples: Sequence[Sequence[str]], chooser: str) -> dict:
+    """What a best-of-n pick is measured against, on the tiny world (None elsewhere): the mean oracle quality of
+    one sample (sample_quality, over all n samples of every prompt) and of the oracle's own pick of the n
+    (oracle_best_quality, the most a perfect reward model could get from them)."""
+    out = {"n": len(samples), "chooser": chooser, "sample_quality": None, "oracle_best_quality": None}
+    if all(world.is_world_prompt(p) for p in prompts):
+        q = [[world.quality(p, a) for p, a in zip(prompts, s)] for s in samples]
+        out["sample_quality"] = sum(map(sum, q)) / (len(q) * len(prompts))
+        out["oracle_best_quality"] = sum(max(col) for col in zip(*q)) / len(prompts)
+    return out
+
+
 # --- the command line: python -m nanoalign.evaluate
 
 
@@ -356,6 +389,8 @@ class Config:
     limit: int = 0              # evaluate the first N prompts only (0: all)
     seed: int = 0               # sampling seed when temperature > 0
     diversity_samples: int = 0  # also sample K answers per prompt at temperature 1 from each model: self-BLEU (0: off)
+    best_of: int = 0            # N > 0: model A answers with the best of N samples at temperature 1 (0: off)
+    best_of_rm: str = ""        # --best_of: what picks the best sample: a reward model directory, or oracle
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
     dtype: str = "float32"      # weights: float32 or bfloat16
     out: str = ""               # also write the metrics, the win rate and the answers to this JSON file
@@ -388,23 +423,52 @@ def _check_config(cfg: Config) -> None:
         check_output(cfg.out, "out", directory=False)
     if cfg.judge != "oracle" and not Path(cfg.judge).is_dir():
         raise InputError(f"--judge={cfg.judge}: choose oracle or a reward model directory (no such directory)")
+    check_non_negative(cfg, "best_of")
+    if cfg.best_of and not cfg.best_of_rm:
+        raise InputError(f"--best_of={cfg.best_of}: pass --best_of_rm (a reward model directory, or oracle) to pick "
+                         "the best sample")
+    if cfg.best_of_rm and not cfg.best_of:
+        raise InputError(f"--best_of_rm={cfg.best_of_rm}: pass --best_of=N (the samples it picks from)")
+    if cfg.best_of_rm not in ("", "oracle") and not Path(cfg.best_of_rm).is_dir():
+        raise InputError(f"--best_of_rm={cfg.best_of_rm}: choose oracle or a reward model directory "
+                         "(no such directory)")
 
 
-def _answers(cfg: Config, ckpt: Path, prompts: list[str]) -> tuple[list[str], str, float | None]:
-    """The answers (as --temperature says), the template, and the self-BLEU of --diversity_samples samples per
-    prompt at temperature 1 (sample k seeded with seed + 1 + k), None when off."""
+def _reward_model_judge(cfg: Config, path: str, ckpt_a: Path) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+    """A batch judge from the reward model at `path`, reading with its own tokenizer and template when saved with
+    it (it reads text as it was trained to, whatever --template the answering models use), else model A's
+    tokenizer and --template."""
+    from nanoalign.reward import RewardModel  # only a reward model judge needs it
+
+    rm = RewardModel.from_pretrained(path, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    tok = Tokenizer.from_dir(Path(path) if (Path(path) / "tokenizer.json").exists() else ckpt_a)
+    tok.check_vocab(rm.cfg.vocab_size)
+    return reward_judge(rm, tok, tok.template or ("hh" if cfg.template == "auto" else cfg.template), cfg.batch_size)
+
+
+def _answers(cfg: Config, ckpt: Path, prompts: list[str], chooser=None):
+    """(answers, template, self-BLEU, samples). The answers follow --temperature; with a chooser (a batch judge)
+    they are instead the best of --best_of samples at temperature 1 (sample k seeded with seed + 1 + k), all of
+    which `samples` holds (else None). The self-BLEU is of --diversity_samples samples per prompt at temperature 1
+    (the same seeds), None when off."""
     model = load_pretrained(ckpt, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     tok = Tokenizer.from_dir(ckpt)
     tok.check_vocab(model.cfg.vocab_size)
     template = (tok.template or "hh") if cfg.template == "auto" else cfg.template
-    answers = sample_answers(model, tok, prompts, template, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
-                             cfg.seed)
+    samples = None
+    if chooser is None:
+        answers = sample_answers(model, tok, prompts, template, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                 cfg.seed)
+    else:
+        samples = [sample_answers(model, tok, prompts, template, cfg.max_new_tokens, 1.0, cfg.batch_size,
+                                  cfg.seed + 1 + k) for k in range(cfg.best_of)]
+        answers = best_of_n(prompts, samples, chooser)
     diversity = None
     if cfg.diversity_samples:
-        samples = [sample_answers(model, tok, prompts, template, cfg.max_new_tokens, 1.0, cfg.batch_size,
-                                  cfg.seed + 1 + k) for k in range(cfg.diversity_samples)]
-        diversity = mean_self_bleu(list(zip(*samples)))
-    return answers, template, diversity
+        drawn = [sample_answers(model, tok, prompts, template, cfg.max_new_tokens, 1.0, cfg.batch_size,
+                                cfg.seed + 1 + k) for k in range(cfg.diversity_samples)]
+        diversity = mean_self_bleu(list(zip(*drawn)))
+    return answers, template, diversity, samples
 
 
 def _cell(value, fmt: str) -> str:
@@ -422,36 +486,35 @@ def main(argv=None) -> dict:
     if not records:
         raise InputError(f"--prompts={cfg.prompts}: no prompts")
     prompts = [r["prompt"] for r in records]
-    if cfg.judge == "oracle" and ckpt_b and (bad := next((p for p in prompts if not world.is_world_prompt(p)), None)):
-        raise InputError(f"--judge=oracle: the oracle judges the tiny world's prompts only; {cfg.prompts} holds "
-                         f"{bad!r:.80}; pass --judge=REWARD_MODEL_DIR")
-    if cfg.judge != "oracle" and ckpt_b:
-        from nanoalign.reward import RewardModel  # only a reward model judge needs it
-
-        rm = RewardModel.from_pretrained(cfg.judge, device=cfg.device, dtype=getattr(torch, cfg.dtype))
-        # the reward model's own tokenizer and template when saved with it (it reads text as it was trained to,
-        # whatever --template the answering models use), else model A's tokenizer and --template
-        tok_dir = Path(cfg.judge) if (Path(cfg.judge) / "tokenizer.json").exists() else ckpt_a
-        rm_tok = Tokenizer.from_dir(tok_dir)
-        rm_tok.check_vocab(rm.cfg.vocab_size)
-        rm_template = rm_tok.template or ("hh" if cfg.template == "auto" else cfg.template)
-        judge = reward_judge(rm, rm_tok, rm_template, cfg.batch_size)
-    else:
-        judge = oracle_judge
+    outside = next((p for p in prompts if not world.is_world_prompt(p)), None)
+    for flag, needed in (("judge", bool(ckpt_b)), ("best_of_rm", bool(cfg.best_of))):
+        if needed and getattr(cfg, flag) == "oracle" and outside is not None:
+            raise InputError(f"--{flag}=oracle: the oracle judges the tiny world's prompts only; {cfg.prompts} "
+                             f"holds {outside!r:.80}; pass --{flag}=REWARD_MODEL_DIR")
+    judge = oracle_judge if cfg.judge == "oracle" or not ckpt_b else _reward_model_judge(cfg, cfg.judge, ckpt_a)
+    chooser = None
+    if cfg.best_of:
+        chooser = oracle_judge if cfg.best_of_rm == "oracle" else _reward_model_judge(cfg, cfg.best_of_rm, ckpt_a)
 
     sides = {"A": ckpt_a, **({"B": ckpt_b} if ckpt_b else {})}
     answers, templates, metrics = {}, {}, {}
     for side, ckpt in sides.items():
-        answers[side], templates[side], diversity = _answers(cfg, ckpt, prompts)
+        answers[side], templates[side], diversity, samples = _answers(cfg, ckpt, prompts,
+                                                                      chooser if side == "A" else None)
         metrics[side] = evaluate_answers(records, answers[side])
         if diversity is not None:
             metrics[side]["self_bleu"] = diversity
+        if samples is not None:
+            metrics[side]["best_of"] = best_of_metrics(prompts, samples, cfg.best_of_rm)
     result = {"config": asdict(cfg), "n_prompts": len(records), "templates": templates, "metrics": metrics}
     if ckpt_b:
         result["comparison"] = compare(prompts, answers["A"], answers["B"], judge)
 
     decoding = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}, seed {cfg.seed}"
     print(f"{len(records)} held-out prompts ({cfg.prompts}), {decoding}, at most {cfg.max_new_tokens} new tokens")
+    if cfg.best_of:
+        print(f"A answers with the best of {cfg.best_of} samples at temperature 1 (seeds {cfg.seed + 1}.."
+              f"{cfg.seed + cfg.best_of}), picked by {cfg.best_of_rm}")
     print(f"{'':28s}" + "".join(f"{side:>14s}" for side in sides))
     rows = [("template", lambda m, s: templates[s]),
             ("mean oracle quality", lambda m, s: _cell(m["mean_quality"], ".3f")),
@@ -465,6 +528,10 @@ def main(argv=None) -> dict:
         print(f"{label:28s}" + "".join(f"{cell(metrics[s], s):>14s}" for s in sides))
     for side, ckpt in sides.items():
         print(f"{side}: {ckpt}")
+    if cfg.best_of and (b := metrics["A"]["best_of"])["sample_quality"] is not None:
+        print(f"A's best of {cfg.best_of} by {cfg.best_of_rm}: mean oracle quality {metrics['A']['mean_quality']:.3f}; "
+              f"one sample {b['sample_quality']:.3f}; the oracle's own best of {cfg.best_of} "
+              f"{b['oracle_best_quality']:.3f}")
     if ckpt_b:
         c = result["comparison"]
         print(f"judge {cfg.judge}: mean score A {c['judge_a']:.4f}, B {c['judge_b']:.4f}; A wins {c['wins']}, "

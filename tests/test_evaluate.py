@@ -10,7 +10,7 @@ import torch
 
 from conftest import reference
 from nanoalign import world
-from nanoalign.evaluate import (_fit_prompt, compare, copies_prompt, evaluate_answers, lcs_length, mean_self_bleu,
+from nanoalign.evaluate import (_fit_prompt, best_of_metrics, best_of_n, compare, copies_prompt, evaluate_answers, lcs_length, mean_self_bleu,
                                 oracle_score, reward_accuracy, rouge_l, rouge_tokens, self_bleu, sentence_bleu,
                                 win_rate)
 
@@ -278,3 +278,33 @@ def test_compare_counts_two_identical_answers_as_a_tie_whatever_their_scores():
 
     c = compare(["p", "q"], ["same", "x"], ["same", "y"], noisy)
     assert (c["wins"], c["ties"], c["losses"]) == (0, 1, 1) and c["win_rate"] == 0.25
+
+
+def test_best_of_n_picks_each_prompts_top_scored_sample_the_earliest_on_a_tie():
+    calls = []
+
+    def judge(prompts, answers):  # the score is the number in the answer; one call for every sample
+        calls.append((list(prompts), list(answers)))
+        return [float(a.split()[-1]) for a in answers]
+
+    samples = [["p0 3", "p1 1", "p2 5"], ["p0 7", "p1 1", "p2 2"], ["p0 4", "p1 0", "p2 9"]]
+    assert best_of_n(["x", "y", "z"], samples, judge) == ["p0 7", "p1 1", "p2 9"]
+    assert best_of_n(["y"], [["first 2"], ["second 2"], ["third 1"]], judge) == ["first 2"]  # a tie: the earliest
+    assert len(calls) == 2 and calls[0][0] == ["x", "y", "z"] * 3  # each sample scored with its own prompt
+    with pytest.raises(ValueError, match="one sample per prompt in each of the 2 lists"):
+        best_of_n(["x", "y"], [["a", "b"], ["c"]], judge)
+    with pytest.raises(ValueError, match="zero samples"):
+        best_of_n(["x"], [], judge)
+
+
+def test_best_of_metrics_by_hand():
+    p = "What is 2 plus 3?"
+    samples = [[p.replace("?", "."), "2 plus 3 is 5."], ["5.", "2 plus 3 is 4."]]  # a copy, 1.0 / 0.6, 0.36
+    q = [[world.quality(p, a) for a in s] for s in samples]
+    assert q[0][1] == 1.0 and q[1][0] == 0.6
+    m = best_of_metrics([p, p], samples, "oracle")
+    assert m["n"] == 2 and m["chooser"] == "oracle"
+    assert m["sample_quality"] == pytest.approx(sum(map(sum, q)) / 4)
+    assert m["oracle_best_quality"] == pytest.approx((max(q[0][0], q[1][0]) + 1.0) / 2)
+    outside = best_of_metrics(["Tell me a joke."], [["no"]], "rm")
+    assert outside["sample_quality"] is None and outside["oracle_best_quality"] is None

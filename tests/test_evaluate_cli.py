@@ -268,3 +268,53 @@ def test_a_reward_model_judge_reads_with_its_own_saved_template(tmp_path, models
                             "--max_new_tokens=6", f"--out={out}", f"--prompts={PROMPTS}", "--template=plain"])
     answers = json.loads(out.read_text())["answers"]["A"]
     assert result["comparison"]["judge_a"] == pytest.approx(mean_score("alpaca"), abs=1e-6)
+
+
+def test_best_of_picks_the_reward_models_top_sample_of_the_seeded_samples(tmp_path, models, rm_dir, tok, capsys):
+    """--best_of=3 --best_of_rm=RM: A's answer to each prompt is, of its 3 samples at temperature 1 (seeds
+    seed + 1 ..), the one the reward model scores highest, each scored alone here (a second code path)."""
+    out = tmp_path / "eval.json"
+    result = evaluate.main([f"--model_a={models[0]}", "--best_of=3", f"--best_of_rm={rm_dir}", "--limit=4",
+                            "--max_new_tokens=8", "--seed=5", f"--out={out}", f"--prompts={PROMPTS}"])
+    model, rm = load_pretrained(models[0]), RewardModel.from_pretrained(rm_dir)
+    records = read_jsonl(PROMPTS)[:4]
+    prompts = [r["prompt"] for r in records]
+    samples = [evaluate.sample_answers(model, tok, prompts, "hh", 8, 1.0, 32, 6 + k) for k in range(3)]
+    expected = []
+    for i, p in enumerate(prompts):
+        scores = [rm_score_alone(rm, tok, p, s[i]) for s in samples]
+        expected.append(samples[scores.index(max(scores))][i])
+    assert any(expected[i] != samples[0][i] for i in range(4))  # the pick is not always the first sample
+    assert json.loads(out.read_text())["answers"]["A"] == expected
+    m = result["metrics"]["A"]
+    assert m["mean_quality"] == pytest.approx(sum(world.quality(p, a) for p, a in zip(prompts, expected)) / 4)
+    q = [[world.quality(p, s[i]) for i, p in enumerate(prompts)] for s in samples]
+    assert m["best_of"] == {"n": 3, "chooser": str(rm_dir), "sample_quality": pytest.approx(sum(map(sum, q)) / 12),
+                            "oracle_best_quality": pytest.approx(sum(map(max, zip(*q))) / 4)}
+    assert f"A's best of 3 by {rm_dir}: mean oracle quality {m['mean_quality']:.3f}" in capsys.readouterr().out
+
+
+def test_best_of_with_the_oracle_reaches_the_oracles_best(models):
+    result = evaluate.main([f"--model_a={models[0]}", f"--model_b={models[0]}", "--best_of=4", "--best_of_rm=oracle",
+                            "--limit=5", "--max_new_tokens=8", f"--prompts={PROMPTS}"])
+    a = result["metrics"]["A"]
+    assert a["mean_quality"] == pytest.approx(a["best_of"]["oracle_best_quality"])
+    assert "best_of" not in result["metrics"]["B"]  # B answers greedily, as without --best_of
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--best_of=2"], "--best_of=2: pass --best_of_rm (a reward model directory, or oracle)"),
+    (["--best_of_rm=oracle"], "--best_of_rm=oracle: pass --best_of=N"),
+    (["--best_of=2", "--best_of_rm=nowhere"], "--best_of_rm=nowhere: choose oracle or a reward model directory"),
+    (["--best_of=-1", "--best_of_rm=oracle"], "--best_of=-1: must be >= 0"),
+])
+def test_best_of_bad_flags(flags, message, models):
+    with pytest.raises(InputError, match=re.escape(message)):
+        evaluate.main([f"--model_a={models[0]}", f"--prompts={PROMPTS}", *flags])
+
+
+def test_best_of_by_the_oracle_refuses_prompts_outside_the_world(tmp_path, models):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Tell me a joke."}) + "\n")
+    with pytest.raises(InputError, match="--best_of_rm=oracle: the oracle judges the tiny world's prompts only"):
+        evaluate.main([f"--model_a={models[0]}", "--best_of=2", "--best_of_rm=oracle", f"--prompts={prompts}"])
