@@ -7,7 +7,8 @@ PPO and DPO -> evaluation of each aligned model against the SFT model, ending wi
 
 Run it from the repository root: the stages read the tiny world's data/ files by their default relative paths.
 Resumable: a stage whose result (its eval.json) exists is skipped, and a stage that was interrupted after a
-checkpoint continues from it (--resume). Each stage is the flat script of the same name, run with its own
+checkpoint continues from it (--resume). Only with the same --seed: out/run_all.json records the seed the
+directory was made with, and another one is refused (its stages would be the other seed's models). Each stage is the flat script of the same name, run with its own
 defaults and this run's paths; read those scripts for the recipes. The final table compares PPO and DPO with
 the SFT model on the held-out prompts (data/prompts_test.jsonl), greedy decoding, judged by the world's
 oracle: win rate against SFT (ties count half), mean oracle quality, closed-ended accuracy, ROUGE-L against the
@@ -50,6 +51,20 @@ def stage_args(cfg: Config, stage: str) -> list[str]:
     }[stage]
 
 
+def check_same_seed(cfg: Config) -> None:
+    """Finished stages are reused, so a directory holds one seed's run: record the seed on the first run, refuse
+    another one later (--seed=1 into a --seed=0 directory would tabulate seed 0's models as seed 1's)."""
+    record = Path(cfg.out) / "run_all.json"
+    if record.exists():
+        made = json.loads(record.read_text())
+        if made.get("seed") != cfg.seed:
+            raise InputError(f"--seed={cfg.seed}: {cfg.out} holds the stages of a --seed={made.get('seed')} run "
+                             f"({record}); pass another --out, or --seed={made.get('seed')} to go on with it")
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"seed": cfg.seed}) + "\n")
+
+
 def run_stage(cfg: Config, stage: str, script) -> None:
     run_dir = Path(cfg.out) / stage
     if (run_dir / "eval.json").exists():
@@ -71,6 +86,7 @@ def main(argv=None):
     if cfg.device not in ("cpu", "cuda"):
         raise InputError(f"--device={cfg.device}: choose cpu or cuda")
     check_output(cfg.out, "out", directory=True)
+    check_same_seed(cfg)
     t0 = time.time()
 
     # --- data: the tiny world, rebuilt byte for byte from its seed when missing
@@ -102,7 +118,8 @@ def main(argv=None):
                                                   for k, _, f in columns) + " |")
     table = "\n".join(lines)
     (out / "summary.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps({**rows, "config": {"seed": cfg.seed, "device": cfg.device,
+                                                                     "limit": cfg.limit}}, indent=2) + "\n")
     print(f"\n{table}\n\nsummary in {out / 'summary.md'}; whole pipeline {time.time() - t0:.0f} s")
 
 

@@ -7,8 +7,8 @@ ROUGE-L on summarisation) and preference (a higher win rate on dialogue); and th
 how much each tensor moved) costs far less time and memory than Fisher EWC (per-example gradients).
 
     python experiments/hbat.py                 # 10 arms x 3 seeds from the tiny base model, ~25 min on 2 cores
-    python experiments/hbat.py --method=dpo    # the DPO half only
-    python experiments/hbat.py --quick         # 1 seed, tiny budgets: a smoke run of the whole recipe
+    python experiments/hbat.py --method=dpo    # the DPO half only (its table: exp/hbat/results_dpo.json)
+    python experiments/hbat.py --quick         # 1 seed, tiny budgets: a smoke run of the whole recipe (exp/hbat_quick)
     python -m nanoalign.report exp/hbat/dpo exp/hbat/ppo   # curves of every arm, overlaid
 
 Arms, for DPO (train_dpo.py) and for PPO (train_ppo.py), every one from the tiny pretrained base model with the
@@ -146,6 +146,7 @@ def main(argv=None) -> dict:
     check_positive(cfg, "seeds", "sft_steps", "dpo_steps", "ppo_steps", "splits", "eval_prompts", "parallel")
     if cfg.quick:
         cfg.sft_steps, cfg.dpo_steps, cfg.ppo_steps, cfg.eval_prompts = 4, 2, 2, min(cfg.eval_prompts, 8)
+        cfg.out = "exp/hbat_quick" if cfg.out == Config.out else cfg.out  # never mixed with the real run's jobs
     methods = ["dpo", "ppo"] if cfg.method == "both" else [cfg.method]
     seeds = [0] if cfg.quick else list(range(cfg.seeds))
     t0 = time.time()
@@ -171,7 +172,8 @@ def main(argv=None) -> dict:
             arms[f"{method}/{arm}"] = {m: [r[m] for r in per_seed] for m in METRICS if m in per_seed[0]}
     results = {"title": "Hbat: alternating SFT / preference stages vs the two-stage pipeline", "metrics": METRICS,
                "seeds": seeds, "arms": arms, "wall_s": time.time() - t0}
-    experiment.write_results(cfg.out, results)
+    # one method alone writes results_<method>.json: results.json (both methods) is not overwritten by half a table
+    experiment.write_results(cfg.out, results, "results" if cfg.method == "both" else f"results_{cfg.method}")
     print(f"Hbat experiment: {len(runs)} runs in {time.time() - t0:.0f} s")
     return results
 

@@ -6,7 +6,7 @@ about to be aligned and pick pairs by the cosine of their two embeddings. DPO on
 pairs, because similar pairs carry more label errors: an annotator shown two near-identical answers guesses.
 
     python experiments/real.py                 # 11 arms x 3 seeds, ~25 minutes on a 2-core laptop CPU
-    python experiments/real.py --quick         # 1 seed, tiny budgets: a smoke run of the whole recipe
+    python experiments/real.py --quick         # 1 seed, tiny budgets: a smoke run of the whole recipe (exp/real_quick)
     python -m nanoalign.report exp/real        # the curves of every arm, overlaid, and the table
 
 Arms (select_pairs.py, then train_dpo.py on what it wrote, from the same SFT model):
@@ -30,7 +30,8 @@ Metrics per run:
 - DPO on held-out pairs (data/prefs_val.jsonl): eval/rewards/accuracies, eval/margins/unscaled (the margin REAL
   reports: log-ratio chosen minus rejected, without beta).
 - greedy answers to the 300 held-out prompts (data/prompts_test.jsonl) against the SFT model's, judged by the
-  oracle: win_rate (ties count half), mean_quality.
+  oracle: win_rate (ties count half), mean_quality; kept in results.json beside them: wins and losses, and
+  padded, how many answers hold a filler sentence (world.is_padded).
 
 Budget: 33 runs, 2 side by side with one thread each (nanoalign/experiment.py). One run: sampling ~10,000
 answers (sampled/ arms, ~40 s), embedding 2,500-6,000 responses (~10 s), DPO (~1 s a step), evaluating two models
@@ -50,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the package and the scripts, when run from a checkout
 
 import select_pairs  # noqa: E402
-from nanoalign import experiment  # noqa: E402
+from nanoalign import experiment, world  # noqa: E402
 from nanoalign.cli import check_positive, parse_config, run  # noqa: E402
 from nanoalign.data import read_jsonl  # noqa: E402
 
@@ -90,6 +91,9 @@ ARMS = {  # arm -> select_pairs flags (the data: --multi_data or --pairs_data, b
 SAMPLES = 8  # answers of the SFT model per prompt in the sampled/ arms
 METRICS = ["label_error", "equal_quality", "quality_gap", "cosine", "eval/rewards/accuracies",
            "eval/margins/unscaled", "win_rate", "mean_quality"]
+# kept per seed in results.json, not tabled: pairs selected, the win rate's wins and losses (the rest tie), and
+# the held-out answers holding a filler sentence (world.is_padded: what the padded-world run is about)
+EXTRAS = ["pairs", "wins", "losses", "padded"]
 
 
 def jobs(cfg: Config, seeds: list[int]) -> list[experiment.Job]:
@@ -130,7 +134,8 @@ def run_metrics(run_dir: Path) -> dict:
             "eval/rewards/accuracies": dpo["eval/rewards/accuracies"],
             "eval/margins/unscaled": dpo["eval/margins/unscaled"],
             "win_rate": vs_sft["comparison"]["win_rate"], "mean_quality": vs_sft["metrics"]["A"]["mean_quality"],
-            "pairs": len(pairs)}
+            "pairs": len(pairs), "wins": vs_sft["comparison"]["wins"], "losses": vs_sft["comparison"]["losses"],
+            "padded": sum(map(world.is_padded, vs_sft["answers"]["A"]))}
 
 
 def main(argv=None) -> dict:
@@ -139,6 +144,7 @@ def main(argv=None) -> dict:
                    "eval_prompts", "parallel")
     if cfg.quick:
         cfg.eval_prompts = min(cfg.eval_prompts, 8)
+        cfg.out = "exp/real_quick" if cfg.out == Config.out else cfg.out  # never mixed with the real run's jobs
     seeds = [0] if cfg.quick else list(range(cfg.seeds))
     t0 = time.time()
 
@@ -152,7 +158,7 @@ def main(argv=None) -> dict:
     arms = {}
     for arm in ARMS:
         per_seed = [run_metrics(Path(cfg.out) / arm / f"seed{s}") for s in seeds]
-        arms[arm] = {m: [r[m] for r in per_seed] for m in METRICS + ["pairs"]}
+        arms[arm] = {m: [r[m] for r in per_seed] for m in METRICS + EXTRAS}
     results = {"title": "REAL: which pairs to label (DPO from the SFT model on the selected pairs)",
                "metrics": METRICS, "seeds": seeds, "arms": arms, "wall_s": time.time() - t0}
     experiment.write_results(cfg.out, results)

@@ -17,9 +17,11 @@ Decisions
   are written to its `commands.txt`, its output to `log.txt`).
 - Parallel processes, one thread each: the tiny models are too small for intra-op threads to pay off, so on a
   2-core laptop two runs side by side finish in about half the time of two runs one after another.
-- Resume: a job writes `done` when all its commands succeeded; rerunning the experiment skips those whose
-  command lines are unchanged, and starts any other again from an empty directory (a half-written run, or one
-  made with other flags, is never mixed with a new one).
+- Resume: a job writes `done` when all its commands succeeded, with a fingerprint (size and modification time
+  of every file) of what its commands name outside its own directory: the models it starts from, the data it
+  reads. Rerunning the experiment skips the jobs whose command lines and inputs are unchanged, and starts any
+  other again from an empty directory (a half-written run, one made with other flags, or one made from a model
+  that has been retrained since, is never mixed with a new one).
 - A failing command stops the experiment with one line naming the job, the command and the log file.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tqdm import tqdm
 from . import report
 from .train import REPO_ROOT
 
-DONE = "done"
+DONE = report.DONE  # a finished job's marker, which the report also reads
 
 
 @dataclass
@@ -69,10 +71,37 @@ def _script_text(job: Job) -> str:
     return "".join(shell_line(c) + "\n" for c in job.commands)
 
 
+def inputs(job: Job) -> list[Path]:
+    """What the job's commands name outside its own directory and that exists: the checkpoints and data files
+    it reads (flag values and bare arguments that are paths; the scripts themselves are not counted)."""
+    own, found = Path(job.run_dir).resolve(), []
+    for command in job.commands:
+        for arg in command[1:]:
+            value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+            path = Path(value).resolve() if value and not value.endswith(".py") else None
+            if path is not None and path.exists() and own not in (path, *path.parents) and path not in found:
+                found.append(path)
+    return found
+
+
+def fingerprint(paths) -> dict:
+    """{path: [[file, size, mtime_ns], ...]} for each path, a directory by every file under it: rewriting an
+    input, even with the same bytes, changes it (cheap to take, and never misses a retrained model)."""
+    out = {}
+    for path in map(Path, paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        out[str(path)] = [[str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns]
+                          for f in files]
+    return out
+
+
 def finished(job: Job) -> bool:
-    """Did this job finish earlier with the same command lines? (Other flags: it must run again.)"""
+    """Did this job finish earlier with the same command lines, from the same inputs? (Other flags, or a model
+    retrained since: it must run again.)"""
     run_dir = Path(job.run_dir)
-    return (run_dir / DONE).exists() and (run_dir / "commands.txt").read_text() == _script_text(job)
+    if not (run_dir / DONE).exists() or (run_dir / "commands.txt").read_text() != _script_text(job):
+        return False
+    return json.loads((run_dir / DONE).read_text()).get("inputs") == fingerprint(inputs(job))
 
 
 def run_job(job: Job, threads: int = 1) -> float:
@@ -99,7 +128,8 @@ def run_job(job: Job, threads: int = 1) -> float:
                 raise RuntimeError(f"{job.name}: `{shell_line(command)}` failed (exit {done.returncode}): "
                                    f"{tail[0]} (log: {run_dir / 'log.txt'})")
     wall = time.time() - t0
-    (run_dir / DONE).write_text(json.dumps({"wall_s": wall}) + "\n")
+    # the inputs as they are now that every command has read them
+    (run_dir / DONE).write_text(json.dumps({"wall_s": wall, "inputs": fingerprint(inputs(job))}) + "\n")
     return wall
 
 
@@ -158,15 +188,15 @@ def job_wall(run_dir) -> float:
     return read_json(Path(run_dir) / DONE)["wall_s"]
 
 
-def write_results(exp_dir, results: dict) -> str:
-    """Write results.json and results.md (report.summary_table: mean ± sample std per arm) under exp_dir, print
+def write_results(exp_dir, results: dict, name: str = "results") -> str:
+    """Write <name>.json and <name>.md (report.summary_table: mean ± sample std per arm) under exp_dir, print
     the table, and return it."""
     exp_dir = Path(exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
     table = report.summary_table(results)
     title = results.get("title")
-    (exp_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (exp_dir / "results.md").write_text((f"# {title}\n\n" if title else "") + table)
-    print(f"\n{table}\nresults in {exp_dir / 'results.json'} and {exp_dir / 'results.md'}", flush=True)
+    (exp_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (exp_dir / f"{name}.md").write_text((f"# {title}\n\n" if title else "") + table)
+    print(f"\n{table}\nresults in {exp_dir / f'{name}.json'} and {exp_dir / f'{name}.md'}", flush=True)
     return table
 

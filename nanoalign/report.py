@@ -54,6 +54,8 @@ import numpy as np
 
 from .cli import ArgumentParser, InputError, check_output, finite_float, run
 
+DONE = "done"  # what nanoalign.experiment writes in a job's directory once every command of it succeeded
+
 PLOT_HINT = "No plots: matplotlib is not installed (`pip install matplotlib`, or `pip install -e .[plot]`)."
 
 # (panel title, y label, pattern): a metric is drawn in the first group whose pattern it matches (re.search);
@@ -160,9 +162,18 @@ def _natural(path: Path):
 
 
 def seed_dirs(arm_dir: Path) -> list[Path]:
+    """The runs of an arm: arm_dir itself, or its seed directories. Where an experiment made them (some hold
+    DONE), only the finished ones: a seed that crashed or is still running would pull the arm's mean towards its
+    unfinished numbers and cut every curve to its last step."""
     if (arm_dir / "metrics.jsonl").is_file():
         return [arm_dir]
-    return sorted((p for p in arm_dir.iterdir() if (p / "metrics.jsonl").is_file()), key=_natural)
+    runs = sorted((p for p in arm_dir.iterdir() if (p / "metrics.jsonl").is_file()), key=_natural)
+    done = [p for p in runs if (p / DONE).is_file()]
+    if done and len(done) < len(runs):
+        left = ", ".join(p.name for p in runs if p not in done)
+        print(f"{arm_dir}: left out {len(runs) - len(done)} unfinished run(s) ({left}): no {DONE} marker",
+              file=sys.stderr)
+    return done or runs
 
 
 def load_run(path: Path) -> dict:

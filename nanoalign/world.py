@@ -263,6 +263,12 @@ def quality(prompt, response):
     return round(min(1.0, max(0.0, score - penalty)), 4)
 
 
+def is_padded(response):
+    """Does the response hold a filler sentence ("I hope this helps.")? What the padded demonstrator adds and what
+    too_long candidates carry: the count the padded-world experiments report."""
+    return any(f in response for f in FILLERS)
+
+
 def is_world_prompt(prompt):
     try:
         parse_prompt(prompt)

@@ -1,6 +1,7 @@
 """nanoalign/experiment.py, the runner the experiments share: jobs run their commands in order, in parallel,
 skip when finished, start again from nothing when interrupted, and a failure names the job, command and log."""
 import json
+import os
 import sys
 
 import pytest
@@ -88,3 +89,36 @@ def test_a_finished_job_runs_again_when_its_commands_changed(tmp_path):
     assert out.read_text() == "kept"  # same commands: skipped
     experiment.run_jobs([experiment.Job("a", tmp_path / "a", [py(f"open('{out}', 'w').write('lr 2')")])])
     assert out.read_text() == "lr 2"  # other flags: run again
+
+
+def test_a_finished_job_runs_again_when_an_input_it_names_is_rewritten(tmp_path):
+    """A job records what its commands name outside its directory (a model it starts from, a data file); a model
+    retrained since (rewritten, even to the same bytes) makes it run again, where its command lines alone match."""
+    model, out = tmp_path / "model", tmp_path / "x"
+    model.mkdir()
+    (model / "weights").write_text("v1")
+
+    def job():
+        return experiment.Job("a", tmp_path / "a", [py(f"import sys; open('{out}', 'a').write('ran ')") + [
+            f"--init={model}", f"--out_dir={tmp_path / 'a' / 'run'}"]])
+
+    assert experiment.inputs(job()) == [model]  # its own directory's paths are outputs, not inputs
+    experiment.run_jobs([job()])
+    done = json.loads((tmp_path / "a" / experiment.DONE).read_text())
+    assert done["inputs"] == {str(model): [["weights", 2, (model / "weights").stat().st_mtime_ns]]}
+    experiment.run_jobs([job()])
+    assert out.read_text() == "ran "  # unchanged inputs: skipped
+    (model / "weights").write_text("v1")  # retrained to the same bytes: another modification time
+    os.utime(model / "weights", ns=(0, (model / "weights").stat().st_mtime_ns + 1))
+    experiment.run_jobs([job()])
+    assert out.read_text() == "ran ran "
+    (model / "new_shard").write_text("w")  # a file more
+    experiment.run_jobs([job()])
+    assert out.read_text() == "ran ran ran "
+
+
+def test_write_results_under_another_name(tmp_path):
+    results = {"metrics": ["m"], "arms": {"x": {"m": [1.0]}}}
+    experiment.write_results(tmp_path, results, "results_dpo")
+    assert json.loads((tmp_path / "results_dpo.json").read_text()) == results
+    assert (tmp_path / "results_dpo.md").exists() and not (tmp_path / "results.json").exists()

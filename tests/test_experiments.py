@@ -49,6 +49,8 @@ def test_real_quick_runs_every_arm_and_reports_the_runs_numbers(tmp_path, monkey
     assert results["arms"]["pairs/easy"]["pairs"] == [8]  # 50% of 16 pairs
     vs_sft = json.loads((out / "pairs" / "random" / "seed0" / "vs_sft.json").read_text())
     assert results["arms"]["pairs/random"]["win_rate"] == [vs_sft["comparison"]["win_rate"]]
+    assert results["arms"]["pairs/random"]["padded"] == [sum(map(world.is_padded, vs_sft["answers"]["A"]))]
+    assert results["arms"]["pairs/random"]["wins"] == [vs_sft["comparison"]["wins"]]
     # easy keeps the least similar half, hard the most similar: their selections cannot overlap
     easy = read_jsonl(out / "pairs" / "easy" / "seed0" / "pairs.jsonl")
     hard = read_jsonl(out / "pairs" / "hard" / "seed0" / "pairs.jsonl")

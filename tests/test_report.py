@@ -275,3 +275,19 @@ def test_curve_colours_stay_distinct_past_ten_arms():
     assert [report._color(i, 10) for i in range(10)] == [f"C{i}" for i in range(10)]
     assert len({report._color(i, 11) for i in range(11)}) == 11  # REAL's eleven arms on one panel
     assert len({report._color(i, 20) for i in range(20)}) == 20
+
+
+def test_an_experiments_unfinished_seeds_are_left_out_and_named(tmp_path, capsys):
+    """Seeds an experiment made (some hold its done marker): one that crashed or still runs is left out, so it
+    neither pulls the arm's mean towards its unfinished numbers nor cuts the curves to its last step."""
+    arm = tmp_path / "arm"
+    for seed, finished in (("seed0", True), ("seed1", True), ("seed2", False)):
+        (arm / seed).mkdir(parents=True)
+        (arm / seed / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        if finished:
+            (arm / seed / report.DONE).write_text("{}")
+    assert [p.name for p in report.seed_dirs(arm)] == ["seed0", "seed1"]
+    assert "left out 1 unfinished run(s) (seed2)" in capsys.readouterr().err
+    for seed in ("seed0", "seed1"):
+        (arm / seed / report.DONE).unlink()  # runs no experiment made: every one counts
+    assert [p.name for p in report.seed_dirs(arm)] == ["seed0", "seed1", "seed2"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import run_all
+from nanoalign.cli import InputError
 
 
 @pytest.fixture
@@ -43,9 +44,15 @@ def test_stages_run_in_order_then_are_skipped(tmp_path, recorded):
     assert summary["PPO"]["win_rate"] == pytest.approx(0.7) and summary["SFT"]["win_rate"] == 0.5
     table = (tmp_path / "run" / "summary.md").read_text()
     assert "| PPO | 0.700 | 0.800 | 80.0% | - | 0.0% | 7.0 |" in table
+    assert summary["config"] == {"seed": 3, "device": "cpu", "limit": 0}
     recorded.clear()
-    run_all.main([f"--out={tmp_path}/run"])  # everything done: only the evaluation runs again
+    run_all.main([f"--out={tmp_path}/run", "--seed=3"])  # everything done: only the evaluation runs again
     assert [c[0] for c in recorded] == ["evaluate", "evaluate"]
+    # another seed into the same directory would tabulate seed 3's models as its own: refused before any work
+    recorded.clear()
+    with pytest.raises(InputError, match=f"^--seed=0: {tmp_path}/run holds the stages of a --seed=3 run"):
+        run_all.main([f"--out={tmp_path}/run"])
+    assert recorded == []
 
 
 def test_an_interrupted_stage_resumes(tmp_path, recorded):

@@ -267,3 +267,12 @@ def test_is_correct_open_ended_needs_exactly_n_facts():
     assert world.is_correct(p, "Bees make honey. Bees can sting.")
     assert not world.is_correct(p, "Bees make honey. Bees make honey.")  # one distinct fact
     assert not world.is_correct(p, "Bees make honey. Cats drink milk.")
+
+
+def test_is_padded_finds_a_filler_sentence_anywhere():
+    ref = "Tom lives in Rome."
+    assert not world.is_padded(ref) and world.is_padded(ref + " I hope this helps.")
+    assert world.is_padded("Thank you for asking. " + ref)
+    assert all(world.is_padded(f) for f in world.FILLERS)
+    padded = world.pad_demonstrations([{"prompt": "p", "reference": ref, "response": ref}] * 50, 0.5, random.Random(0))
+    assert 0 < sum(world.is_padded(r["response"]) for r in padded) < 50  # what the padded demonstrator adds
