@@ -52,7 +52,7 @@ class Config:
     # the tiny base model, pretrained from scratch when there is no --init
     base_dir: str = "out/base"  # where the tiny base model is pretrained (model/, metrics.jsonl)
     pretrain_data: str = "data/pretrain.jsonl"  # {"text"} documents, loss on every token
-    tokenizer: str = "data/tokenizer"  # tokenizer.json for the tiny base (an --init checkpoint brings its own)
+    tokenizer: str = "data/tokenizer"  # for the tiny base; an --init checkpoint brings its own (or names it here)
     pretrain_steps: int = 300  # optimizer steps of the pretraining stage
     pretrain_lr: float = 3e-3  # its peak learning rate
     dim: int = 128              # tiny base: width, layers, heads, MLP width (tied embeddings)
@@ -288,6 +288,9 @@ def main(argv=None):
         raise InputError(f"--eval_data={cfg.eval_data}: answers of up to {EVAL_NEW_TOKENS} tokens leave no room for a "
                          f"prompt in the model's context of {model.cfg.max_seq_len} (pass --eval_data= to skip it)")
     if not (init_dir / "tokenizer.json").exists():
+        if cfg.tokenizer == Config.tokenizer:  # the tiny world's: ids a real model would read as other words
+            raise InputError(f"--init={cfg.init or init_dir}: no tokenizer.json beside the weights; pass --tokenizer="
+                             f"DIR holding the tokenizer.json the model was trained with")
         train.check_files(cfg, "tokenizer", directory=True)
     tok = Tokenizer.from_dir(init_dir if (init_dir / "tokenizer.json").exists() else cfg.tokenizer)
     tok.check_vocab(model.cfg.vocab_size)

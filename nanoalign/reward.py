@@ -21,9 +21,14 @@ Decisions and gotchas (docs/methods.md "## 2. Reward model"):
   a fixed penalty for a response with no EOS (e.g. -1 in PPO) has a known scale. It is saved in config.json as
   "nanoalign_reward_offset"; transformers does not know it (its scores are ours minus the offset).
 - transformers' *ForSequenceClassification finds "the last token" differently: the rightmost token that is not
-  pad_token_id. So config.json must carry the tokenizer's pad id (write_pretrained does when given the
-  tokenizer), and that id must differ from EOS: with pad == EOS it would skip the EOS and read the token before
-  it. We read the last ATTENDED token (the mask), which does not depend on the pad id.
+  pad_token_id. A model we train from a causal LM reads the last ATTENDED token (the mask), and we save it with
+  the tokenizer's pad id, which never sits on an attended token, so transformers reads the same one; a pad that
+  text can contain (Tokenizer.pad_is_text, a filler for want of a special token) is left out of config.json
+  rather than let transformers read a row ending in it one token early.
+- A reward checkpoint loaded from disk is read where transformers reads it: the last attended token that is not
+  its config's pad_token_id (`read_before`). That matters for the common TRL set-up pad = EOS: such a model was
+  trained on the token before the trailing EOS, and reading the EOS would score a position it never learned.
+  The id is saved back as pad_token_id, so the convention survives a fine-tune.
 - The checkpoint is transformers' layout (model.* / gpt_neox.* tensors + score.weight of shape (1, dim)), so
   AutoModelForSequenceClassification loads it, and a HF reward model with num_labels = 1 loads here.
 """
@@ -54,9 +59,10 @@ def trunk_names(cfg: ModelConfig) -> dict:
 
 
 class RewardModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, offset: float = 0.0):
+    def __init__(self, cfg: ModelConfig, offset: float = 0.0, read_before: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.read_before = read_before  # a token id the score is never read at (a loaded config's pad_token_id)
         self.trunk = Transformer(cfg)
         # the scores come from self.score: a vocab x dim LM head would be dead weight (and dead optimizer state)
         self.trunk.lm_head = None
@@ -84,10 +90,13 @@ class RewardModel(nn.Module):
         if per_token:
             return values
         B, T = input_ids.shape
-        if attention_mask is None:
+        if attention_mask is None and self.read_before is None:
             return values[:, -1]
-        # the last attended position of each row, for right and left padding alike
-        last = (torch.arange(T, device=input_ids.device) * attention_mask.long()).argmax(-1)  # (B,)
+        # the last attended position of each row, for right and left padding alike (and not read_before's token)
+        readable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if self.read_before is not None:
+            readable = readable & (input_ids != self.read_before)
+        last = (torch.arange(T, device=input_ids.device) * readable.long()).argmax(-1)  # (B,)
         return values.gather(1, last[:, None]).squeeze(1)
 
     def num_params(self) -> int:
@@ -102,7 +111,7 @@ class RewardModel(nn.Module):
         ckpt = resolve_dir(path_or_hub_id)
         cfg, offset, names, files = _reward_layout(ckpt)
         with torch.device("meta"):
-            model = cls(cfg, offset).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
+            model = cls(cfg, offset, _read_before(ckpt)).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
         model.to_empty(device=device)
         copy_tensors(dict(model.named_parameters()), names, files, cfg.n_head, ckpt, device, dtype)
         return model.eval()
@@ -134,7 +143,7 @@ class RewardModel(nn.Module):
         ckpt = resolve_dir(path_or_hub_id)
         if is_reward_checkpoint(ckpt):
             cfg, offset, _, _ = _reward_layout(ckpt)
-            return cls(cfg, offset)
+            return cls(cfg, offset, _read_before(ckpt))
         return cls(model_config(ckpt))
 
     # --- saving
@@ -154,6 +163,10 @@ class RewardModel(nn.Module):
                           "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}})  # num_labels = 1
         if tokenizer is not None:  # pad_token_id: how transformers finds the last token of a padded row
             hf_config.update(tokenizer.special_ids())
+            if tokenizer.pad_is_text:  # transformers would step over that token in text: name no pad at all
+                hf_config["pad_token_id"] = None
+        if self.read_before is not None:  # where this model was trained to be read, kept
+            hf_config["pad_token_id"] = self.read_before
         hf_config[OFFSET_KEY] = self.offset
         (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
@@ -180,6 +193,14 @@ def set_offset_to_zero_mean(rm: RewardModel, score_sum: float, count: int) -> fl
 def is_reward_checkpoint(path_or_hub_id) -> bool:
     """Does the checkpoint hold a scalar head (score.weight)? Otherwise it is a causal LM."""
     return "score.weight" in tensor_files(resolve_dir(path_or_hub_id))
+
+
+def _read_before(ckpt: Path) -> int | None:
+    """The token transformers never reads a reward checkpoint's score at: its config's pad_token_id."""
+    pad = read_config(ckpt).get("pad_token_id")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)):
+        raise ValueError(f"{ckpt / 'config.json'}: pad_token_id must be a token id, got {pad!r}")
+    return pad
 
 
 def _reward_layout(ckpt: Path):

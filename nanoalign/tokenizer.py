@@ -42,19 +42,30 @@ class Tokenizer:
         self.eos_id = eos_id
         self.bos_id = bos_id
         self.add_bos = add_bos and bos_id is not None
-        self.pad_id = pad_id if pad_id is not None and pad_id != eos_id else self._filler_pad_id()
         # eos first, then extra stop ids (LLaMA-3 instruct stops on <|eot_id|> as well)
         self.stop_ids = list(dict.fromkeys([eos_id] + list(stop_ids or [])))
+        # a pad that is a stop id (pad = eos, common in fine-tunes) would read as the end of every padded row
+        self.pad_id = pad_id if pad_id is not None and pad_id not in self.stop_ids else self._filler_pad_id()
         self.template = template  # the prompt template the model was trained with (saved with it), or None
 
     def _filler_pad_id(self) -> int:
-        """A pad id that is neither EOS nor BOS: the unk token if there is one, else the lowest id."""
+        """A pad id that is no stop id and not BOS: the unk token if there is one, else a special token of the
+        vocabulary (LLaMA-3's reserved ones), which no text contains, else the lowest free id, an ordinary token
+        (pad_is_text: a reward model's config must not name it, see reward.py)."""
         unk = getattr(self.tok.model, "unk_token", None)
-        candidates = [self.tok.token_to_id(unk)] if unk else []
-        for i in candidates + list(range(self.vocab_size)):
-            if i is not None and i not in (self.eos_id, self.bos_id):
+        special = sorted(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+        candidates = ([self.tok.token_to_id(unk)] if unk else []) + special + list(range(self.vocab_size))
+        for i in candidates:
+            if i is not None and i not in (*self.stop_ids, self.bos_id):
                 return i
         raise ValueError(f"vocab of size {self.vocab_size} has no id left for padding besides eos/bos")
+
+    @property
+    def pad_is_text(self) -> bool:
+        """Is the pad id an ordinary token, one that text can contain (a filler chosen for want of another)?"""
+        unk = getattr(self.tok.model, "unk_token", None)
+        specials = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        return self.pad_id not in specials and self.pad_id != (self.tok.token_to_id(unk) if unk else None)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":

@@ -1,5 +1,6 @@
 """nanoalign/reward.py: where the score is read, the head init, the offset, and the checkpoint layout against
 transformers' LlamaForSequenceClassification / GPTNeoXForSequenceClassification (loaded both ways)."""
+import copy
 import json
 import math
 from pathlib import Path
@@ -181,6 +182,42 @@ def test_a_transformers_reward_model_loads_and_scores_the_same(tmp_path, transfo
     ids, mask = padded(rows, 0, "right")
     with torch.no_grad():
         assert (rm(ids, mask) - ref(ids, attention_mask=mask).logits[:, 0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox"])
+def test_a_transformers_reward_model_with_pad_equal_to_eos_is_read_where_transformers_reads_it(tmp_path, transformers,
+                                                                                            kind, tok):
+    """TRL's usual set-up, pad = EOS: transformers reads such a model at the last token that is not EOS, the token
+    before the trailing EOS, and it was trained there. Rows ending in EOS, right-padded with it: the same scores
+    (reading the EOS itself was off by ~0.5 here), and saved back the convention stays in config.json."""
+    ref = hf_reward_model(transformers, kind)
+    ref.config.pad_token_id = ref.config.eos_token_id = 1
+    ref.save_pretrained(tmp_path / "hf")
+    rm = RewardModel.from_pretrained(tmp_path / "hf")
+    assert rm.read_before == 1
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.cat([torch.randint(2, 97, (n,), generator=g), torch.tensor([1])]) for n in (10, 4, 7)]
+    ids, mask = padded(rows, 1, "right")
+    with torch.no_grad():
+        theirs = ref(ids, attention_mask=mask).logits[:, 0]
+        assert (rm(ids, mask) - theirs).abs().max() <= 1e-4
+        rm.read_before = None  # the last attended token, the EOS: a position this model never learned
+        assert (rm(ids, mask) - theirs).abs().max() > 1e-2
+        rm.read_before = 1
+    rm.save_pretrained(tmp_path / "again", tokenizer=tok)  # our tokenizer pads with 2; the model is read before 1
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["pad_token_id"] == 1
+    assert RewardModel.from_pretrained(tmp_path / "again").read_before == 1
+
+
+def test_a_pad_that_text_can_contain_is_not_named_in_a_saved_reward_models_config(tok, tmp_path):
+    """A filler pad that is an ordinary token would make transformers read a row ending in it one token early."""
+    rm = rm_model(tok, **LLAMA)
+    text_pad = copy.copy(tok)
+    text_pad.pad_id = 50  # an ordinary token of the vocabulary
+    assert text_pad.pad_is_text and not tok.pad_is_text
+    rm.save_pretrained(tmp_path / "rm", tokenizer=text_pad)
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["pad_token_id"] is None
+    assert RewardModel.from_pretrained(tmp_path / "rm").read_before is None
 
 
 def test_loading_errors_name_the_problem(tok, tmp_path, transformers):

@@ -142,7 +142,22 @@ def test_pad_never_equals_eos(tmp_path):
     # a unk token is preferred as the filler over the lowest free id (2 here)
     tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "c", specials=("<s>", "</s>", "<mask>", "<unk>"),
                                                 unk_token="<unk>", config={"eos_token": "</s>", "bos_token": "<s>"}))
-    assert tok.pad_id == 3
+    assert tok.pad_id == 3 and not tok.pad_is_text
+
+
+def test_the_filler_pad_is_a_special_token_text_cannot_contain_when_there_is_one(tmp_path):
+    """LLaMA-3 has no pad and no unk token but many reserved special ones: the filler is one of those, never an
+    ordinary token such as '!' (id 0 of a byte-level vocabulary), which a reward model's config must not name as
+    its pad (transformers would read a row ending in '!' one token early). A pad that is a stop id is replaced."""
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "a", specials=("<s>", "</s>", "<|reserved_0|>"),
+                                                config={"bos_token": "<s>", "eos_token": "</s>"}))
+    assert tok.pad_id == tok.tok.token_to_id("<|reserved_0|>") and not tok.pad_is_text
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "b", specials=("<s>", "</s>"),
+                                                config={"bos_token": "<s>", "eos_token": "</s>"}))
+    assert tok.pad_id == 2 and tok.pad_is_text  # nothing else: the lowest free id, an ordinary token
+    (tmp_path / "b" / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 3], "pad_token_id": 3}))
+    tok = Tokenizer.from_dir(tmp_path / "b")
+    assert tok.stop_ids == [1, 3] and tok.pad_id not in (1, 3)  # pad = a stop id (<|eot_id|> as pad): replaced
 
 
 # --- encode / decode / vocab / save
@@ -172,13 +187,13 @@ def test_check_vocab(tok):
 
 def test_save_round_trip(tok, tmp_path):
     tok.add_bos = True
-    tok.stop_ids = [tok.eos_id, 2]
+    tok.stop_ids = [tok.eos_id, 7]
     tok.save(tmp_path / "saved")
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
         "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
     again = Tokenizer.from_dir(tmp_path / "saved")
     assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos) == (0, 1, 2, True)
-    assert again.stop_ids == [1, 2]
+    assert again.stop_ids == [1, 7]
     for text in TEXTS:
         assert again.encode(text) == tok.encode(text)
 

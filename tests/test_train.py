@@ -330,6 +330,18 @@ def test_a_bad_eval_file_or_a_max_len_past_the_context_fails_before_training(ini
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_an_init_without_a_tokenizer_needs_tokenizer_named(tok, tmp_path):
+    """A checkpoint saved without tokenizer.json: the tiny world's tokenizer (the --tokenizer default) would feed a
+    real model ids of other words and ship with it, so it must be named."""
+    bare = save_pretrained(tiny(tok), tmp_path / "bare")  # no tokenizer
+    assert not (bare / "tokenizer.json").exists()
+    with pytest.raises(InputError, match=f"^--init={bare}: no tokenizer.json beside the weights; pass --tokenizer="):
+        train_sft.main(args(bare, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    train_sft.main(args(bare, tmp_path / "run", "--steps=1", f"--tokenizer={ROOT / 'data' / 'tokenizer'}"))
+    assert Tokenizer.from_dir(tmp_path / "run" / "model").vocab_size == tok.vocab_size
+
+
 def test_the_final_evaluation_that_cannot_fit_the_context_fails_before_training(tok, tmp_path):
     short = save_pretrained(tiny(tok, max_seq_len=32), tmp_path / "short", tokenizer=tok)
     with pytest.raises(InputError, match=r"^--eval_data=.*: answers of up to 48 tokens leave no room for a prompt in "
