@@ -97,7 +97,10 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
+        """One more than the largest id: the ids this tokenizer can produce are all below it, so the samplers draw
+        from [0, vocab_size). Not the number of tokens: a vocabulary with gaps in its ids (converted from tiktoken,
+        whose special tokens sit past a hole) has ids beyond its count, its EOS among them."""
+        return max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -115,7 +118,7 @@ class Tokenizer:
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """A model may have MORE rows than the tokenizer has ids (Pythia pads to a multiple of 128), never fewer."""
-        max_id = max(max(self.tok.get_vocab(with_added_tokens=True).values()), self.pad_id)
+        max_id = max(self.vocab_size - 1, self.pad_id)
         if max_id >= model_vocab_size:
             raise ValueError(f"tokenizer vocab size {max_id + 1} (ids up to {max_id}) does not fit the model's "
                              f"vocab size {model_vocab_size}: wrong tokenizer for this checkpoint?")

@@ -185,6 +185,29 @@ def test_check_vocab(tok):
         tok.check_vocab(n - 1)
 
 
+def test_a_vocabulary_with_a_gap_in_its_ids_samples_up_to_its_largest_id(tmp_path):
+    """tiktoken conversions leave holes (cl100k's special tokens start past one): vocab_size, the bound every
+    sampler draws below, is the largest id + 1, not the count, or an EOS past the count could never be sampled
+    and no answer would stop."""
+    import torch
+
+    from nanoalign.generate import generate
+    from nanoalign.model import ModelConfig, Transformer
+
+    words = {"<s>": 0, "a": 1, "b": 2, "c": 3, "d": 4, "</s>": 9}  # ids 5..8 unused
+    rust = RustTokenizer(models.WordLevel(words, unk_token="a"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    rust.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.tok.get_vocab_size(with_added_tokens=True) == 6 and tok.vocab_size == 10 and tok.eos_id == 9
+    model = Transformer(ModelConfig(vocab_size=16, dim=16, n_layer=1, n_head=2, hidden_dim=32, max_seq_len=64))
+    torch.nn.init.zeros_(model.lm_head.weight)  # every id equally likely: the bound alone decides what is drawn
+    gen = generate(model, [[1, 2]] * 64, 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=1.0,
+                   vocab_size=tok.vocab_size, generator=torch.Generator().manual_seed(0))
+    assert gen.stopped.any() and int(gen.tokens.max()) <= 9  # EOS drawn; nothing at or past 10
+
+
 def test_save_round_trip(tok, tmp_path):
     tok.add_bos = True
     tok.stop_ids = [tok.eos_id, 7]
