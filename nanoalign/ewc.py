@@ -19,7 +19,9 @@ Gotchas:
 - FSDP2 (nanoalign.dist.shard): parameters are DTensors and each rank holds one shard. Every per-tensor
   sum is all-reduced, so all ranks get the same scores and Ω, and penalty values are global. Call these
   functions between optimizer steps, never between a forward and its backward (FSDP then swaps some
-  parameters for their gathered copies), and on every rank (they hold collectives).
+  parameters for their gathered copies), and on every rank (they hold collectives). They reshard the model
+  first: after a forward without gradients (an evaluation, PPO's rollout forwards) FSDP2 keeps the root
+  module's parameters (embedding, final norm, head) gathered, plain tensors beside the sharded anchors.
 - The penalty is computed on each rank's own shard and its gradient never goes through FSDP's gradient
   averaging, so, unlike the task loss, it is NOT multiplied by world_size: backpropagate
   `task_loss * world_size + penalty`, once per optimizer step (see ewc_penalty).
@@ -51,9 +53,21 @@ def _sum_over_ranks(x: torch.Tensor, sharded: bool) -> torch.Tensor:
     return x
 
 
+def _resharded(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every FSDP2 module's parameters back in their shards (a no-op without FSDP)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return model
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the parameters, sharded ones staying sharded: the anchor θ*, or a before/after state."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.detach().clone() for name, p in _resharded(model).named_parameters()}
 
 
 def delta_scores(before: dict, after: dict, c: float = 1e10) -> dict[str, float]:
@@ -93,7 +107,7 @@ def _weighted_sq_distance(model: torch.nn.Module, anchor: dict, weights: dict) -
     """Σ_u Σ_k w_{u,k} (θ_{u,k} − θ*_{u,k})² over the units in `weights` (a number or a tensor per unit).
     The value is the sum over all ranks; the gradient is that of this rank's shards alone."""
     local, sharded = None, False
-    for name, p in model.named_parameters():
+    for name, p in _resharded(model).named_parameters():
         w = weights.get(name)
         if w is None or (not torch.is_tensor(w) and w == 0):
             continue
@@ -155,7 +169,7 @@ def fisher_diagonal(model: torch.nn.Module, batches, logprob_fn) -> dict[str, to
     identical per-example gradients is that gradient exactly, which each rank then squares on its own shard.
     (Different examples per rank would square an average of gradients, not average the squares.) The result
     equals the one-process Fisher over those examples."""
-    params = dict(model.named_parameters())
+    params = dict(_resharded(model).named_parameters())
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     n_examples = 0
     for batch in batches:
@@ -176,7 +190,7 @@ def freeze_top(model: torch.nn.Module, scores: dict, fraction: float = 0.2) -> l
     one when fraction > 0; ties keep the order of `scores`). Returns their names, highest first."""
     k = math.ceil(round(fraction * len(scores), 9))  # round: 0.1 * 30 is 3.0000000000000004 in floating point
     top = sorted(scores, key=lambda n: -scores[n])[:k]
-    params = dict(model.named_parameters())
+    params = dict(_resharded(model).named_parameters())
     for name in top:
         params[name].requires_grad_(False)
         params[name].grad = None  # a stale gradient would still be applied by the optimizer

@@ -218,7 +218,9 @@ def run_schedule(cfg, d: dist.Dist, stages: list[Stage], model, data: dict, *, s
     scores = dict(((state.get("extra") or {}).get("hbat") or {}).get("scores", {})) if state else {}
     # another schedule would mean other stages, and other delta scores than the checkpoint holds; another
     # --steps, even of one stage, another learning-rate schedule from the resumed step on
-    train.check_resumed_flags(cfg, state, ("schedule", "splits", "sft_data", "sft_steps", "steps", "ewc")
+    # (and Ω or the Fisher is rebuilt from the saved scores with the resumed run's EWC flags: they must not change)
+    train.check_resumed_flags(cfg, state, ("schedule", "splits", "sft_data", "sft_steps", "steps", "ewc", "sft_lr",
+                                           "lambda_max", "ewc_temperature", "fisher_samples")
                               if len(stages) > 1 else ("sft_data", "steps"))
     stage_log = train.MetricsLog(run_dir / "stages.jsonl", d, resume_step)
     params = dict(model.named_parameters())

@@ -228,6 +228,13 @@ def test_dpo_resume_anywhere_in_the_schedule(tiny_init, files, tmp_path, capsys)
     scores = ewc.delta_scores(ewc.snapshot(load_pretrained(cut / "stage1_sft")), anchor)
     omega = ewc.importance(scores, 100.0, 1e13)
     expected = ewc.ewc_penalty(load_pretrained(cut / "model"), anchor, omega).item()
+    # Ω (or the Fisher) is rebuilt from the saved scores with the resumed run's flags, and SFT_2 trains at --sft_lr:
+    # a resume that changed them would finish another run
+    for flag, was in (("--ewc_temperature=1.0", "10000000000000.0"), ("--lambda_max=5000", "100.0"),
+                      ("--sft_lr=0.005", "0.001"), ("--fisher_samples=8", "64")):
+        with pytest.raises(InputError, match=f"^{flag.split('=')[0]}=.*: the checkpoint to resume was written with "
+                                             f"{flag.split('=')[0]}={was}"):
+            train_dpo.main(dpo_args(tiny_init, cut, files, *extra, flag, "--resume"))
     capsys.readouterr()
     train_dpo.main(dpo_args(tiny_init, cut, files, *extra, "--resume"))
     assert "resumed from" in capsys.readouterr().out
@@ -346,8 +353,10 @@ def test_the_script_prints_a_bad_hbat_flag_as_one_line():
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_ranks_alternating_dpo_matches_one_process(tiny_init, files, tmp_path, torchrun):
     """Sharded parameters: the anchors, the scores, Ω, the penalty and its gradient (weight 1 beside the task
-    loss's world_size) give the losses and penalties of one process."""
-    extra = ["--ewc_temperature=1e13"]
+    loss's world_size) give the losses and penalties of one process. An evaluation at every step, inside the
+    stages too: after a forward without gradients FSDP2 leaves the root's weights (embedding, final norm, head)
+    unsharded, and the next penalty met them beside their sharded anchors."""
+    extra = ["--ewc_temperature=1e13", "--eval_every=1"]
     train_dpo.main(dpo_args(tiny_init, tmp_path / "one", files, *extra))
     torchrun(ROOT / "train_dpo.py", *dpo_args(tiny_init, tmp_path / "two", files, *extra), cwd=tmp_path, timeout=600)
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
@@ -358,6 +367,20 @@ def test_torchrun_two_ranks_alternating_dpo_matches_one_process(tiny_init, files
         if "rewards/accuracies" in a and abs(a["rewards/margins"]) > 1e-3:
             assert a["rewards/accuracies"] == b["rewards/accuracies"], a["step"]
     assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", 1e-4)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_ranks_alternating_ppo_matches_one_process(tiny_init, tiny_rm, files, tmp_path, torchrun):
+    """PPO's rollout forwards run without gradients before every update, so its penalty always meets a model whose
+    root FSDP2 left gathered: Fisher EWC (every tensor weighted) over two ranks gives the one process's run."""
+    extra = ["--ewc=fisher"]
+    train_ppo.main(ppo_args(tiny_init, tiny_rm, tmp_path / "one", files, *extra))
+    torchrun(ROOT / "train_ppo.py", *ppo_args(tiny_init, tiny_rm, tmp_path / "two", files, *extra), cwd=tmp_path,
+             timeout=600)
+    one = records(tmp_path / "one")
+    assert sum("ewc/penalty" in r for r in one) == 4 and max(r.get("ewc/penalty", 0) for r in one) > 0
+    assert_same_records(tmp_path / "one", tmp_path / "two", 1e-4, skip=("tok_per_s", "time/generation",
+                                                                      "time/scoring", "time/update"))
 
 
 @pytest.mark.parametrize("ewc_kind", ["modified", "fisher"])
