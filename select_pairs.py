@@ -232,7 +232,7 @@ def main(argv=None):
     tok.check_vocab(model.cfg.vocab_size)
     template = (tok.template or "hh") if cfg.template == "auto" else cfg.template
     max_len = min(cfg.max_len, model.cfg.max_seq_len)
-    max_response_len = min(cfg.max_response_len, max_len - 1)
+    max_response_len = min(cfg.max_response_len, max_len - 1 - tok.add_bos)  # room for one prompt token (+ BOS)
     if cfg.sample and cfg.max_new_tokens > model.cfg.max_seq_len - 2:
         raise InputError(f"--max_new_tokens={cfg.max_new_tokens}: leaves no room for a prompt in the context of "
                          f"{ckpt} ({model.cfg.max_seq_len} tokens)")

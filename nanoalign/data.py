@@ -61,7 +61,7 @@ def _is_number(x) -> bool:  # JSON's NaN and Infinity parse to floats: not numbe
 
 # Keys whose values are not non-empty strings: (check, what the error says was expected).
 _KEY_CHECKS = {
-    "responses": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(s, str) and s for s in v),
+    "responses": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(s, str) and s.strip() for s in v),
                   "a list of at least 2 non-empty strings"),
     "scores": (lambda v: isinstance(v, list) and len(v) >= 2 and all(_is_number(s) for s in v),
                "a list of at least 2 finite numbers"),

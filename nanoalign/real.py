@@ -144,7 +144,7 @@ def select_pairs(cosines: torch.Tensor, strategy: str, fraction: float = 0.5, se
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     N = len(cosines)
-    m = int(fraction * N + 0.5)
+    m = int(round(fraction * N, 9) + 0.5)  # round(): 0.7 * 45 is 31.499999999999996 in floating point
     if strategy == "random":
         keep = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:m]
     else:

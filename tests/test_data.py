@@ -382,6 +382,7 @@ MULTI = ("prompt", "responses", "scores")
 @pytest.mark.parametrize("bad, message", [
     ({"responses": ["a", "b"], "scores": [True, 0.5]}, "key 'scores' must be a list of at least 2 finite numbers"),
     ({"responses": ["a"], "scores": [1]}, "key 'responses' must be a list of at least 2 non-empty strings"),
+    ({"responses": ["a", "  "], "scores": [1, 2]}, "key 'responses' must be a list of at least 2 non-empty strings"),
     ({"responses": ["a", "b"], "scores": [1]}, "key 'scores' must be a list of at least 2 finite numbers"),
 ])
 def test_multi_response_records_are_checked(tmp_path, bad, message):

@@ -189,6 +189,8 @@ def test_select_pairs_random_is_a_seeded_uniform_sample():
 def test_select_pairs_rounds_half_up_and_breaks_ties_by_index():
     assert select_pairs(torch.tensor([0.5, 0.5, 0.5, 0.2, 0.9]), "easy") == [0, 1, 3]  # 2.5 -> 3
     assert select_pairs(torch.tensor([0.5, 0.5, 0.5, 0.2]), "hard") == [1, 2]
+    # 0.7 * 45 = 31.5 is 31.499999999999996 in floating point: still rounded up to 32
+    assert len(select_pairs(torch.arange(45.0), "easy", fraction=0.7)) == 32
 
 
 def test_select_pairs_rejects_bad_arguments():

@@ -271,3 +271,19 @@ def test_errors_are_one_line_and_torchrun_is_refused(tiny_plain):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: select_pairs.py runs in one process (a forward with no "
                                                 "gradients): start it with python, not torchrun"]
+
+
+def test_a_response_as_long_as_the_context_fits_beside_the_bos(tmp_path, tiny_plain, tiny_tok):
+    """With a tokenizer that adds BOS, the response cap leaves room for the BOS and one prompt token: capped at
+    max_len - 1 it left none, and the example was dropped with an error telling the user to cap the response."""
+    import copy
+
+    from nanoalign.checkpoint import save_pretrained
+    bos_tok = copy.copy(tiny_tok)
+    bos_tok.add_bos = True
+    ckpt = save_pretrained(load_pretrained(tiny_plain), tmp_path / "bos_model", tokenizer=bos_tok)
+    long = "Bees make honey. " * 40  # far more tokens than --max_len
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Tell me about bees.", "chosen": long,
+                                                   "rejected": "Bees can sting."}] * 2)
+    result, pairs = select(tmp_path, data, ckpt, "--max_len=32", "--max_response_len=1000", "--fraction=1")
+    assert result["pairs"] == len(pairs) == 2
