@@ -294,7 +294,7 @@ def main(argv=None):
             if pair is None:
                 skipped_ties += 1
                 continue
-            pairs.append({**pair, **extras[k], "cosine": cos[i, j].item()})
+            pairs.append({**extras[k], **pair, "cosine": cos[i, j].item()})  # the labels computed here win
         candidates = torch.cat(candidates)
         described = f"{len(records)} prompts with {len(e)} {'sampled ' if cfg.sample else ''}responses"
     print(f"embedded {len(e)} responses with {ckpt} (template {template!r}) in {time.time() - t0:.1f} s")
