@@ -287,3 +287,11 @@ def test_a_response_as_long_as_the_context_fits_beside_the_bos(tmp_path, tiny_pl
                                                    "rejected": "Bees can sting."}] * 2)
     result, pairs = select(tmp_path, data, ckpt, "--max_len=32", "--max_response_len=1000", "--fraction=1")
     assert result["pairs"] == len(pairs) == 2
+
+
+def test_the_computed_labels_win_over_stale_fields_of_the_same_name(tmp_path, tiny_plain, multi):
+    stale = [{**r, "chosen_score": 99.0, "rejected_score": -99.0} for r in multi[1:]]
+    _, pairs = select(tmp_path, write_jsonl(tmp_path / "stale.jsonl", stale), tiny_plain, "--strategy=hard")
+    for p, r in zip(pairs, stale):
+        score = dict(zip(r["responses"], r["scores"]))
+        assert (p["chosen_score"], p["rejected_score"]) == (score[p["chosen"]], score[p["rejected"]])
