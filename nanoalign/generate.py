@@ -80,7 +80,9 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None):
 
 
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
-    """Set to -inf every logit outside the top-k and outside the smallest set with probability >= top_p."""
+    """Set to -inf every logit outside the top-k (every logit tied with the k-th stays), then, of what is left
+    (renormalised), outside the smallest set with probability >= top_p (the token that crosses top_p stays, and
+    so does the top one): Hugging Face's order when both are given."""
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -92,8 +92,8 @@ def load_metrics(path) -> list[dict]:
                 raise InputError(f"{path}:{lineno}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or not _is_number(record.get("step")):
-                raise InputError(f"{path}:{lineno}: expected a JSON object with a numeric \"step\"")
+            if not isinstance(record, dict) or not _is_number(record.get("step")) or not math.isfinite(record["step"]):
+                raise InputError(f"{path}:{lineno}: expected a JSON object with a finite numeric \"step\"")
             records.append(record)
     return records
 

@@ -147,6 +147,9 @@ def test_load_metrics_skips_blank_lines_and_names_file_and_line(tmp_path, capsys
     path.write_text('{"step": 1}\n["not", "a record"]\n')
     with pytest.raises(InputError, match=re.escape(f"{path}:2: expected a JSON object")):
         report.load_metrics(path)
+    path.write_text('{"step": 1}\n{"step": NaN, "loss": 1.0}\n')  # Python's json reads NaN: it would sort nowhere
+    with pytest.raises(InputError, match=re.escape(f"{path}:2: expected a JSON object with a finite numeric")):
+        report.load_metrics(path)
     # the command line: one line naming file:line, no traceback
     with pytest.raises(SystemExit) as e:
         run(report.main, [str(path.parent), f"--out={tmp_path / 'out'}"])
