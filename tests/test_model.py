@@ -191,6 +191,13 @@ def test_filter_logits_top_k_and_top_p_by_hand():
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.0)).tolist() == [[False, True, True, True]]  # top token stays
+    # ties with the k-th logit all stay; top-p then applies to what top-k left, renormalised ([0.4, 0.3] of
+    # [0.4, 0.3, 0.2, 0.1] become [4/7, 3/7]: 4/7 >= 0.5, so 0.3 goes, where over the whole distribution it would stay)
+    tied = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    assert torch.isinf(filter_logits(tied, top_k=2)).tolist() == [[False, False, False, False]]
+    both = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    assert torch.isinf(filter_logits(both, top_k=2, top_p=0.5)).tolist() == [[False, True, True, True]]
+    assert torch.isinf(filter_logits(both, top_p=0.5)).tolist() == [[False, False, True, True]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
