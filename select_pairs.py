@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from nanoalign import real, train, world
-from nanoalign.checkpoint import load_pretrained, resolve_dir
+from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
                            check_range, parse_config, run)
 from nanoalign.data import read_hh, read_jsonl, read_shp
@@ -223,10 +223,7 @@ def main(argv=None):
     if cfg.model == Config.model:
         import train_sft  # the repository's SFT script, beside this one
         train.train_first(cfg.model, "the tiny SFT model", "train_sft.py", train_sft.main, [f"--device={cfg.device}"])
-    try:
-        ckpt = resolve_dir(cfg.model)
-    except FileNotFoundError as e:
-        raise InputError(f"--model={cfg.model}: {e}") from None
+    ckpt = train.checkpoint_dir(cfg, "model")
     model = load_pretrained(ckpt, device=cfg.device, dtype=getattr(torch, cfg.dtype)).eval()
     tok = Tokenizer.from_dir(ckpt)
     tok.check_vocab(model.cfg.vocab_size)

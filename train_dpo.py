@@ -54,7 +54,7 @@ import torch
 
 import train_sft
 from nanoalign import dist, dpo, hbat, train, world
-from nanoalign.checkpoint import load_pretrained, model_config, resolve_dir
+from nanoalign.checkpoint import load_pretrained, model_config
 from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
                            check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import collate_pairs, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
@@ -255,7 +255,7 @@ def main(argv=None):
     train.check_resumed_flags(cfg, state, ("init", "data", "format", "template", "loss", "beta", "label_smoothing",
                                            "lr", "seed", "batch_size", "min_lr_ratio", "warmup_steps", "weight_decay",
                                            "grad_clip", "max_len", "max_response_len"))
-    init_dir = resolve_dir(cfg.init)
+    init_dir = train.checkpoint_dir(cfg, "init")
     tok = Tokenizer.from_dir(init_dir)
     mcfg = model_config(init_dir)
     tok.check_vocab(mcfg.vocab_size)

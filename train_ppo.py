@@ -36,7 +36,6 @@ import torch
 
 import train_sft
 from nanoalign import dist, hbat, ppo, train
-from nanoalign.checkpoint import resolve_dir
 from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
                            check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import tokenize_sft
@@ -175,7 +174,7 @@ def main(argv=None):
         "kl_coef", "adaptive_kl", "kl_target", "kl_horizon", "ppo_epochs", "mini_batch_size", "gamma", "lam",
         "cliprange", "cliprange_value", "vf_coef", "value_warmup_steps", "lr", "critic_lr", "warmup_steps",
         "min_lr_ratio", "weight_decay", "grad_clip"))
-    init_dir = resolve_dir(cfg.init)
+    init_dir = train.checkpoint_dir(cfg, "init")
     tok = Tokenizer.from_dir(init_dir)
     if cfg.template == "auto":
         cfg.template = tok.template or "hh"
@@ -188,7 +187,7 @@ def main(argv=None):
                          f"the model's context length {policy.cfg.max_seq_len}")
     reward_model = None
     if cfg.reward == "rm":
-        rm_dir = resolve_dir(cfg.reward_model)
+        rm_dir = train.checkpoint_dir(cfg, "reward_model")
         tok.check_reads_the_same(rm_dir, f"--reward_model={cfg.reward_model}")
         reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
                                                     build=RewardModel.from_config), d, trainable=False)

@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 from nanoalign import dist, train
-from nanoalign.checkpoint import resolve_dir
 from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
                            check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import collate_pairs, collate_sft, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
@@ -154,7 +153,7 @@ def main(argv=None):
     ckpt = Path(cfg.out_dir) / "model"
     train.clean_stale(ckpt, d)
     state = train.find_checkpoint(ckpt, cfg.resume)
-    init_dir = ckpt if state else resolve_dir(cfg.init)
+    init_dir = ckpt if state else train.checkpoint_dir(cfg, "init")
     if state or is_reward_checkpoint(init_dir):
         load = RewardModel.from_pretrained  # a reward model keeps its head (and its offset)
     else:  # the SFT model's trunk, a new N(0, 1/sqrt(d+1)) head drawn from the seed

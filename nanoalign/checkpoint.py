@@ -210,6 +210,8 @@ def fuse_qkv(q, k, v, n_head: int):
 
 def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
     """A local directory as is; anything else is a hub id fetched (safetensors and json only) into the HF cache."""
+    if not str(path_or_hub_id).strip():  # Path("") is ".", a directory that exists: never a checkpoint meant
+        raise FileNotFoundError("an empty path names no checkpoint directory or hub id")
     p = Path(path_or_hub_id)
     if p.parent.exists():
         recover_interrupted_swap(p)

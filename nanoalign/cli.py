@@ -116,6 +116,8 @@ def check_device(cfg) -> None:
 def check_output(path, flag: str, directory: bool) -> None:
     """An output path flag, checked before any work: a file where a directory is written (the path or one of its
     parents), or a directory where a file is written, would otherwise fail only at the save, after the work."""
+    if not str(path).strip():  # Path("") is ".": the run would be written into the working directory
+        raise InputError(f"--{flag}=: an empty path; give the {'directory' if directory else 'file'} to write")
     p = Path(path)
     if p.exists() and p.is_dir() != directory:
         raise InputError(f"--{flag}={path}: is a {'file' if directory else 'directory'}; a "

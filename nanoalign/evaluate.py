@@ -49,13 +49,13 @@ from typing import Callable, Sequence
 import torch
 
 from nanoalign import world
-from nanoalign.checkpoint import load_pretrained, resolve_dir
+from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import (InputError, check_choice, check_device, check_non_negative, check_output, check_positive,
                            parse_config)
 from nanoalign.data import collate_sft, fit_example, read_jsonl
 from nanoalign.generate import generate, sampling_error
 from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt, encode_response
-from nanoalign.train import check_files
+from nanoalign.train import check_files, checkpoint_dir
 
 # --- tokens and ROUGE-L
 
@@ -396,13 +396,6 @@ class Config:
     out: str = ""               # also write the metrics, the win rate and the answers to this JSON file
 
 
-def _checkpoint(cfg: Config, name: str) -> Path:
-    try:
-        return resolve_dir(getattr(cfg, name))
-    except FileNotFoundError as e:
-        raise InputError(f"--{name}={getattr(cfg, name)}: {e}") from None
-
-
 def _check_config(cfg: Config) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("nanoalign.evaluate runs in one process: start it with python, not torchrun")
@@ -479,8 +472,8 @@ def main(argv=None) -> dict:
     cfg = parse_config(Config, argv, description="Answer held-out prompts with two models and compare them.")
     _check_config(cfg)
     t0 = time.time()
-    ckpt_a = _checkpoint(cfg, "model_a")
-    ckpt_b = _checkpoint(cfg, "model_b") if cfg.model_b else None
+    ckpt_a = checkpoint_dir(cfg, "model_a")
+    ckpt_b = checkpoint_dir(cfg, "model_b") if cfg.model_b else None
     records = read_jsonl(cfg.prompts, required=("prompt",))
     records = records[:cfg.limit] if cfg.limit else records
     if not records:

@@ -50,7 +50,8 @@ import torch
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import atomic_write_dir, load_pretrained, model_config, recover_interrupted_swap, write_pretrained
+from .checkpoint import (atomic_write_dir, load_pretrained, model_config, recover_interrupted_swap, resolve_dir,
+                         write_pretrained)
 from .cli import InputError
 from .data import read_jsonl
 from .model import Transformer
@@ -130,6 +131,15 @@ def micro_batches(items: list, size: int) -> list[list]:
 
 
 # --- the tiny defaults
+
+def checkpoint_dir(cfg, name: str) -> Path:
+    """The checkpoint a flag names (a directory, or a hub id downloaded once), or a one-line error naming the flag:
+    missing, empty, or a hub id that could not be fetched."""
+    try:
+        return resolve_dir(getattr(cfg, name))
+    except FileNotFoundError as e:
+        raise InputError(f"--{name}={getattr(cfg, name)}: {e}") from None
+
 
 def train_first(path, what: str, script: str, train_main: Callable[[list[str]], None], argv: list[str]) -> None:
     """Train a missing default model before a script reads it. With no arguments every script runs on the tiny

@@ -165,6 +165,32 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line_naming_it():
                               "that could be downloaded (") and "\n" not in message
 
 
+@pytest.mark.parametrize("script, flags, message", [
+    ("train_rm.py", ["--out_dir="], "--out_dir=: an empty path; give the directory to write"),
+    ("train_dpo.py", ["--out_dir="], "--out_dir=: an empty path; give the directory to write"),
+    ("train_dpo.py", ["--init="], "--init=: an empty path names no checkpoint directory or hub id"),
+    ("train_ppo.py", ["--init="], "--init=: an empty path names no checkpoint directory or hub id"),
+    ("select_pairs.py", ["--model="], "--model=: an empty path names no checkpoint directory or hub id"),
+    ("train_dpo.py", ["--init=nanoalign-tests/no-such-model"],
+     "--init=nanoalign-tests/no-such-model: nanoalign-tests/no-such-model: neither a local directory nor a Hugging "
+     "Face hub id"),
+])
+def test_an_empty_or_unfetchable_path_flag_is_one_line_naming_the_flag(tmp_path, script, flags, message):
+    """An empty path is ".", which exists: a run written into the working directory, or the working directory read
+    as a checkpoint (it failed on a missing tokenizer.json, naming no flag). A hub id that cannot be fetched names
+    its flag too. Nothing is written."""
+    out = [] if any(f.startswith("--out_dir") for f in flags) else [f"--out_dir={tmp_path / 'run'}"]
+    if script == "select_pairs.py":
+        out = [f"--out={tmp_path / 'pairs.jsonl'}"]
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--device=cpu", *out, *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr[-2000:]
+    assert not any((ROOT / name).exists() for name in ("model", "metrics.jsonl", "eval.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_shard_index_naming_no_file_is_one_line(ckpt, tmp_path):
     from nanoalign.checkpoint import load_pretrained
 
