@@ -20,6 +20,7 @@ Gotchas:
   SentencePiece alike.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,20 +53,22 @@ class Tokenizer:
         """A pad id that is no stop id and not BOS: the unk token if there is one, else a special token of the
         vocabulary (LLaMA-3's reserved ones), which no text contains, else the lowest free id, an ordinary token
         (pad_is_text: a reward model's config must not name it, see reward.py)."""
-        unk = getattr(self.tok.model, "unk_token", None)
-        special = sorted(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
-        candidates = ([self.tok.token_to_id(unk)] if unk else []) + special + list(range(self.vocab_size))
-        for i in candidates:
-            if i is not None and i not in (*self.stop_ids, self.bos_id):
+        for i in self._non_text_ids() + list(range(self.vocab_size)):
+            if i not in (*self.stop_ids, self.bos_id):
                 return i
         raise ValueError(f"vocab of size {self.vocab_size} has no id left for padding besides eos/bos")
+
+    def _non_text_ids(self) -> list[int]:
+        """The ids no text is tokenized into: the unk token's (if any), then the special tokens', ascending."""
+        unk = getattr(self.tok.model, "unk_token", None)
+        unk_id = self.tok.token_to_id(unk) if unk else None
+        special = sorted(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+        return ([unk_id] if unk_id is not None else []) + special
 
     @property
     def pad_is_text(self) -> bool:
         """Is the pad id an ordinary token, one that text can contain (a filler chosen for want of another)?"""
-        unk = getattr(self.tok.model, "unk_token", None)
-        specials = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
-        return self.pad_id not in specials and self.pad_id != (self.tok.token_to_id(unk) if unk else None)
+        return self.pad_id not in self._non_text_ids()
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -95,11 +98,12 @@ class Tokenizer:
                              f"choose one of {sorted(TEMPLATES)}")
         return cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids, template)
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
         """One more than the largest id: the ids this tokenizer can produce are all below it, so the samplers draw
         from [0, vocab_size). Not the number of tokens: a vocabulary with gaps in its ids (converted from tiktoken,
-        whose special tokens sit past a hole) has ids beyond its count, its EOS among them."""
+        whose special tokens sit past a hole) has ids beyond its count, its EOS among them. Computed once (it reads
+        the whole vocabulary; every sampling call asks for it)."""
         return max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str) -> list[int]:
