@@ -36,8 +36,8 @@ import torch
 
 import train_sft
 from nanoalign import dist, hbat, ppo, train
-from nanoalign.cli import (InputError, check_choice, check_device, check_given, check_learning_rates,
-                           check_non_negative, check_output, check_positive, check_range, parse_config, run)
+from nanoalign.cli import (InputError, check_choice, check_device, check_learning_rates, check_non_negative,
+                           check_output, check_positive, check_range, parse_config, run)
 from nanoalign.data import tokenize_sft
 from nanoalign.losses import AdaptiveKLController
 from nanoalign.reward import RewardModel
@@ -111,7 +111,7 @@ class Config:
 def check_config(cfg: Config) -> None:
     """Every flag checked before any work starts; each error names the flag and what is allowed."""
     check_choice(cfg, "reward", ppo.REWARDS)
-    check_given(cfg, "init")  # before the default reward model is trained for a run that cannot start
+    train.check_given(cfg, "init")  # before the default reward model is trained for a run that cannot start
     check_choice(cfg, "template", ("auto", *TEMPLATES))
     if cfg.dtype not in ("float32", "bfloat16"):
         raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")

@@ -134,13 +134,6 @@ def check_positive(cfg, *names: str) -> None:
             raise InputError(f"--{name}={getattr(cfg, name)}: must be positive")
 
 
-def check_given(cfg, *names: str) -> None:
-    """Path flags that must name something: an empty one would be read as "." (the working directory)."""
-    for name in names:
-        if not str(getattr(cfg, name)).strip():
-            raise InputError(f"--{name}=: an empty path names no checkpoint directory or hub id")
-
-
 def check_non_negative(cfg, *names: str) -> None:
     for name in names:
         check_finite(cfg, name)

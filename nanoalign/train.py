@@ -141,6 +141,14 @@ def checkpoint_dir(cfg, name: str) -> Path:
         raise InputError(f"--{name}={getattr(cfg, name)}: {e}") from None
 
 
+def check_given(cfg, *names: str) -> None:
+    """Checkpoint flags refused when empty before any work starts (checkpoint_dir's error, found before a script
+    trains its missing default models for a run that cannot start)."""
+    for name in names:
+        if not str(getattr(cfg, name)).strip():
+            checkpoint_dir(cfg, name)  # raises: an empty path names no checkpoint
+
+
 def train_first(path, what: str, script: str, train_main: Callable[[list[str]], None], argv: list[str]) -> None:
     """Train a missing default model before a script reads it. With no arguments every script runs on the tiny
     world, whose models come from the scripts before it (out/sft/model from train_sft.py, out/rm/model from
