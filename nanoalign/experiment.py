@@ -90,8 +90,8 @@ def fingerprint(paths) -> dict:
     out = {}
     for path in map(Path, paths):
         files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        out[str(path)] = [[str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns]
-                          for f in files]
+        out[str(path)] = [[str(f.relative_to(path)) if f != path else "", st.st_size, st.st_mtime_ns]
+                          for f in files for st in [f.stat()]]
     return out
 
 

@@ -161,13 +161,20 @@ def _natural(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]  # seed2 before seed10
 
 
-def seed_dirs(arm_dir: Path) -> list[Path]:
-    """The runs of an arm: arm_dir itself, or its seed directories. Where an experiment made them (some hold
-    DONE), only the finished ones: a seed that crashed or is still running would pull the arm's mean towards its
-    unfinished numbers and cut every curve to its last step."""
+def _runs(arm_dir: Path) -> list[Path]:
+    """Every run of an arm, finished or not: arm_dir itself, or its seed directories that hold a metrics.jsonl."""
     if (arm_dir / "metrics.jsonl").is_file():
         return [arm_dir]
-    runs = sorted((p for p in arm_dir.iterdir() if (p / "metrics.jsonl").is_file()), key=_natural)
+    return sorted((p for p in arm_dir.iterdir() if (p / "metrics.jsonl").is_file()), key=_natural)
+
+
+def seed_dirs(arm_dir: Path) -> list[Path]:
+    """The runs of an arm (_runs). Where an experiment made them (some hold DONE), only the finished ones, the
+    others named on stderr: a seed that crashed or is still running would pull the arm's mean towards its
+    unfinished numbers and cut every curve to its last step."""
+    runs = _runs(arm_dir)
+    if runs == [arm_dir]:
+        return runs
     done = [p for p in runs if (p / DONE).is_file()]
     if done and len(done) < len(runs):
         left = ", ".join(p.name for p in runs if p not in done)
@@ -417,7 +424,7 @@ def build_report(run_dirs, out_dir, smooth: float = 0.6) -> Path:
     for d in map(Path, run_dirs):
         if not d.is_dir():
             raise InputError(f"{d}: no such run directory")
-        has_seeds = any(p.is_dir() and seed_dirs(p) for p in d.iterdir())
+        has_seeds = any(p.is_dir() and _runs(p) for p in d.iterdir())  # load_experiment says what it leaves out
         if (d / "results.json").is_file() or (not (d / "metrics.jsonl").is_file() and has_seeds):
             loaded.append(("experiment", d, load_experiment(d)))
         elif (d / "metrics.jsonl").is_file():

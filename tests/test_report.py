@@ -280,7 +280,7 @@ def test_curve_colours_stay_distinct_past_ten_arms():
     assert len({report._color(i, 20) for i in range(20)}) == 20
 
 
-def test_an_experiments_unfinished_seeds_are_left_out_and_named(tmp_path, capsys):
+def test_an_experiments_unfinished_seeds_are_left_out_and_named(tmp_path, capsys, monkeypatch):
     """Seeds an experiment made (some hold its done marker): one that crashed or still runs is left out, so it
     neither pulls the arm's mean towards its unfinished numbers nor cuts the curves to its last step."""
     arm = tmp_path / "arm"
@@ -291,6 +291,9 @@ def test_an_experiments_unfinished_seeds_are_left_out_and_named(tmp_path, capsys
             (arm / seed / report.DONE).write_text("{}")
     assert [p.name for p in report.seed_dirs(arm)] == ["seed0", "seed1"]
     assert "left out 1 unfinished run(s) (seed2)" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # tables only, fast
+    text = report.build_report([tmp_path], tmp_path / "out").read_text()
+    assert "arm (seed0, seed1)" in text and capsys.readouterr().err.count("left out") == 1  # said once
     for seed in ("seed0", "seed1"):
         (arm / seed / report.DONE).unlink()  # runs no experiment made: every one counts
     assert [p.name for p in report.seed_dirs(arm)] == ["seed0", "seed1", "seed2"]
