@@ -8,8 +8,9 @@ PPO and DPO -> evaluation of each aligned model against the SFT model, ending wi
 Run it from the repository root: the stages read the tiny world's data/ files by their default relative paths.
 Resumable: a stage whose result (its eval.json) exists is skipped, and a stage that was interrupted after a
 checkpoint continues from it (--resume). Only with the same --seed: out/run_all.json records the seed the
-directory was made with, and another one is refused (its stages would be the other seed's models). Each stage is the flat script of the same name, run with its own
-defaults and this run's paths; read those scripts for the recipes. The final table compares PPO and DPO with
+directory was made with, and another one is refused (its stages would be the other seed's models). Each stage
+is the flat script of the same name, run with its own defaults and this run's paths; read those scripts for the
+recipes. The final table compares PPO and DPO with
 the SFT model on the held-out prompts (data/prompts_test.jsonl), greedy decoding, judged by the world's
 oracle: win rate against SFT (ties count half), mean oracle quality, closed-ended accuracy, ROUGE-L against the
 references, the fraction of answers that copy the prompt, and the mean answer length.

@@ -111,7 +111,8 @@ class RewardModel(nn.Module):
         ckpt = resolve_dir(path_or_hub_id)
         cfg, offset, names, files = _reward_layout(ckpt)
         with torch.device("meta"):
-            model = cls(cfg, offset, _read_before(ckpt)).to(dtype)  # casting on meta costs nothing; to_empty then allocates once
+            # casting on meta costs nothing; to_empty then allocates once
+            model = cls(cfg, offset, _read_before(ckpt)).to(dtype)
         model.to_empty(device=device)
         copy_tensors(dict(model.named_parameters()), names, files, cfg.n_head, ckpt, device, dtype)
         return model.eval()
