@@ -29,9 +29,26 @@ def finite_float(s: str) -> float:
     return value
 
 
+SEED_MAX = 2**32 - 1  # numpy's range; the per-step seeds derived from it (seed * 1_000_003 + step ...) stay int64
+
+
+def seed_int(s: str) -> int:
+    """argparse type for --seed: an integer in [0, 2**32 - 1] (a larger one overflows torch's int64 seeds)."""
+    value = int(s)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, {SEED_MAX}], got {s!r}")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (an unknown flag, a value of the wrong type, a bad choice) raise InputError, which
-    run() prints as one line naming the flag, instead of printing the whole usage."""
+    run() prints as one line naming the flag, instead of printing the whole usage. A flag must be spelt whole:
+    argparse's default takes any unambiguous prefix (`--temp=0.7` for `--temperature`), which a later flag
+    starting the same way would silently change the meaning of."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise InputError(message)
@@ -55,6 +72,8 @@ def parse_config(cls, argv=None, description: str | None = None):
             ap.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=default, help=doc)
         elif default is None:
             ap.add_argument(f"--{f.name}", type=str, default=None, help=doc)
+        elif f.name == "seed":
+            ap.add_argument(f"--{f.name}", type=seed_int, default=default, help=doc)
         else:
             ap.add_argument(f"--{f.name}", type=finite_float if kind is float else kind, default=default, help=doc)
     return cls(**vars(ap.parse_args(argv)))

@@ -454,7 +454,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 def main(argv=None):
     from .checkpoint import load_pretrained, resolve_dir
-    from .cli import ArgumentParser, InputError, check_device, finite_float
+    from .cli import ArgumentParser, InputError, check_device, finite_float, seed_int
     from .tokenizer import TEMPLATES, Tokenizer, encode_prompt
 
     ap = ArgumentParser(description="Sample a completion from a checkpoint (local dir or hub id).")
@@ -466,7 +466,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy")
     ap.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     ap.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)

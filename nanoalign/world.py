@@ -474,11 +474,11 @@ def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0):
 
 
 def main(argv=None):
-    from .cli import ArgumentParser, check_output, finite_float
+    from .cli import ArgumentParser, check_output, finite_float, seed_int
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--padded_demos", type=finite_float, default=0.0,
                         help="pad this fraction of the SFT training responses with filler sentences (default: none)")
     args = parser.parse_args(argv)

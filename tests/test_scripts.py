@@ -74,6 +74,9 @@ def test_generate_cli_uses_the_checkpoints_template_unless_told(ckpt, tmp_path, 
     ("--top_p=nan", "argument --top_p: expected a finite number, got 'nan'"),
     ("--max_new_tokens=ten", "argument --max_new_tokens: invalid int value: 'ten'"),
     ("--device=tpu", "--device=tpu: choose cpu, or cuda on a machine with a GPU"),
+    ("--seed=18446744073709551616", "argument --seed: expected a seed in [0, 4294967295], got '18446744073709551616'"),
+    ("--seed=-1", "argument --seed: expected a seed in [0, 4294967295], got '-1'"),
+    ("--temp=0.7", "unrecognized arguments: --temp=0.7"),  # a prefix of --temperature is not taken for it
 ])
 def test_generate_cli_refuses_bad_sampling_flags(capsys, flag, message):
     # refused before the checkpoint is read (the --init path does not even exist), in one line: no usage dump

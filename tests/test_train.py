@@ -301,6 +301,8 @@ def test_a_run_killed_mid_save_resumes_to_the_uninterrupted_result(init_dir, tmp
     ("--weight_decay=nan", "argument --weight_decay: expected a finite number, got 'nan'"),
     ("--steps=ten", "argument --steps: invalid int value: 'ten'"),
     ("--stepz=10", "unrecognized arguments: --stepz=10"),
+    ("--warmup=5", "unrecognized arguments: --warmup=5"),  # not taken for --warmup_steps, a prefix of it
+    ("--seed=9223372036854775807", "argument --seed: expected a seed in [0, 4294967295]"),  # overflowed int64 seeds
     ("--data=/", "--data=/: expected a file, found a directory"),
     ("--n_head=3", "--dim=128: must be a multiple of --n_head=3, with an even quotient"),
     ("--device=cpux", "--device=cpux: choose cpu, or cuda"),  # not a device torch can parse
