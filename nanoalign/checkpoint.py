@@ -50,9 +50,10 @@ ROPE_SCALING_KEYS = {"linear": ("factor",),
 
 def _rope(hf: dict, key_base: str, key_pct: str | None = None):
     """(base, partial-rotary fraction, scaling) from the classic keys (rope_theta, rope_scaling) or from
-    transformers' newer rope_parameters."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
+    transformers' newer rope_parameters. transformers' order: the parameters are rope_scaling, else
+    rope_parameters, and a rope_theta / partial_rotary_factor in them wins over the top-level key (a config
+    holding both, disagreeing, is read as transformers reads it)."""
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
     if rope_type != "default" and rope_type not in ROPE_SCALING_KEYS:
         raise NotImplementedError(f"config.json asks for rope scaling {rope_type!r}; nanoalign implements "
@@ -60,8 +61,8 @@ def _rope(hf: dict, key_base: str, key_pct: str | None = None):
     rope_scaling = None
     if rope_type != "default":
         rope_scaling = {"rope_type": rope_type, **{k: scaling[k] for k in ROPE_SCALING_KEYS[rope_type]}}
-    base = hf.get(key_base, params.get("rope_theta", 10000.0))
-    pct = hf.get(key_pct, params.get("partial_rotary_factor")) if key_pct else None
+    base = scaling.get("rope_theta", hf.get(key_base, 10000.0))
+    pct = scaling.get("partial_rotary_factor", hf.get(key_pct)) if key_pct else None
     return float(base), pct, rope_scaling
 
 
@@ -269,9 +270,12 @@ def tensor_files(ckpt: Path) -> dict[str, Path]:
             if not (ckpt / shard).is_file():
                 raise FileNotFoundError(f"{index} lists shard {shard}, which is not in {ckpt}")
             with open_tensors(ckpt / shard) as f:  # the header only: a tensor the index does not list is unknown
+                held = set(f.keys())
                 if unlisted := [k for k in f.keys() if weight_map.get(k) != shard]:
                     raise KeyError(f"{ckpt / shard} holds tensors {index.name} does not list there: "
                                    f"{', '.join(unlisted)}")
+                if absent := [k for k, s in weight_map.items() if s == shard and k not in held]:
+                    raise KeyError(f"{index} lists tensors in {shard} that it does not hold: {', '.join(absent)}")
         return {k: ckpt / f for k, f in weight_map.items()}
     single = ckpt / "model.safetensors"
     if single.exists():
@@ -284,9 +288,7 @@ def tensor_files(ckpt: Path) -> dict[str, Path]:
 
 
 def _shape(file: Path, name: str) -> list[int]:
-    with open_tensors(file) as f:
-        if name not in f.keys():
-            raise KeyError(f"tensor {name} is listed in the index but missing from {file}")
+    with open_tensors(file) as f:  # tensor_files checked that the file holds it
         return list(f.get_slice(name).get_shape())
 
 
@@ -387,6 +389,10 @@ def copy_tensors(params: dict, names: dict, files: dict, n_head: int, ckpt: Path
                                          f"for the config in {ckpt / 'config.json'}")
                     if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # else it fails steps later
                         raise ValueError(f"tensor {k} in {file} holds NaN or inf values")
+                    narrower = t.is_floating_point() and torch.finfo(dtype).max < torch.finfo(t.dtype).max
+                    if narrower and not bool(torch.isfinite(t.to(dtype)).all()):  # 1e5 read into float16 is inf
+                        raise ValueError(f"tensor {k} in {file} holds values past {dtype}'s range; load it in a "
+                                         f"wider dtype")
                     parts = split_qkv(t, n_head) if len(targets) == 3 else [t]  # NeoX's fused q, k, v
                     for n, part in zip(targets, parts):
                         params[n].copy_(part.to(device=device, dtype=dtype))

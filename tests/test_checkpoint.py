@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference
 from safetensors.torch import load_file, save_file
 
 from nanoalign.checkpoint import fuse_qkv, load_pretrained, save_pretrained, split_qkv
@@ -489,6 +490,60 @@ def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(tmp_path):
     with pytest.raises(KeyError, match=rf"{shard.name} holds tensors model\.safetensors\.index\.json does not list "
                                        r"there: model\.layers\.9\.mlp\.up_proj\.weight"):
         load_pretrained(d)
+
+
+def test_an_index_listing_a_tensor_its_shard_lacks_is_one_line_naming_both(tmp_path):
+    """It failed in the middle of the copy with safetensors' own error, naming neither the index nor the shard."""
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layer=2, n_head=2, hidden_dim=48, max_seq_len=32))
+    d = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=5_000)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    name, shard = next((k, f) for k, f in index["weight_map"].items() if "up_proj" in k)
+    tensors = load_file(d / shard)
+    del tensors[name]
+    save_file(tensors, d / shard, metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=rf"index\.json lists tensors in {shard} that it does not hold: "
+                                       rf"{re.escape(name)}'$"):  # (a KeyError's str is quoted)
+        load_pretrained(d)
+
+
+def test_a_weight_past_the_load_dtypes_range_is_refused(tmp_path):
+    """1e5 fits float32 and bfloat16 but is inf in float16: the check runs on what the model would hold."""
+    model, d = saved(tmp_path)
+    rewrite(d, lambda t: t["model.layers.0.mlp.down_proj.weight"].__setitem__((0, 0), 1e5))
+    assert load_pretrained(d, dtype=torch.bfloat16).layers[0].mlp.down.weight[0, 0] == 99840.0  # bf16 keeps it
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.weight in .* holds values "
+                                         r"past torch\.float16's range"):
+        load_pretrained(d, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("kw, top, params, field, value", [
+    ({}, {"rope_theta": 500.0}, {"rope_type": "default", "rope_theta": 10000.0}, "rope_base", 10000.0),
+    (NEOX, {"rotary_emb_base": 50.0}, {"rope_type": "default", "rope_theta": 10000.0}, "rope_base", 10000.0),
+    (NEOX, {"rotary_pct": 1.0}, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+     "rotary_pct", 0.25),
+    (NEOX, {"rotary_pct": 0.5}, {"rope_type": "default", "rope_theta": 10000.0}, "rotary_pct", 0.5),  # a fallback
+])
+def test_rope_parameters_win_over_top_level_keys_as_in_transformers(tmp_path, kw, top, params, field, value):
+    """transformers 5 fills rope_parameters from the top-level keys only where it lacks them (setdefault): a
+    config holding both, disagreeing, was read the other way round (logits off by ~8 on a LLaMA); the reference
+    comparison is tests/test_hf_parity.py's, this pins the order."""
+    _, d = saved(tmp_path, **kw)
+    edit(d, lambda c: {**c, **top, "rope_parameters": params})
+    assert getattr(load_pretrained(d).cfg, field) == value
+
+
+@pytest.mark.parametrize("kw, top, params", [
+    ({}, {"rope_theta": 500.0}, {"rope_type": "default", "rope_theta": 10000.0}),
+    (NEOX, {"rotary_pct": 1.0}, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+])
+def test_a_config_with_both_rope_keys_gives_transformers_logits(tmp_path, kw, top, params):
+    transformers = reference("transformers")
+    _, d = saved(tmp_path, **kw)
+    edit(d, lambda c: {**c, **top, "rope_parameters": params})
+    ids = torch.arange(30)[None] % 50
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
+        torch.testing.assert_close(load_pretrained(d)(ids), ref, atol=1e-4, rtol=0)
 
 
 def test_every_file_reaches_the_disk_before_the_renames(tmp_path, monkeypatch):
