@@ -210,7 +210,8 @@ def fuse_qkv(q, k, v, n_head: int):
 # --- loading
 
 def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory as is; anything else is a hub id fetched (safetensors and json only) into the HF cache."""
+    """A local directory as is; anything else is a hub id fetched into the HF cache (its json, safetensors,
+    tokenizer .model / .txt and chat_template.jinja files only)."""
     if not str(path_or_hub_id).strip():  # Path("") is ".", a directory that exists: never a checkpoint meant
         raise FileNotFoundError("an empty path names no checkpoint directory or hub id")
     p = Path(path_or_hub_id)
@@ -226,7 +227,7 @@ def resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
 
     try:
         return Path(snapshot_download(str(path_or_hub_id),
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as e:  # offline, a repository that does not exist, a gated one: the hub's message, on one line
         reason = " ".join(str(e).split()) or type(e).__name__
         raise FileNotFoundError(f"{path_or_hub_id}: neither a local directory nor a Hugging Face hub id that could be "

@@ -7,7 +7,8 @@ turn a (prompt, response) pair into token ids plus a response mask: the tokens t
 Gotchas:
 - Pad != EOS. When padding is masked and pad == EOS, the EOS leaves the loss and the model never
   learns to stop. A tokenizer without a pad token (LLaMA, Pythia) gets a distinct filler id (unk,
-  else 0); it is never trained on because the collator masks it.
+  else a special token, else the lowest id that is neither a stop id nor BOS); it is never trained on
+  because the collator masks it.
 - The response mask covers the response tokens AND the EOS that ends them.
 - A model answers well only in the template it was trained with. `tok.template` (a TEMPLATES name, or
   None) is saved as "nanoalign_template" in tokenizer_config.json (transformers ignores the key) and
@@ -38,7 +39,7 @@ _ID_FILES = ("generation_config.json", "config.json")
 class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, eos_id: int, bos_id: int | None = None,
                  pad_id: int | None = None, add_bos: bool = False, stop_ids: list[int] | None = None,
-                 template: str | None = None):
+                 template: str | None = None, config: dict | None = None, chat_template: str | None = None):
         self.tok = tok
         self.eos_id = eos_id
         self.bos_id = bos_id
@@ -48,6 +49,10 @@ class Tokenizer:
         # a pad that is a stop id (pad = eos, common in fine-tunes) would read as the end of every padded row
         self.pad_id = pad_id if pad_id is not None and pad_id not in self.stop_ids else self._filler_pad_id()
         self.template = template  # the prompt template the model was trained with (saved with it), or None
+        # what save() writes back beside the keys it manages: the source's tokenizer_config.json (its chat_template,
+        # model_max_length, ...) and chat_template.jinja, so a fine-tune of an instruct model keeps its chat format
+        self.config = dict(config or {})
+        self.chat_template = chat_template
 
     def _filler_pad_id(self) -> int:
         """A pad id that is no stop id and not BOS: the unk token if there is one, else a special token of the
@@ -96,7 +101,9 @@ class Tokenizer:
         if template is not None and template not in TEMPLATES:
             raise ValueError(f"{path / 'tokenizer_config.json'}: nanoalign_template {template!r} is not a template; "
                              f"choose one of {sorted(TEMPLATES)}")
-        return cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids, template)
+        jinja = path / "chat_template.jinja"
+        return cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids, template,
+                   config=configs["tokenizer_config.json"], chat_template=jinja.read_text() if jinja.is_file() else None)
 
     @functools.cached_property
     def vocab_size(self) -> int:
@@ -147,7 +154,8 @@ class Tokenizer:
         dir.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(dir / "tokenizer.json"))
         name = self.tok.id_to_token
-        config = {
+        config = {k: v for k, v in self.config.items() if k != "nanoalign_template"}  # the source's other keys
+        config |= {
             # lets transformers.AutoTokenizer load the same directory
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": name(self.bos_id) if self.bos_id is not None else None,
@@ -159,6 +167,8 @@ class Tokenizer:
             _template(self.template)  # an unknown name fails now, not when the checkpoint is read back
             config["nanoalign_template"] = self.template
         (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self.chat_template is not None:
+            (dir / "chat_template.jinja").write_text(self.chat_template)
         (dir / "generation_config.json").write_text(json.dumps(self.special_ids(), indent=2) + "\n")
 
     def special_ids(self) -> dict:

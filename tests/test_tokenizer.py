@@ -221,6 +221,25 @@ def test_save_round_trip(tok, tmp_path):
         assert again.encode(text) == tok.encode(text)
 
 
+def test_save_keeps_the_sources_chat_template_and_other_config_keys(tmp_path):
+    """save() rewrote tokenizer_config.json from nothing: a fine-tune of an instruct model lost its chat_template
+    (transformers' apply_chat_template then failed on it), model_max_length and the rest."""
+    chat = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    src = make_tokenizer_dir(tmp_path / "src", config={**STANDARD_CONFIG, "chat_template": chat,
+                                                       "model_max_length": 4096, "nanoalign_template": "hh"})
+    (src / "chat_template.jinja").write_text(chat + "\n")
+    tok = Tokenizer.from_dir(src)
+    tok.template = None  # a template changed after loading: the source's is not written back
+    tok.save(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == chat and config["model_max_length"] == 4096 and "nanoalign_template" not in config
+    assert (tmp_path / "saved" / "chat_template.jinja").read_text() == chat + "\n"
+    hf = reference("transformers").AutoTokenizer.from_pretrained(tmp_path / "saved")
+    messages = [{"role": "user", "content": "hi"}]
+    assert hf.apply_chat_template(messages, tokenize=False) == "<|user|>hi</s>"
+    assert hf.model_max_length == 4096
+
+
 @pytest.mark.parametrize("template", [None, "plain", "hh", "alpaca"])
 def test_save_records_the_template(tok, tmp_path, template):
     tok.template = template
