@@ -12,7 +12,8 @@ reference moves (Hbat's DPO stages use the model at the start of each stage) mus
 
 The cache (out_dir/ref_logps.pt) is keyed by a fingerprint of everything the numbers depend on: the
 tokenized pairs of every split (ids and response masks, in order), the reference checkpoint (the bytes of
-its config.json and of every weight file) and the autocast dtype. Changing the data, the tokenizer, the
+its config.json and of every weight file) and the device and precision the reference runs at (`--dtype=bfloat16`
+with `--device=cpu` runs in float32: keyed by its text, that cache was reused by a bf16 run on the GPU). Changing the data, the tokenizer, the
 template, the truncation or the reference gives another fingerprint and the log-probs are recomputed;
 otherwise they are reused. Hashing the weights reads the checkpoint once; the policy is loaded from the same
 files right after, so they are then read from the page cache.
@@ -76,7 +77,8 @@ def _hash_file(h, path: Path) -> None:
 
 
 def fingerprint(splits: dict[str, list[dict]], ref_dir, dtype: str) -> str:
-    """sha256 of the tokenized pairs of every split, the reference checkpoint's config and weights, the dtype."""
+    """sha256 of the tokenized pairs of every split, the reference checkpoint's config and weights, and dtype: the
+    device and precision the log-probs are computed at ("cpu float32")."""
     h = hashlib.sha256(f"{CACHE_VERSION}\0{dtype}\0".encode())
     for name, rows in splits.items():
         h.update(f"split {name} {len(rows)}\0".encode())
@@ -135,8 +137,9 @@ def reference_logps(ref_dir, splits: dict[str, list[dict]], pad_id: int, cache_p
     Collective under torchrun; every rank gets the full tensors."""
     cache_path = Path(cache_path)
     cached, why = None, ""
+    precision = f"{d.device.type} {train.compute_dtype(d, dtype)}"  # what the numbers were computed at
     if d.is_main:
-        key = fingerprint(splits, ref_dir, dtype)
+        key = fingerprint(splits, ref_dir, precision)
         cached, why = _read_cache(cache_path, key, splits)
     cached = dist.all_gather_object(cached, d)[0]  # rank 0's answer
     sizes = " + ".join(f"{len(rows)} {name}" for name, rows in splits.items())
@@ -154,7 +157,7 @@ def reference_logps(ref_dir, splits: dict[str, list[dict]], pad_id: int, cache_p
     if d.is_main:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
-        torch.save({"fingerprint": key, "logps": logps, "reference": str(ref_dir), "dtype": dtype}, tmp)
+        torch.save({"fingerprint": key, "logps": logps, "reference": str(ref_dir), "dtype": precision}, tmp)
         os.replace(tmp, cache_path)  # a crash mid-write never leaves a half-written cache
         print(f"reference log-probs: saved {cache_path}; reference model freed", flush=True)
     dist.barrier(d)

@@ -192,9 +192,14 @@ def place(model: torch.nn.Module, d: dist.Dist, trainable: bool = True) -> torch
     return model.train(trainable)
 
 
+def compute_dtype(d: dist.Dist, dtype: str) -> str:
+    """The precision a --dtype actually runs at on this device: bf16 autocast only on CUDA, float32 on a CPU."""
+    return dtype if d.device.type == "cuda" else "float32"
+
+
 def autocast(d: dist.Dist, dtype: str):
     """bf16 autocast on CUDA (weights stay fp32); a no-op context in fp32 or on CPU."""
-    enabled = d.device.type == "cuda" and dtype != "float32"
+    enabled = compute_dtype(d, dtype) != "float32"
     return torch.autocast(d.device.type, dtype=getattr(torch, dtype), enabled=enabled)
 
 

@@ -93,6 +93,21 @@ def test_the_cache_key_covers_the_dtype_and_the_response_masks(tiny_plain, rows)
     assert dpo.fingerprint({"train": [{**rows[0], "chosen_mask": mask}, *rows[1:]]}, tiny_plain, "float32") != key
 
 
+def test_the_cache_is_keyed_by_the_precision_that_ran_not_by_the_dtype_flag(tiny_plain, rows, tiny_tok, tmp_path,
+                                                                              capsys):
+    """--dtype=bfloat16 on a CPU runs the reference in float32 (autocast is CUDA-only): its cache was keyed
+    "bfloat16" and then reused by a bf16 run on the GPU, whose policy log-probs are other numbers (the step-0
+    loss was not log 2)."""
+    cache, splits = tmp_path / "ref_logps.pt", {"train": rows[:5]}
+    dpo.reference_logps(tiny_plain, splits, tiny_tok.pad_id, cache, dist.Dist(), 3, dtype="bfloat16")
+    saved = torch.load(cache)
+    assert saved["dtype"] == "cpu float32"
+    assert saved["fingerprint"] == dpo.fingerprint(splits, tiny_plain, "cpu float32")
+    assert saved["fingerprint"] != dpo.fingerprint(splits, tiny_plain, "cuda bfloat16")
+    dpo.reference_logps(tiny_plain, splits, tiny_tok.pad_id, cache, dist.Dist(), 3, dtype="float32")
+    assert "reused" in capsys.readouterr().out  # the same computation on a CPU, whatever the flag said
+
+
 @torch.no_grad()
 def test_pair_sums_applies_the_configured_objective_and_counts_a_tie_as_wrong(tiny_plain, rows, tiny_tok):
     model, pairs = load_pretrained(tiny_plain), rows[:4]
