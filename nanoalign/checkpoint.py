@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .cli import json_reason
 from .model import ModelConfig, Transformer
 
 SUPPORTED = ("llama", "gpt_neox")
@@ -239,7 +240,7 @@ def read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({json_reason(e)})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     if not isinstance(obj, dict):

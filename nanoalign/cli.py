@@ -79,6 +79,12 @@ def parse_config(cls, argv=None, description: str | None = None):
     return cls(**vars(ap.parse_args(argv)))
 
 
+def json_reason(e) -> str:
+    """A json.JSONDecodeError's message for a one-line error: some of json's end in "at", meant to be followed by
+    the position, which our messages give their own way ("Invalid control character at" -> "... character")."""
+    return e.msg.removesuffix(" at")
+
+
 class InputError(ValueError):
     """A problem with what the user gave (a flag, a file, a checkpoint), reported as one line naming it."""
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from nanoalign.cli import json_reason
 from nanoalign.tokenizer import INPUT_MARKER, Tokenizer, encode_prompt, encode_response
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -92,10 +93,10 @@ def _iter_jsonl(path: Path, lines=None):
     for lineno, line in _lines(path) if lines is None else lines:
         if not line.strip():
             continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
+        try:  # without its newline: a line cut short fails at its end, not at "line 2 column 1"
+            yield f"{path}:{lineno}", json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise ValueError(f"{path}:{lineno}: malformed JSON at column {e.colno} ({json_reason(e)})") from None
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -122,7 +123,7 @@ def _read_json_or_jsonl(path: Path) -> list[tuple[str, dict]]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({json_reason(e)})") from None
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise ValueError(f"{path}[{i}]: expected a JSON object, got {type(r).__name__} {r!r:.80}")

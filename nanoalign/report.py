@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, InputError, check_output, finite_float, run
+from .cli import ArgumentParser, InputError, check_output, finite_float, json_reason, run
 
 DONE = "done"  # what nanoalign.experiment writes in a job's directory once every command of it succeeded
 
@@ -87,11 +87,11 @@ def load_metrics(path) -> list[dict]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8").rstrip("\r\n"))  # a line cut short fails at its end
             except UnicodeDecodeError:
                 raise InputError(f"{path}:{lineno}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"{path}:{lineno}: not valid JSON at column {e.colno} ({json_reason(e)})") from None
             if not isinstance(record, dict) or not _is_number(record.get("step")) or not math.isfinite(record["step"]):
                 raise InputError(f"{path}:{lineno}: expected a JSON object with a finite numeric \"step\"")
             records.append(record)
@@ -123,7 +123,7 @@ def load_eval(run_dir: Path) -> dict:
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({json_reason(e)})") from None
     if not isinstance(result, dict):
         raise InputError(f"{path}: expected a JSON object of final numbers")
     return result
@@ -151,7 +151,7 @@ def load_results(path) -> dict:
         results = json.loads(Path(path).read_text(encoding="utf-8"))
         check_results(results)
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({json_reason(e)})") from None
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
     return results

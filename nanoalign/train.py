@@ -52,7 +52,7 @@ from tqdm import tqdm
 from . import dist
 from .checkpoint import (atomic_write_dir, load_pretrained, model_config, recover_interrupted_swap, resolve_dir,
                          write_pretrained)
-from .cli import InputError
+from .cli import InputError, json_reason
 from .data import read_jsonl
 from .model import Transformer
 
@@ -463,7 +463,7 @@ class MetricsLog:
             except json.JSONDecodeError as e:
                 if n == len(lines):
                     break
-                raise InputError(f"--resume: {self.path}:{n}: not a JSON record ({e.msg})") from None
+                raise InputError(f"--resume: {self.path}:{n}: not a JSON record ({json_reason(e)})") from None
             if record.get("step", 0) <= step:
                 kept.append(line)
         return kept

@@ -61,6 +61,19 @@ def test_read_jsonl_errors_name_file_line_and_key(tmp_path, bad_line, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "response": "a"', "malformed JSON at column 32 (Expecting ',' delimiter)"),  # cut at its end
+    ('{"prompt": "x", "response": "cut\there"}', "malformed JSON at column 33 (Invalid control character)"),
+])
+def test_a_malformed_line_names_the_column_where_it_goes_wrong(tmp_path, line, message):
+    """json saw the line with its newline, so a record cut short failed at 'column 1' (of the line after), and
+    json's messages that end in 'at' read 'at at column'."""
+    path = write_lines(tmp_path / "bad.jsonl", ['{"prompt": "ok", "response": "ok"}', line])
+    with pytest.raises(ValueError) as err:
+        read_jsonl(path)
+    assert str(err.value) == f"{path}:2: {message}"
+
+
 def test_read_jsonl_non_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"prompt": "ok", "response": "ok"}\n\n{"prompt": "café", "response": "x"}\n'.encode("latin-1"))

@@ -139,8 +139,8 @@ def test_load_metrics_skips_blank_lines_and_names_file_and_line(tmp_path, capsys
     path.write_text('{"step": 1, "loss": 2.0}\n\n   \n{"step": 2, "loss": 1.5}\n')
     assert report.load_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5\n')
-    with pytest.raises(InputError, match=re.escape(f"{path}:3: not valid JSON")):
-        report.load_metrics(path)
+    with pytest.raises(InputError, match=re.escape(f"{path}:3: not valid JSON at column 24 (Expecting ',' delimiter)")):
+        report.load_metrics(path)  # where the line ends, not "column 1" of a next line
     path.write_bytes(b'{"step": 1}\n{"step": 2, "note": "caf\xe9"}\n')  # latin-1, not UTF-8
     with pytest.raises(InputError, match=re.escape(f"{path}:2: not UTF-8")):
         report.load_metrics(path)
