@@ -43,7 +43,6 @@ Details that matter (docs/methods.md "## 4. DPO", docs/correctness.md):
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -308,8 +307,7 @@ def main(argv=None):
             result = compare_answers(cfg, d, policy, init_dir, tok, template, "init" if cfg.sft_data else "sft") or {}
         result.update({k: v for k, v in last.items() if k.startswith("eval/")})
         result["wall_s"] = round(time.time() - t_start, 1)
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wall time {result['wall_s']:.0f} s; results in {run_dir / 'eval.json'}")
+        print(f"wall time {result['wall_s']:.0f} s; results in {train.save_eval(run_dir, result)}")
     dist.close(d)
 
 

@@ -14,7 +14,8 @@ of the prompts, with the modified EWC (--ewc) in every stage after the first.
     python train_ppo.py --reward=r3                       # R3: no reward model, no preferences
     python train_ppo.py --resume                          # continue the last run from its checkpoint
     python train_ppo.py --schedule=alternating            # Hbat, into out/hbat_ppo; --ewc=none|freeze|fisher: ablations
-    torchrun --nproc_per_node=2 train_ppo.py --gen_batch_size=32   # the same run on two ranks (FSDP2, gloo)
+    torchrun --nproc_per_node=2 train_ppo.py --gen_batch_size=32   # on two ranks (FSDP2, gloo): the same run as
+                                                                   # python train_ppo.py --gen_batch_size=32
     torchrun --nproc_per_node=8 train_ppo.py --init=out/sft7b/model --reward_model=out/rm7b/model --device=cuda \\
         --data=prompts.jsonl --template=alpaca --lr=1e-6 --rollout_batch_size=512 --gen_batch_size=64 \\
         --mini_batch_size=64 --micro_batch_size=4 --max_prompt_len=512 --max_new_tokens=256 --value_warmup_steps=50
@@ -51,7 +52,7 @@ class Config:
     reward: str = "rm"          # rm (the reward model), r3, relevance, length, relevance_length, r3_no_branching, r3_random_qtype, oracle
     reward_model: str = "out/rm/model"  # --reward=rm: the reward model, also the critic's start (else: init + a zero head)
     relevance_model: str = "minilm"  # R3 rewards: the encoder (minilm = the packaged all-MiniLM-L6-v2, or e.g. facebook/contriever)
-    out_dir: str = "auto"       # the run: model/ (policy, critic/), metrics.jsonl; auto: out/ppo (out/hbat_ppo if alternating)
+    out_dir: str = "auto"       # the run: model/ (policy, critic/), metrics.jsonl, eval.json; auto: out/ppo (out/hbat_ppo if alternating)
     data: str = "data/sft_train.jsonl"  # prompts: .jsonl {"prompt"} (+ "qtype", "reference" for R3)
     eval_data: str = "data/prompts_test.jsonl"  # held-out tiny-world prompts for the oracle quality ("" to skip)
     eval_prompts: int = 300     # how many of them (the first ones)
@@ -155,6 +156,7 @@ def prerequisites(cfg: Config) -> None:
 
 
 def main(argv=None):
+    t_start = time.time()
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
     stages = hbat.plan(cfg, "ppo")
@@ -316,7 +318,7 @@ def main(argv=None):
         stage.extra.update(ppo.run_state(kl_ctl, stats))
         return train_sft.sft_stage(sft_cfg, d, "sft", policy, tok, rows, [], stage, cfg.sft_lr, penalty_fn)
 
-    hbat.run_schedule(cfg, d, stages, policy, data, sft_stage=sft_stage, pref_stage=ppo_stage, init_dir=init_dir,
+    last = hbat.run_schedule(cfg, d, stages, policy, data, sft_stage=sft_stage, pref_stage=ppo_stage, init_dir=init_dir,
                       run_dir=Path(cfg.out_dir), state=state, log=log, tok=tok, carry={"critic": critic}, amp=amp,
                       # the Fisher's sequences (--ewc=fisher): SFT responses, or answers sampled to a PPO stage's prompts
                       sequences=lambda kind, rows, m: rows if kind == "sft" else ppo.answer_rows(
@@ -325,6 +327,10 @@ def main(argv=None):
     total = stages[-1].offset + stages[-1].steps
     dist.print0(d, f"saved {ckpt} (policy) and {ckpt / 'critic'} (step {min(cfg.stop_at or total, total)}/{total}); "
                    f"metrics in {log.path}")
+    if last and d.is_main:  # finished (not stopped by --stop_at, not a resume with nothing left): the final numbers
+        result = {k: v for k, v in last.items() if k.startswith(("eval/", "objective/"))}
+        print(f"wall time {time.time() - t_start:.0f} s; results in "
+              f"{train.save_eval(cfg.out_dir, result | {'wall_s': round(time.time() - t_start, 1)})}")
     dist.close(d)
 
 

@@ -26,7 +26,6 @@ Details that matter (docs/methods.md section 2, docs/correctness.md):
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -242,7 +241,7 @@ def main(argv=None):
             dist.print0(d, f"offset {rm.offset:+.4f}: the {len(offset_rows)} demonstrations of {cfg.offset_data} "
                            f"now score 0 on average (they scored {record['offset/reference_mean']:+.4f})")
         if d.is_main:
-            (Path(cfg.out_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            train.save_eval(cfg.out_dir, result)
     dist.print0(d, f"saved {ckpt} (step {last}/{steps}); metrics in {log.path}")
     dist.close(d)
 

@@ -19,7 +19,6 @@ Details that matter (docs/methods.md section 1, docs/correctness.md):
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -314,7 +313,7 @@ def main(argv=None):
     if finished:
         result = final_eval(model, tok, cfg, d)
         if result and d.is_main:
-            (Path(cfg.out_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            train.save_eval(cfg.out_dir, result)
     dist.close(d)
 
 

@@ -475,6 +475,17 @@ class MetricsLog:
         self.mode = "a"
 
 
+def save_eval(run_dir, result: dict) -> Path:
+    """A finished run's final numbers, run_dir/eval.json (written whole or not at all: run_all.py skips a stage that
+    has one, so a half-written file must never appear)."""
+    path = Path(run_dir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".eval.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def progress(steps, desc: str, d: dist.Dist):
     return tqdm(steps, desc=desc, disable=not d.is_main, dynamic_ncols=True)
 

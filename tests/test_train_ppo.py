@@ -1,5 +1,6 @@
 """train_ppo.py: resume exactness, value warm-up, the reward switch, bad flags, torchrun = one process, and (slow)
 the tiny-world run raising the held-out oracle quality."""
+import json
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     stopped. The KL coefficient, the running score statistics and both optimizers come from the checkpoint."""
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "full", "--steps=4"))
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--stop_at=2"))
+    assert not (tmp_path / "cut" / "eval.json").exists()  # stopped: no final numbers (run_all.py resumes it)
     state = torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)
     assert state["step"] == 2 and state["models"] == ["policy", "critic"]
     assert state["extra"]["score_stats"]["count"] == 16 and state["extra"]["kl_ctl"]["value"] != 0.2
@@ -71,6 +73,12 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     assert_same_run(tmp_path / "full", tmp_path / "cut", 1e-6)
     run = metrics(tmp_path / "full")
     assert [r["step"] for r in run] == [0, 1, 2, 3, 4] and "eval/mean_quality" in run[2]
+    # finished: eval.json holds the last step's held-out and objective numbers (run_all.py skips the stage then)
+    final = json.loads((tmp_path / "full" / "eval.json").read_text())
+    assert final["eval/mean_quality"] == run[-1]["eval/mean_quality"] and final["wall_s"] > 0
+    assert final["objective/scores"] == run[-1]["objective/scores"] and "ppo/clipfrac" not in final
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "full", "--steps=4", "--resume"))  # nothing left to train
+    assert json.loads((tmp_path / "full" / "eval.json").read_text()) == final  # not overwritten
     steps = run[1:]
     assert {"objective/kl", "objective/kl_coef", "objective/scores", "objective/entropy", "ppo/policy_loss",
             "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/vf_clipfrac", "ppo/explained_variance",
