@@ -504,9 +504,11 @@ def held_out_quality(policy, tok, rows: list[dict], *, template: str, max_new_to
         answers = sample_answers(policy, tok, [r["prompt"] for r in mine], template, max_new_tokens,
                                  temperature=0.0, batch_size=batch_size)
     reward = 0.0
-    if reward_model is not None and mine:
+    if reward_model is not None:  # every rank gathers (a collective), one with no prompts of its own too
         with gathered_for_generation(reward_model, d):  # ranks may run different numbers of batches
-            reward = sum(reward_judge(reward_model, tok, template, batch_size)([r["prompt"] for r in mine], answers))
+            if mine:
+                reward = sum(reward_judge(reward_model, tok, template, batch_size)([r["prompt"] for r in mine],
+                                                                                   answers))
     m = evaluate_answers(mine, answers) if mine else {"n": 0, "n_closed": 0}
     n, n_closed = m["n"], m["n_closed"]
     sums = torch.tensor([n, n_closed, n * (m.get("mean_quality") or 0), n_closed * (m.get("closed_accuracy") or 0),

@@ -237,8 +237,9 @@ def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torchrun_two_ranks_match_one_process(tiny_init, tiny_rm, tmp_path, torchrun, device):
     """Each rank samples its chunks of the global batch (generators of (seed, step, chunk)), the rollouts are
-    exchanged, the normalisers are global: two ranks make the updates of one process."""
-    extra = ["--steps=2", "--eval_every=1", f"--device={device}"]
+    exchanged, the normalisers are global: two ranks make the updates of one process. One held-out prompt: the
+    second rank has none to answer and must still join the reward model's gathering (it hung there)."""
+    extra = ["--steps=2", "--eval_every=1", "--eval_prompts=1", f"--device={device}"]
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "one", *extra))
     torchrun(ROOT / "train_ppo.py", *args(tiny_init, tiny_rm, tmp_path / "two", *extra), cwd=tmp_path, timeout=600,
              nproc=ranks(device))
