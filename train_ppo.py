@@ -296,7 +296,7 @@ def main(argv=None):
 
             penalty = update_stats.pop("penalty", None)
             record = {**stage.record(step + 1), **ppo.step_metrics(batch, adv_stats, update_stats, kl_coef),
-                      **hbat.ewc_record(stage, penalty, update_stats["policy_loss"]),
+                      **hbat.ewc_record(stage, penalty, update_stats.get("policy_loss", 0.0)),
                       "time/generation": t1 - t0, "time/scoring": t3 - t2, "time/forward": (t2 - t1) + (t4 - t3),
                       "time/update": t5 - t4}
             if eval_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == stage.steps):

@@ -374,7 +374,8 @@ def update(batch: dict, policy, critic, policy_opt, critic_opt, *, step: int, se
     epoch)), one optimizer step of each model per minibatch. Every rank holds the whole batch and trains on its
     share of each minibatch; update_policy=False (the value warm-up) trains the critic alone. penalty_fn: a Hbat
     stage's EWC penalty on the policy, backpropagated once before each policy step (hbat.step_penalty).
-    Returns the token-weighted means of STAT_NAMES over every minibatch (and "penalty", the mean penalty)."""
+    Returns the token-weighted means of STAT_NAMES over every minibatch (the critic's alone with update_policy=False)
+    and "penalty", the mean penalty."""
     R = len(batch["prompt"])
     totals = torch.zeros(len(STAT_NAMES) + 1, device=d.device)  # stat sums and the token count
     penalties = []
@@ -406,7 +407,9 @@ def update(batch: dict, policy, critic, policy_opt, critic_opt, *, step: int, se
             train.optimizer_step(critic, critic_opt, step=step + 1, loss=means[1], grad_clip=grad_clip, d=d,
                                  what="critic")
             totals += torch.cat([sums, n_tokens[None]])
-    out = {name: (totals[i] / totals[-1]).item() for i, name in enumerate(STAT_NAMES)}
+    out = {name: (totals[i] / totals[-1]).item() for i, name in enumerate(STAT_NAMES)
+           # the value warm-up has no policy statistics: zeros would log a ratio of 0, a collapsed policy
+           if update_policy or name in ("value_loss", "vf_clipfrac")}
     return {**out, "penalty": sum(penalties) / len(penalties)} if penalties else out
 
 
