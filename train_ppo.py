@@ -169,6 +169,11 @@ def main(argv=None):
     ckpt = Path(cfg.out_dir) / "model"
     train.clean_stale(ckpt, d)
     state = train.find_checkpoint(ckpt, cfg.resume)
+    # the KL controller and the score statistics live across the whole run (all PPO stages); a checkpoint without
+    # them is not a PPO run's, said before its flags are compared (a DPO run's differ from any PPO command)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+    stats = ppo.RunningMoments()
+    ppo.restore_run_state(state, kl_ctl, stats, ckpt / train.STATE_FILE)
     # the checkpoint's KL controller replaces the one built from the KL flags, so they must not change either
     # (--steps and Hbat's flags: hbat.run_schedule)
     train.check_resumed_flags(cfg, state, (
@@ -205,10 +210,6 @@ def main(argv=None):
         critic_dir, load_critic = init_dir, lambda p: RewardModel.from_causal_lm(p, head_init="zeros")
     critic = train.place(train.load_model(critic_dir, d, load=load_critic, build=RewardModel.from_config), d)
     encoder = ppo.relevance_encoder(cfg.reward, cfg.relevance_model, d.device)  # None unless the reward needs one
-    # the KL controller and the score statistics live across the whole run (all PPO stages)
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
-    stats = ppo.RunningMoments()
-    ppo.restore_run_state(state, kl_ctl, stats, ckpt / train.STATE_FILE)
     dist.print0(d, f"PPO of {init_dir} ({policy.num_params() / 1e6:.2f}M parameters), reward {cfg.reward}"
                    f"{f' ({cfg.reward_model})' if reward_model is not None else ''}, template {cfg.template!r}")
 

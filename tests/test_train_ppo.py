@@ -69,6 +69,13 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
                                                "--template=hh")):
         with pytest.raises(InputError, match="^" + message):
             train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--resume", flag))
+    # another script's checkpoint (no KL controller, no score statistics) is named as such, before the flags
+    other = tmp_path / "other" / "model"
+    shutil.copytree(tmp_path / "cut" / "model", other)
+    torch.save({**state, "extra": {}, "config": {**state["config"], "init": "out/sft/model"}}, other / "train_state.pt")
+    with pytest.raises(InputError, match=f"^--resume: {other / 'train_state.pt'} holds no kl_ctl and no score_stats "
+                                         r"\(not a PPO run's\)"):
+        train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "other", "--steps=4", "--resume"))
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "cut", "--steps=4", "--resume"))
     assert_same_run(tmp_path / "full", tmp_path / "cut", 1e-6)
     run = metrics(tmp_path / "full")
