@@ -12,11 +12,11 @@ reference moves (Hbat's DPO stages use the model at the start of each stage) mus
 
 The cache (out_dir/ref_logps.pt) is keyed by a fingerprint of everything the numbers depend on: the
 tokenized pairs of every split (ids and response masks, in order), the reference checkpoint (the bytes of
-its config.json and of every weight file) and the device and precision the reference runs at (`--dtype=bfloat16`
-with `--device=cpu` runs in float32: keyed by its text, that cache was reused by a bf16 run on the GPU). Changing the data, the tokenizer, the
-template, the truncation or the reference gives another fingerprint and the log-probs are recomputed;
-otherwise they are reused. Hashing the weights reads the checkpoint once; the policy is loaded from the same
-files right after, so they are then read from the page cache.
+its config.json and of every weight file) and the device and precision the reference runs at (not the --dtype
+flag's text: bfloat16 on a CPU runs in float32, and a cache keyed "bfloat16" there was reused by a bf16 GPU run).
+Changing the data, the tokenizer, the template, the truncation or the reference gives another fingerprint and
+the log-probs are recomputed; otherwise they are reused. Hashing the weights reads the checkpoint once; the policy
+is loaded from the same files right after, so they are then read from the page cache.
 """
 from __future__ import annotations
 
