@@ -84,6 +84,9 @@ def _check_record(record, required, where: str) -> None:
         check, expected = _KEY_CHECKS.get(key, _NON_EMPTY_STRING)
         if not check(record[key]):
             raise ValueError(f"{where}: key {key!r} must be {expected}, got {record[key]!r:.80}")
+    # read where present (evaluation's ROUGE-L, R3): a number or a list there failed after the models had answered
+    if (reference := record.get("reference")) is not None and not isinstance(reference, str):
+        raise ValueError(f"{where}: key 'reference' must be a string, got {reference!r:.80}")
     if "responses" in record and "scores" in record and len(record["responses"]) != len(record["scores"]):
         raise ValueError(f"{where}: {len(record['responses'])} responses but {len(record['scores'])} scores")
 

@@ -181,12 +181,16 @@ def sentence_bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]]
 def self_bleu(samples: Sequence[str], max_n: int = 4) -> float:
     """Mean over i of sentence_bleu(sample_i, references = every other sample), on ROUGE tokens.
 
-    1.0 when all samples are identical, 0.0 when no two share a word; needs k >= 2 samples of one prompt.
+    1.0 when all samples are identical (empty ones included), 0.0 when no two share a word; needs k >= 2 samples of
+    one prompt.
     """
     if len(samples) < 2:
         raise ValueError(f"self_bleu needs at least 2 samples, got {len(samples)}")
     tokens = [rouge_tokens(s) for s in samples]
-    scores = [sentence_bleu(hyp, tokens[:i] + tokens[i + 1:], max_n) for i, hyp in enumerate(tokens)]
+    # a sample equal to another scores 1 (what BLEU gives a non-empty one; an empty one would score 0, so a policy
+    # collapsed to empty answers would read as maximally diverse)
+    scores = [1.0 if hyp in (others := tokens[:i] + tokens[i + 1:]) else sentence_bleu(hyp, others, max_n)
+              for i, hyp in enumerate(tokens)]
     return sum(scores) / len(scores)
 
 
@@ -259,7 +263,7 @@ def sample_answers(model, tok, prompts: Sequence[str], template: str, max_new_to
         ids = [_fit_prompt(encode_prompt(tok, p, template), room, tok) for p in chunk]
         gen = generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=temperature,
                        vocab_size=tok.vocab_size, generator=generator)
-        answers += [tok.decode(gen.response(i)).strip() for i in range(len(chunk))]
+        answers += [tok.decode(gen.answer(i)).strip() for i in range(len(chunk))]
     model.train(was_training)
     return answers
 
@@ -328,7 +332,8 @@ def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequenc
             judge: Callable[[Sequence[str], Sequence[str]], list[float]]) -> dict:
     """A against B under a batch judge (judge(prompts, answers) -> one score per answer): the win rate
     (#wins + 1/2 #ties) / #prompts as win_rate() defines it, its standard error over the prompts
-    (win_rate_se: the sample std of the per-prompt points 1, 1/2, 0 over sqrt(#prompts)), the counts, and each
+    (win_rate_se: the sample std of the per-prompt points 1, 1/2, 0 over sqrt(#prompts); None for one prompt), the
+    counts, and each
     side's mean score. Each answer is scored once, in batches (a reward model judge runs a forward per batch).
     Two identical answers are a tie whatever their scores: a reward model scores the same text a few ulps apart
     in batches padded to other lengths, which would turn the tie into a random win or loss."""
@@ -340,7 +345,7 @@ def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequenc
     a, b = judge(prompts, answers_a), judge(prompts, answers_b)
     points = [0.5 if x == y or ya == yb else float(x > y) for x, y, ya, yb in zip(a, b, answers_a, answers_b)]
     n, rate = len(points), sum(points) / len(points)
-    se = (sum((q - rate) ** 2 for q in points) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    se = (sum((q - rate) ** 2 for q in points) / (n - 1) / n) ** 0.5 if n > 1 else None  # JSON null, not NaN
     wins, ties = points.count(1.0), points.count(0.5)
     return {"win_rate": rate, "win_rate_se": se, "wins": wins, "ties": ties, "losses": n - wins - ties,
             "judge_a": sum(a) / len(a), "judge_b": sum(b) / len(b)}
@@ -414,6 +419,8 @@ def _check_config(cfg: Config) -> None:
     check_files(cfg, "prompts")
     if cfg.out:
         check_output(cfg.out, "out", directory=False)
+    if cfg.judge != "oracle" and not cfg.model_b:
+        raise InputError(f"--judge={cfg.judge}: pass --model_b (the judge compares two models' answers)")
     if cfg.judge != "oracle" and not Path(cfg.judge).is_dir():
         raise InputError(f"--judge={cfg.judge}: choose oracle or a reward model directory (no such directory)")
     check_non_negative(cfg, "best_of")
@@ -434,9 +441,11 @@ def _reward_model_judge(cfg: Config, path: str, ckpt_a: Path) -> Callable[[Seque
     from nanoalign.reward import RewardModel  # only a reward model judge needs it
 
     rm = RewardModel.from_pretrained(path, device=cfg.device, dtype=getattr(torch, cfg.dtype))
-    tok = Tokenizer.from_dir(Path(path) if (Path(path) / "tokenizer.json").exists() else ckpt_a)
+    own = (Path(path) / "tokenizer.json").exists()
+    tok = Tokenizer.from_dir(Path(path) if own else ckpt_a)
     tok.check_vocab(rm.cfg.vocab_size)
-    return reward_judge(rm, tok, tok.template or ("hh" if cfg.template == "auto" else cfg.template), cfg.batch_size)
+    answering = (tok.template or "hh") if cfg.template == "auto" else cfg.template  # as _answers resolves it for A
+    return reward_judge(rm, tok, (tok.template or answering) if own else answering, cfg.batch_size)
 
 
 def _answers(cfg: Config, ckpt: Path, prompts: list[str], chooser=None):
@@ -529,7 +538,7 @@ def main(argv=None) -> dict:
         c = result["comparison"]
         print(f"judge {cfg.judge}: mean score A {c['judge_a']:.4f}, B {c['judge_b']:.4f}; A wins {c['wins']}, "
               f"ties {c['ties']}, loses {c['losses']}")
-        print(f"win rate of A over B: {c['win_rate']:.4f} (standard error {c['win_rate_se']:.4f})")
+        print(f"win rate of A over B: {c['win_rate']:.4f} (standard error {_cell(c['win_rate_se'], '.4f')})")
     if cfg.out:
         result["answers"] = answers
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,11 @@ class Generation:
         """Row i's generated ids up to and including its stop token."""
         return self.tokens[i, :int(self.mask[i].sum())].tolist()
 
+    def answer(self, i: int) -> list[int]:
+        """Row i's answer: its generated ids without the stop token (decoding drops a special EOS by itself, not a
+        stop id that is an ordinary token, such as a checkpoint's extra eos_token_id)."""
+        return self.response(i)[:-1] if bool(self.stopped[i]) else self.response(i)
+
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None):
     """list of id lists -> ids (B, P) left-padded with pad_id, and mask (B, P)."""
@@ -482,7 +487,7 @@ def main(argv=None):
     gen = generate(model, [ids], args.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tok.vocab_size,
                    generator=torch.Generator(args.device).manual_seed(args.seed))
-    print(tok.decode(gen.response(0)))
+    print(tok.decode(gen.answer(0)))
 
 
 if __name__ == "__main__":

@@ -294,7 +294,8 @@ def score_rollouts(batch: dict, reward: str, rows: list[dict], *, tok, reward_mo
     if reward == "rm":
         return reward_model_scores(batch, reward_model, micro_batch_size=micro_batch_size, pad_id=tok.pad_id, amp=amp)
     mine = batch["index"].tolist()
-    answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum())]) for j in range(len(mine))]
+    answers = [tok.decode(batch["tokens"][j, :int(batch["mask"][j].sum()) - int(batch["stopped"][j])])
+               for j in range(len(mine))]
     return text_scores(reward, [rows[i] for i in mine], answers, encoder=encoder, max_new_tokens=max_new_tokens,
                        seed=seed, step=step, index=mine).to(batch["tokens"].device)
 

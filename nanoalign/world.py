@@ -23,8 +23,10 @@ It splits the response into sentences and prefers, in this order:
   open-ended: min(k, n) / n for k distinct true facts about the topic when n were asked for (n = 3 by default);
   then it subtracts 0.15 per extra sentence (closed) or off-topic/false sentence (open), 0.15 per repeated
   sentence, 0.05 per fact beyond n, and 0.3 for copying the question; the result is clipped to [0, 1].
-Gotcha: the oracle matches sentences exactly (case- and whitespace-insensitive), so a paraphrase scores as off
-topic. That is the point: the world's language is closed, and a model that has learnt it writes its sentences.
+Gotcha: the oracle matches whole sentences exactly (case- and whitespace-insensitive), and reads the bare answers
+and near misses in the world's own spelling (a capitalised city, "is N", list words joined by ", "), so a
+paraphrase or a respelling ("rome.", "cloud,tiger") scores as off topic. That is the point: the world's language is
+closed, and a model that has learnt it writes its sentences.
 
 The annotator is a noisy Bradley-Terry judge: P(a preferred to b) = sigmoid((q(a) - q(b)) / tau), tau = 0.1, so
 its error rate is ~40% on near-ties (gap < 0.05), ~7% at gap 0.25 and ~0 above 0.5 (measured: data/world.json).

@@ -52,6 +52,9 @@ def test_read_jsonl_gzip(tmp_path):
     ('{"prompt": "a", "response": "  "}', "key 'response' must be a non-empty string"),
     ('{"prompt": 3, "response": "b"}', "key 'prompt' must be a non-empty string, got 3"),
     ('["prompt", "response"]', "expected a JSON object"),
+    # an optional key, checked where present: evaluation read it after both models had answered, and crashed
+    ('{"prompt": "a", "response": "b", "reference": 3}', "key 'reference' must be a string, got 3"),
+    ('{"prompt": "a", "response": "b", "reference": ["x"]}', "key 'reference' must be a string, got ['x']"),
 ])
 def test_read_jsonl_errors_name_file_line_and_key(tmp_path, bad_line, message):
     path = write_lines(tmp_path / "bad.jsonl", ['{"prompt": "ok", "response": "ok"}', "", bad_line])

@@ -308,3 +308,17 @@ def test_best_of_metrics_by_hand():
     assert m["oracle_best_quality"] == pytest.approx((max(q[0][0], q[1][0]) + 1.0) / 2)
     outside = best_of_metrics(["Tell me a joke."], [["no"]], "rm")
     assert outside["sample_quality"] is None and outside["oracle_best_quality"] is None
+
+
+def test_identical_samples_are_not_diverse_even_when_empty():
+    """An empty sample scored BLEU 0 against its identical twin: a policy collapsed to empty answers read as
+    maximally diverse."""
+    assert self_bleu(["", "", ""]) == 1.0 and self_bleu([".", "."]) == 1.0  # (no ROUGE tokens in ".")
+    assert self_bleu(["", "a cat sat"]) == 0.0  # different: the empty one shares nothing
+    assert self_bleu(["a cat sat", "a cat sat"]) == 1.0
+
+
+def test_one_prompts_comparison_has_no_standard_error_and_stays_valid_json():
+    c = compare(["p"], ["a"], ["b"], lambda prompts, answers: [float(a == "a") for a in answers])
+    assert c["win_rate"] == 1.0 and c["win_rate_se"] is None
+    json.dumps(c, allow_nan=False)  # NaN is not JSON: --out wrote it

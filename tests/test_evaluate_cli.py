@@ -156,7 +156,9 @@ def test_diversity_samples_is_self_bleu_of_seeded_samples(models, tok):
     (["--model_a={a}", "--diversity_samples=1"], "--diversity_samples=1: self-BLEU needs at least 2 samples"),
     (["--model_a=./no_such_model"], "--model_a=./no_such_model: checkpoint directory ./no_such_model does not exist"),
     (["--model_a={a}", "--model_b=./missing"], "--model_b=./missing: checkpoint directory ./missing does not exist"),
-    (["--model_a={a}", "--judge=rm_missing"], "--judge=rm_missing: choose oracle or a reward model directory"),
+    (["--model_a={a}", "--model_b={a}", "--judge=rm_missing"], "--judge=rm_missing: choose oracle or a reward model "
+                                                                "directory"),
+    (["--model_a={a}", "--judge=out/rm/model"], "--judge=out/rm/model: pass --model_b (the judge compares two"),
     (["--model_a={a}", "--temperature=-1"], "--temperature must be >= 0"),
     (["--model_a={a}", "--max_new_tokens=0"], "--max_new_tokens must be at least 1"),
     (["--model_a={a}", "--template=chatml"], "--template=chatml: choose one of auto, plain, hh, alpaca"),
@@ -177,7 +179,8 @@ def test_oracle_refuses_prompts_outside_the_world(tmp_path, models):
 
 
 def test_command_line_errors_are_one_line(models):
-    proc = subprocess.run([sys.executable, "-m", "nanoalign.evaluate", f"--model_a={models[0]}", "--judge=nope"],
+    proc = subprocess.run([sys.executable, "-m", "nanoalign.evaluate", f"--model_a={models[0]}",
+                           f"--model_b={models[1]}", "--judge=nope"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --judge=nope: choose oracle or a reward model directory "
@@ -318,3 +321,48 @@ def test_best_of_by_the_oracle_refuses_prompts_outside_the_world(tmp_path, model
     prompts.write_text(json.dumps({"prompt": "Tell me a joke."}) + "\n")
     with pytest.raises(InputError, match="--best_of_rm=oracle: the oracle judges the tiny world's prompts only"):
         evaluate.main([f"--model_a={models[0]}", "--best_of=2", "--best_of_rm=oracle", f"--prompts={prompts}"])
+
+
+def test_a_judge_without_its_own_tokenizer_reads_in_the_answering_models_template(tmp_path, models, rm_dir, tok):
+    """Without tokenizer.json the judge borrows model A's tokenizer: it then reads the prompts as the models were
+    prompted (--template), not in A's saved template (it read hh while the models answered in alpaca)."""
+    judge_dir = tmp_path / "rm_bare"
+    shutil.copytree(rm_dir, judge_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (judge_dir / name).unlink()
+    model_a = tmp_path / "a_hh"  # model A saved with its training template, hh
+    shutil.copytree(models[0], model_a)
+    config = model_a / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "nanoalign_template": "hh"}))
+    out = tmp_path / "eval.json"
+    result = evaluate.main([f"--model_a={model_a}", f"--model_b={models[1]}", f"--judge={judge_dir}", "--limit=3",
+                            "--max_new_tokens=6", f"--out={out}", f"--prompts={PROMPTS}", "--template=alpaca"])
+    answers = json.loads(out.read_text())["answers"]["A"]
+    prompts = [r["prompt"] for r in read_jsonl(PROMPTS)[:3]]
+    rm = RewardModel.from_pretrained(judge_dir)
+    mean = {t: sum(evaluate.reward_judge(rm, tok, t)(prompts, answers)) / 3 for t in ("alpaca", "hh")}
+    assert mean["alpaca"] != pytest.approx(mean["hh"], abs=1e-4)
+    assert result["comparison"]["judge_a"] == pytest.approx(mean["alpaca"], abs=1e-6)
+
+
+def test_an_answer_ends_before_a_stop_id_that_is_an_ordinary_token(tmp_path, tok):
+    """A checkpoint may list an ordinary token as an extra eos_token_id: decoding drops a special EOS by itself,
+    not that one, which stayed at the end of every answer that hit it."""
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=1, n_head=2, hidden_dim=64,
+                                    max_seq_len=64))
+    stop = tok.encode(" tiger")[-1]
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[stop] = 1.0  # with a positive final-norm direction on every position, ~always
+        model.norm.weight.fill_(1.0)
+        model.lm_head.bias = None
+    prompts = [r["prompt"] for r in read_jsonl(PROMPTS)[:2]]
+    plain = evaluate.sample_answers(model, tok, prompts, "hh", max_new_tokens=4)
+    tok_stop = Tokenizer.from_dir(DATA / "tokenizer")
+    tok_stop.stop_ids = [tok.eos_id, stop]
+    gen = generate(model, [encode_prompt(tok, p, "hh") for p in prompts], 4, temperature=0.0,
+                   stop_ids=tok_stop.stop_ids, pad_id=tok.pad_id)
+    assert gen.stopped.all() and gen.answer(0) == gen.response(0)[:-1] and gen.response(0)[-1] == stop
+    stopped = evaluate.sample_answers(model, tok_stop, prompts, "hh", max_new_tokens=4)
+    assert [tok.decode(gen.answer(i)).strip() for i in range(2)] == stopped
+    assert all("tiger" not in a for a in stopped) and plain != stopped
