@@ -112,6 +112,7 @@ class Config:
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before any work starts; each error names the flag and what is allowed."""
+    train.check_divides_world(cfg, "batch_size")
     check_choice(cfg, "loss", ("dpo", "cdpo", "ipo"))
     check_choice(cfg, "format", ("jsonl", "hh"))
     check_choice(cfg, "template", ("auto", *TEMPLATES))
@@ -244,8 +245,6 @@ def main(argv=None):
         hbat.train_init_first(cfg.init, cfg.device, train_sft.main)
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
-    if cfg.batch_size % d.world_size:
-        raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
     t_start = time.time()
     run_dir, ckpt = Path(cfg.out_dir), Path(cfg.out_dir) / "model"
     train.clean_stale(ckpt, d)
@@ -286,8 +285,9 @@ def main(argv=None):
     amp = train.autocast(d, cfg.dtype)
 
     # --- loop: the stages of the schedule (a plain run: one DPO stage)
-    sft_cfg = train_sft.Config(lr=cfg.sft_lr, micro_batch_size=cfg.micro_batch_size, max_len=cfg.max_len,
-                               save_every=cfg.save_every, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+    sft_cfg = train_sft.Config(lr=cfg.sft_lr, batch_size=hbat.SFT_BATCH_SIZE, micro_batch_size=cfg.micro_batch_size,
+                               max_len=cfg.max_len, save_every=cfg.save_every, seed=cfg.seed, device=cfg.device,
+                               dtype=cfg.dtype)
     last = hbat.run_schedule(
         cfg, d, stages, model, data, init_dir=init_dir, run_dir=run_dir, state=state, log=log, tok=tok, amp=amp,
         sft_stage=lambda stage, m, rows, penalty_fn: train_sft.sft_stage(sft_cfg, d, "sft", m, tok, rows, [], stage,

@@ -130,6 +130,7 @@ def check_config(cfg: Config) -> None:
     for name in ("mini_batch_size", "gen_batch_size"):
         if cfg.rollout_batch_size % getattr(cfg, name):
             raise InputError(f"--{name}={getattr(cfg, name)} must divide --rollout_batch_size={cfg.rollout_batch_size}")
+    check_world(cfg, train.launched_world_size())  # before the default models are trained for a run refused anyway
     check_device(cfg)
     train.check_files(cfg, "data", "eval_data")
     train.check_prompt_file(cfg, "eval_data")
@@ -138,11 +139,11 @@ def check_config(cfg: Config) -> None:
     hbat.check_config(cfg, "ppo")
 
 
-def check_world(cfg: Config, d: dist.Dist) -> None:
+def check_world(cfg: Config, world_size: int) -> None:
     n_chunks = cfg.rollout_batch_size // cfg.gen_batch_size
-    if n_chunks % d.world_size or cfg.mini_batch_size % d.world_size:
+    if n_chunks % world_size or cfg.mini_batch_size % world_size:
         raise InputError(f"--rollout_batch_size / --gen_batch_size = {n_chunks} sampling chunks and "
-                         f"--mini_batch_size={cfg.mini_batch_size} must both be divisible by the world size {d.world_size}")
+                         f"--mini_batch_size={cfg.mini_batch_size} must both be divisible by the world size {world_size}")
 
 
 def prerequisites(cfg: Config) -> None:
@@ -163,7 +164,6 @@ def main(argv=None):
     prerequisites(cfg)
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
-    check_world(cfg, d)
 
     # --- models
     ckpt = Path(cfg.out_dir) / "model"
@@ -215,8 +215,8 @@ def main(argv=None):
 
     # --- data: the prompts (and Hbat's SFT examples), each in --splits disjoint parts
     rows, eval_rows = ppo.load_prompts(cfg.data, cfg.eval_data, cfg.eval_prompts, cfg.reward)
-    sft_cfg = train_sft.Config(lr=cfg.sft_lr, micro_batch_size=cfg.micro_batch_size, save_every=cfg.save_every,
-                               seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+    sft_cfg = train_sft.Config(lr=cfg.sft_lr, batch_size=hbat.SFT_BATCH_SIZE, micro_batch_size=cfg.micro_batch_size,
+                               save_every=cfg.save_every, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
     sft_rows = tokenize_sft(train_sft.load_sft_examples(cfg.sft_data, "auto"), tok, cfg.template, min(
         sft_cfg.max_len, policy.cfg.max_seq_len), sft_cfg.max_response_len) if cfg.sft_data else []
     data = {"ppo": hbat.split(rows, cfg.splits, "data"),

@@ -76,6 +76,7 @@ class Config:
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before any work starts; each error names the flag and what is allowed."""
+    train.check_divides_world(cfg, "batch_size")
     check_choice(cfg, "format", ("jsonl", "hh"))
     check_choice(cfg, "template", ("auto", *TEMPLATES))
     if cfg.dtype not in ("float32", "bfloat16"):
@@ -145,8 +146,6 @@ def main(argv=None):
         train.train_first(cfg.init, "the tiny SFT model", "train_sft.py", train_sft.main, [f"--device={cfg.device}"])
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
-    if cfg.batch_size % d.world_size:
-        raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
 
     # --- models
     ckpt = Path(cfg.out_dir) / "model"

@@ -120,6 +120,7 @@ def sft_gradients(model, mine, micro_batch_size, d, pad_id, amp):
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before any work starts; each error names the flag and what is allowed."""
+    train.check_divides_world(cfg, "batch_size")
     check_choice(cfg, "mode", ("auto", "pretrain", "sft"))
     check_choice(cfg, "format", ("auto", "jsonl", "alpaca", "hh"))
     check_choice(cfg, "template", ("auto", *TEMPLATES))

@@ -54,6 +54,7 @@ from .dpo import response_logps
 SCHEDULES = ("two_stage", "alternating")
 EWC_VARIANTS = ("modified", "fisher", "freeze", "none")
 FREEZE_FRACTION = 0.2  # Hbat-Freeze: the top 20% of tensors by S
+SFT_BATCH_SIZE = 32  # the SFT stages' sequences per step (train_sft.py's default; the scripts pass it)
 BASE_INIT, SFT_INIT = "out/base/model", "out/sft/model"  # the tiny world's pretrained base and its SFT model
 # the numbers of a stage's last record that its summary line repeats, when the stage logs them
 SUMMARY = ("loss", "eval_loss", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "objective/scores",
@@ -81,6 +82,9 @@ def check_config(cfg, pref_kind: str) -> None:
         if getattr(cfg, name) < cfg.splits:
             raise InputError(f"--{name}={getattr(cfg, name)}: fewer than one step for each of the --splits="
                              f"{cfg.splits} stages")
+    if cfg.sft_data and SFT_BATCH_SIZE % (world := train.launched_world_size()):
+        raise InputError(f"--sft_data={cfg.sft_data}: the SFT stages train on batches of {SFT_BATCH_SIZE}, which the "
+                         f"world size {world} does not divide")
     if cfg.init == "auto":  # Hbat does its own SFT, so it starts from the base model
         cfg.init = BASE_INIT if cfg.sft_data else SFT_INIT
     if cfg.out_dir == "auto":

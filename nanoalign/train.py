@@ -132,6 +132,19 @@ def micro_batches(items: list, size: int) -> list[list]:
 
 # --- the tiny defaults
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (WORLD_SIZE; 1 without torchrun), known before any work."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_divides_world(cfg, *names: str) -> None:
+    """Flags that must split evenly over the ranks, checked with the flags (not after a prerequisite has trained)."""
+    world = launched_world_size()
+    for name in names:
+        if getattr(cfg, name) % world:
+            raise InputError(f"--{name}={getattr(cfg, name)} must be divisible by the world size {world}")
+
+
 def checkpoint_dir(cfg, name: str) -> Path:
     """The checkpoint a flag names (a directory, or a hub id downloaded once), or a one-line error naming the flag:
     missing, empty, or a hub id that could not be fetched."""

@@ -321,6 +321,25 @@ def test_bad_flags_are_refused_before_any_work(tiny_plain, files, tmp_path, flag
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag, message", [
+    ([], "--batch_size=8 must be divisible by the world size 3"),
+    # Hbat's SFT stages train on batches of 32 whatever --batch_size says: it was refused at the first SFT stage,
+    # after the base model had been trained, naming a --batch_size=32 the user never gave
+    (["--batch_size=9", "--micro_batch_size=3", "--schedule=alternating", "--init=out/base/model"],
+     "--sft_data=data/sft_train.jsonl: the SFT stages train on batches of 32, which the world size 3 does not"),
+])
+def test_a_world_size_the_batches_cannot_split_into_is_refused_with_the_flags(tiny_plain, files, tmp_path,
+                                                                               monkeypatch, flag, message):
+    """Checked with the flags, from torchrun's WORLD_SIZE: after init_dist it came only once a missing default
+    model had been trained first."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(dist, "init_dist", lambda *a: pytest.fail("reached init_dist"))  # (without torchrun: hangs)
+    with pytest.raises(InputError) as e:
+        train_dpo.main(args(tiny_plain, tmp_path / "run", files, *flag))
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), "--loss=kto"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -11,7 +11,7 @@ import torch
 
 import train_ppo
 from conftest import DEVICES, logged as metrics, ranks
-from nanoalign import ppo, train
+from nanoalign import dist, ppo, train
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
 from nanoalign.losses import AdaptiveKLController
@@ -233,6 +233,19 @@ def test_a_reward_model_or_relevance_model_that_cannot_serve_is_named_before_any
         train_ppo.main(args(tiny_init, "", tmp_path / "r3", "--reward=relevance", f"--relevance_model={tiny_init}",
                             "--eval_data="))
     assert not (tmp_path / "rm" / "model").exists() and not (tmp_path / "r3" / "model").exists()
+
+
+def test_a_world_size_the_rollouts_cannot_split_into_is_refused_before_any_prerequisite(tmp_path, monkeypatch):
+    """The defaults sample one chunk of 64 a step, which two ranks cannot share: refused with the flags, not after
+    the missing default reward model had been trained (as it was, the check coming after init_dist)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    trained = []
+    monkeypatch.setattr(train, "train_first", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(dist, "init_dist", lambda *a: pytest.fail("reached init_dist"))  # (without torchrun: hangs)
+    with pytest.raises(InputError, match=r"^--rollout_batch_size / --gen_batch_size = 1 sampling chunks and "
+                                         r"--mini_batch_size=16 must both be divisible by the world size 2"):
+        train_ppo.main([f"--out_dir={tmp_path / 'run'}", "--reward_model=out/rm/model"])
+    assert trained == [] and not (tmp_path / "run").exists()
 
 
 def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
