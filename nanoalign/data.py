@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from nanoalign import dist
 from nanoalign.cli import json_reason
 from nanoalign.tokenizer import INPUT_MARKER, Tokenizer, encode_prompt, encode_response
 
@@ -143,7 +144,7 @@ def _json_or_none(text: str):
 def _report_skipped(reader: str, kept: int, skipped: dict[str, int]) -> None:
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
-        print(f"{reader}: kept {kept}, skipped {sum(skipped.values())} ({reasons})")
+        dist.print0(None, f"{reader}: kept {kept}, skipped {sum(skipped.values())} ({reasons})")
 
 
 # --- Anthropic HH-RLHF
@@ -298,8 +299,8 @@ def truncate_example(prompt_ids: list[int], response_ids: list[int], max_len: in
 
 def _report_cuts(fn: str, n: int, cut: int, dropped: int, max_len: int) -> None:
     if cut or dropped:
-        print(f"{fn}: {cut}/{n} examples truncated to {max_len} tokens, "
-              f"{dropped} dropped (response left no room for the prompt)")
+        dist.print0(None, f"{fn}: {cut}/{n} examples truncated to {max_len} tokens, "
+                          f"{dropped} dropped (response left no room for the prompt)")
 
 
 def _split_bos(tok: Tokenizer, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -379,8 +380,8 @@ def tokenize_pretrain(texts: list[str], tok: Tokenizer, block_size: int) -> list
     stream = [i for text in texts for i in bos + tok.encode(text) + [tok.eos_id]]
     n_blocks = len(stream) // block_size
     if len(stream) % block_size:
-        print(f"tokenize_pretrain: dropped the last {len(stream) % block_size} of {len(stream)} tokens "
-              f"(not a full block of {block_size})")
+        dist.print0(None, f"tokenize_pretrain: dropped the last {len(stream) % block_size} of {len(stream)} "
+                          f"tokens (not a full block of {block_size})")
     return [{"ids": stream[i * block_size:(i + 1) * block_size], "mask": [1] * block_size}
             for i in range(n_blocks)]
 

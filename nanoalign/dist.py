@@ -69,8 +69,9 @@ def close(d: Dist):
         dist.destroy_process_group()
 
 
-def print0(d: Dist, *args, **kwargs):
-    if d.is_main:
+def print0(d: Dist | None, *args, **kwargs):
+    """print on rank 0 only; d=None for code that holds no Dist (the data readers): torchrun's RANK decides."""
+    if (d.is_main if d is not None else os.environ.get("RANK", "0") == "0"):
         print(*args, **kwargs, flush=True)
 
 

@@ -487,3 +487,12 @@ def test_tokenize_pairs_keeps_bos_within_max_len(tok):
     [row] = tokenize_pairs([ex], tok, "hh", max_len=30)
     assert row["chosen_ids"][0] == row["rejected_ids"][0] == tok.bos_id
     assert max(len(row["chosen_ids"]), len(row["rejected_ids"])) == 30
+
+
+def test_the_readers_reports_print_on_rank_0_only(tiny_tok, monkeypatch, capsys):
+    """Under torchrun every rank reads the data: its truncation report printed once per rank."""
+    rows = [{"prompt": "What is 1 plus 2?", "response": " ".join(["word"] * 50)}]
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        tokenize_sft(rows, tiny_tok, "hh", max_len=24, max_response_len=16)
+        assert ("tokenize_sft: 1/1 examples truncated" in capsys.readouterr().out) == printed
