@@ -300,6 +300,8 @@ def main(argv=None):
     dist.print0(d, f"[{cfg.loss}] saved {ckpt} (step {min(cfg.stop_at or total, total)}/{total}); metrics in {log.path}")
 
     # --- save (done in the loop); greedy answers of the final model against the one it started from, on rank 0
+    # alone, after the ranks have left the process group: NCCL would abort the others' wait after 10 minutes
+    dist.close(d)
     if last is not None and d.is_main:
         result = {}
         if cfg.eval_prompts:
@@ -308,7 +310,6 @@ def main(argv=None):
         result.update({k: v for k, v in last.items() if k.startswith("eval/")})
         result["wall_s"] = round(time.time() - t_start, 1)
         print(f"wall time {result['wall_s']:.0f} s; results in {train.save_eval(run_dir, result)}")
-    dist.close(d)
 
 
 if __name__ == "__main__":
