@@ -260,6 +260,9 @@ def main(argv=None):
         if not any((c / train.STATE_FILE).exists() for c in looked):
             raise InputError(f"--resume: no checkpoint to resume from (looked for "
                              f"{' and '.join(str(c / train.STATE_FILE) for c in looked)})")
+    # the SFT data's records are read now, so that a malformed one is named before minutes of pretraining
+    sft_examples = {name: load_sft_examples(getattr(cfg, name), cfg.format) if getattr(cfg, name) else []
+                    for name in ("data", "val_data")} if cfg.mode != "pretrain" else {}
     if pretraining:
         train.check_files(cfg, "pretrain_data")
         train.check_files(cfg, "tokenizer", directory=True)
@@ -301,10 +304,8 @@ def main(argv=None):
                    f"template {cfg.template!r}")
 
     # --- data
-    train_rows = tokenize_sft(load_sft_examples(cfg.data, cfg.format), tok, cfg.template, cfg.max_len,
-                              cfg.max_response_len)
-    val_rows = tokenize_sft(load_sft_examples(cfg.val_data, cfg.format), tok, cfg.template, cfg.max_len,
-                            cfg.max_response_len) if cfg.val_data else []
+    train_rows, val_rows = (tokenize_sft(sft_examples[name], tok, cfg.template, cfg.max_len, cfg.max_response_len)
+                            for name in ("data", "val_data"))
     dist.print0(d, f"{len(train_rows)} training examples, {len(val_rows)} held out")
 
     # --- loop

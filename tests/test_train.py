@@ -424,6 +424,17 @@ def test_run_from_another_directory_explains_the_relative_default_paths(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_malformed_sft_record_is_named_before_pretraining(tmp_path, monkeypatch):
+    """--mode=auto pretrains first when no base is there: a bad SFT record was found only after those minutes."""
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"prompt": "What is 1 plus 2?", "response": "1 plus 2 is 3."}\n{"prompt": "no response"}\n')
+    monkeypatch.setattr(train_sft, "fit", lambda *a, **k: pytest.fail("training started"))
+    for flag in (f"--data={bad}", f"--val_data={bad}"):
+        with pytest.raises(ValueError, match=f"^{bad}:2: missing key 'response'"):
+            train_sft.main([f"--base_dir={tmp_path / 'base'}", f"--out_dir={tmp_path / 'sft'}", "--device=cpu", flag])
+    assert not (tmp_path / "base").exists()
+
+
 def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--batch_size=0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
