@@ -360,6 +360,10 @@ def _checked_config(ckpt: Path):
     if head in optional and head in files and (shape := _shape(files[head], head)) != [rows, cfg.dim]:
         raise ValueError(f"tensor {head} in {files[head]} has shape {shape}, expected [{rows}, {cfg.dim}] "
                          f"(the embedding's, to which the config ties it)")
+    if "score.weight" in files and head not in files:  # a reward model (or critic) where a language model is read
+        kinds = ", ".join(hf_cfg.get("architectures") or []) or "a sequence classifier"
+        raise ValueError(f"{ckpt} is a reward model ({kinds}: a score.weight head, no {head}), not a language model; "
+                         f"pass a policy or SFT checkpoint here")
     missing = [k for k in names if k not in files]
     unexpected = [f"{k} (in {files[k].name})" for k in files
                   if k not in names and k not in optional and not k.endswith(IGNORED_SUFFIXES)]

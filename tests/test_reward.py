@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import reference
 
-from nanoalign.checkpoint import save_pretrained
+from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.model import ModelConfig, Transformer
 from nanoalign.reward import RewardModel, is_reward_checkpoint, set_offset_to_zero_mean
 from nanoalign.tokenizer import Tokenizer
@@ -228,6 +228,10 @@ def test_loading_errors_name_the_problem(tok, tmp_path, transformers):
     rm_model(tok).save_pretrained(tmp_path / "rm")
     with pytest.raises(ValueError, match="already a reward model"):
         RewardModel.from_causal_lm(tmp_path / "rm")
+    # and read where a language model is expected (--init, --model_a): it said "unexpected tensors: score.weight"
+    with pytest.raises(ValueError, match=r"rm is a reward model \(LlamaForSequenceClassification: a score\.weight "
+                                         r"head, no lm_head\.weight\), not a language model; pass a policy or SFT"):
+        load_pretrained(tmp_path / "rm")
     hf_reward_model(transformers, "llama", num_labels=2).save_pretrained(tmp_path / "two")
     with pytest.raises(ValueError, match="num_labels is 2"):
         RewardModel.from_pretrained(tmp_path / "two")
