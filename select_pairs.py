@@ -241,6 +241,7 @@ def main(argv=None):
     skipped_ties = 0
     if kind == "sample":
         t1, asked = time.time(), len(records)
+        print(f"sampling {cfg.sample} answers to each of {asked} prompts ...", flush=True)
         records, skipped_ties = sample_responses(model, tok, records, template, cfg)
         kind = "multi"
         if not records:
@@ -255,6 +256,7 @@ def main(argv=None):
     dropped = ("prompt", "chosen", "rejected", "responses", "scores") + (("chosen_score", "rejected_score")
                                                                         if cfg.sample else ())
     extras = [{k: v for k, v in r.items() if k not in dropped} for r in records]
+    t_embed = time.time()  # (the sampling before is timed on its own line)
     if kind == "pairs":
         # a pair whose two texts are the same carries no preference, and "hard" (the most similar) would pick it first
         twins = {k for k, r in enumerate(records) if r["chosen"] == r["rejected"]}
@@ -294,7 +296,7 @@ def main(argv=None):
             pairs.append({**extras[k], **pair, "cosine": cos[i, j].item()})  # the labels computed here win
         candidates = torch.cat(candidates)
         described = f"{len(records)} prompts with {len(e)} {'sampled ' if cfg.sample else ''}responses"
-    print(f"embedded {len(e)} responses with {ckpt} (template {template!r}) in {time.time() - t0:.1f} s")
+    print(f"embedded {len(e)} responses with {ckpt} (template {template!r}) in {time.time() - t_embed:.1f} s")
     if not pairs:  # an empty file would only fail later, in the script that trains on it
         raise InputError(f"--data={cfg.data}: no pair to write: all {skipped_ties} prompts were ties (equal scores or "
                          f"identical texts)")

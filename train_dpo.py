@@ -182,7 +182,8 @@ def compare_answers(cfg, d, policy, init_dir, tok, template, base: str = "sft") 
         result[f"correct/{name}"] = sum(map(world.is_correct, prompts, ans)) / len(prompts)
     print(f"\noracle on {len(prompts)} held-out prompts: win rate of DPO vs {base.upper()} "
           f"{result[f'win_rate_vs_{base}']:.3f}; mean quality {result['mean_quality/dpo']:.3f} ({base.upper()} "
-          f"{result[f'mean_quality/{base}']:.3f}); correct {result['correct/dpo']:.1%} "
+          f"{result[f'mean_quality/{base}']:.3f}); task right (closed- and open-ended prompts alike) "
+          f"{result['correct/dpo']:.1%} "
           f"({base.upper()} {result[f'correct/{base}']:.1%})")
     return result
 

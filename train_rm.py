@@ -240,7 +240,7 @@ def main(argv=None):
             dist.print0(d, f"offset {rm.offset:+.4f}: the {len(offset_rows)} demonstrations of {cfg.offset_data} "
                            f"now score 0 on average (they scored {record['offset/reference_mean']:+.4f})")
         if d.is_main:
-            train.save_eval(cfg.out_dir, result)
+            print(f"results in {train.save_eval(cfg.out_dir, result)}")
     dist.print0(d, f"saved {ckpt} (step {last}/{steps}); metrics in {log.path}")
     dist.close(d)
 

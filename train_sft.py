@@ -315,7 +315,7 @@ def main(argv=None):
     if finished:
         result = final_eval(model, tok, cfg, d)
         if result and d.is_main:
-            train.save_eval(cfg.out_dir, result)
+            print(f"results in {train.save_eval(cfg.out_dir, result)}")
     dist.close(d)
 
 
