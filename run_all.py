@@ -7,7 +7,8 @@ PPO and DPO -> evaluation of each aligned model against the SFT model, ending wi
 
 Run it from the repository root: the stages read the tiny world's data/ files by their default relative paths.
 Resumable: a stage whose result (its eval.json) exists is skipped, and a stage that was interrupted after a
-checkpoint continues from it (--resume). Only with the same --seed: out/run_all.json records the seed the
+checkpoint continues from it (--resume), once its saved config shows the flags run_all passes (a quick run of a
+script left in out/, --steps=5, is refused, not tabulated). Only with the same --seed: out/run_all.json records the seed the
 directory was made with, and another one is refused (its stages would be the other seed's models). Each stage
 is the flat script of the same name, run with its own defaults and this run's paths; read those scripts for the
 recipes. The final table compares PPO and DPO with
@@ -20,8 +21,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 import train_dpo
 import train_ppo
@@ -66,8 +69,41 @@ def check_same_seed(cfg: Config) -> None:
     record.write_text(json.dumps({"seed": cfg.seed}) + "\n")
 
 
+# flags that do not change what a stage trains (where it runs, how often it saves, evaluates, prints)
+NOT_THE_RECIPE = ("resume", "stop_at", "device", "dtype", "save_every", "eval_every", "num_samples")
+
+
+def check_same_recipe(cfg: Config, stage: str, script) -> None:
+    """A stage found on disk (finished or interrupted) must have been made with the flags run_all passes it: a
+    quick run of the script left in out/ (--steps=5) would otherwise be tabulated as the pipeline's. Compared
+    with the checkpoint's saved config, each flag that shapes the training, after the script's own check_config
+    has resolved the automatic values."""
+    run_dir = Path(cfg.out) / stage
+    state_file = run_dir / "model" / train.STATE_FILE
+    if not state_file.exists():
+        return
+    try:
+        saved = torch.load(state_file, map_location="cpu", weights_only=False).get("config") or {}
+    except Exception:  # unreadable: the stage's own --resume names what is wrong with it
+        return
+    expected = parse_config(script.Config, stage_args(cfg, stage))
+    script.check_config(expected)  # resolves what the script resolves (a two-stage run is one split, no EWC)
+    expected = asdict(expected)
+    for name, want in expected.items():
+        have = saved.get(name, want)
+        if name in NOT_THE_RECIPE or want == "auto" or have == want or _same_path(have, want):
+            continue
+        raise InputError(f"--out={cfg.out}: {run_dir} holds a {stage} run made with --{name}={have}, where run_all.py "
+                         f"passes --{name}={want}; pass another --out, or remove {run_dir}")
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
+
+
 def run_stage(cfg: Config, stage: str, script) -> None:
     run_dir = Path(cfg.out) / stage
+    check_same_recipe(cfg, stage, script)
     if (run_dir / "eval.json").exists():
         print(f"[{stage}] done already ({run_dir / 'eval.json'}): skipped", flush=True)
         return

@@ -68,3 +68,28 @@ def test_an_interrupted_stage_resumes(tmp_path, recorded):
 def test_bad_flags(tmp_path):
     with pytest.raises(ValueError, match="--device=tpu"):
         run_all.main([f"--out={tmp_path}", "--device=tpu"])
+
+
+def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, recorded):
+    """A quick run of a script left in the output directory (--steps=5) has an eval.json too: it was skipped as
+    done and tabulated as the pipeline's stage. The stage's saved config must show run_all's flags."""
+    import torch
+    from dataclasses import asdict
+
+    out = tmp_path / "run"
+    sft = run_all.parse_config(run_all.train_sft.Config, run_all.stage_args(run_all.Config(out=str(out)), "sft"))
+    run_all.train_sft.check_config(sft)
+    (out / "sft" / "model").mkdir(parents=True)
+    (out / "sft" / "eval.json").write_text("{}")
+    for steps, refused in ((5, True), (sft.steps, False)):  # a made-by-hand config as the script saves it
+        torch.save({"config": {**asdict(sft), "steps": steps, "device": "cuda", "save_every": 7}},
+                   out / "sft" / "model" / "train_state.pt")
+        recorded.clear()
+        if refused:
+            with pytest.raises(InputError, match=rf"^--out={out}: {out}/sft holds a sft run made with --steps=5, where "
+                                                 rf"run_all.py passes --steps={sft.steps}; pass another --out"):
+                run_all.main([f"--out={out}"])
+            assert recorded == []
+        else:  # the same recipe (where it ran and how often it saved do not count): skipped as done
+            run_all.main([f"--out={out}"])
+            assert [c[0] for c in recorded] == ["rm", "ppo", "dpo", "evaluate", "evaluate"]
