@@ -130,6 +130,9 @@ def check_config(cfg: Config) -> None:
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
     check_learning_rates(cfg, "lr")
     check_device(cfg)
+    if cfg.eval_prompts.strip().isdigit() and not Path(cfg.eval_prompts).exists():  # train_ppo's flag is a count
+        raise InputError(f"--eval_prompts={cfg.eval_prompts}: a file of held-out prompts here (a number is "
+                         f"train_ppo.py's --eval_prompts); pass a .jsonl path, or --eval_prompts= to skip")
     train.check_files(cfg, "data", "val_data", "eval_prompts")
     if cfg.out_dir != "auto":
         check_output(cfg.out_dir, "out_dir", directory=True)

@@ -312,6 +312,7 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(tiny_plain, tiny_to
     (["--dtype=float16"], "--dtype=float16: train in bfloat16 or float32"),
     (["--eval_prompts=nope.jsonl"], "--eval_prompts=nope.jsonl: not found"),
     (["--max_len=200"], "--max_len=200: does not fit the context of"),
+    (["--eval_prompts=8"], "--eval_prompts=8: a file of held-out prompts here (a number is train_ppo.py's"),
     (["--max_new_tokens=128"], "--max_new_tokens=128: does not fit the context of"),
 ])
 def test_bad_flags_are_refused_before_any_work(tiny_plain, files, tmp_path, flag, message):
