@@ -538,16 +538,19 @@ def test_score_rollouts_judges_each_decoded_answer_against_the_row_its_index_nam
     """A text reward reads this rank's rollouts: row j is the prompt batch["index"][j] of the step's prompt list,
     its answer the tokens under its mask, decoded without the stop token."""
     rows = read_jsonl(ROOT / "data" / "prompts_test.jsonl")[:3]
-    answers = [rows[2]["reference"], rows[0]["reference"] + " " + rows[0]["reference"]]  # right; right but said twice
-    ids = [tok.encode(a) + [tok.eos_id] for a in answers]
+    # right; right but said twice; right, cut by the length cap (no stop token: its last token is the answer's)
+    answers = [rows[2]["reference"], rows[0]["reference"] + " " + rows[0]["reference"], rows[1]["reference"]]
+    stopped = [True, True, False]
+    ids = [tok.encode(a) + [tok.eos_id] * s for a, s in zip(answers, stopped)]
     width = max(map(len, ids)) + 2
     tokens = torch.tensor([i + [tok.pad_id] * (width - len(i)) for i in ids])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-    batch = {"index": torch.tensor([2, 0]), "tokens": tokens, "mask": mask}
+    batch = {"index": torch.tensor([2, 0, 1]), "tokens": tokens, "mask": mask, "stopped": torch.tensor(stopped)}
     scores = ppo.score_rollouts(batch, "oracle", rows, tok=tok, micro_batch_size=2, max_new_tokens=width, seed=0,
                                 step=0, amp=NO_AMP)
-    assert scores.tolist() == [world.quality(rows[2]["prompt"], answers[0]), world.quality(rows[0]["prompt"], answers[1])]
-    assert scores[0] == 1.0 and scores[1] < 1.0  # (the doubled answer pays the repetition penalty)
+    assert scores.tolist() == [world.quality(rows[2]["prompt"], answers[0]), world.quality(rows[0]["prompt"], answers[1]),
+                               world.quality(rows[1]["prompt"], answers[2])]
+    assert scores[0] == 1.0 and scores[1] < 1.0 and scores[2] == 1.0  # (the doubled answer pays for repeating)
 
 
 def test_score_rollouts_cuts_r3_answers_at_a_stop_string_before_anything_else(tok):
@@ -558,7 +561,8 @@ def test_score_rollouts_cuts_r3_answers_at_a_stop_string_before_anything_else(to
     ids = [tok.encode(a) + [tok.eos_id] for a in answers]
     assert [tok.decode(i) for i in ids] == answers
     width = max(map(len, ids))
-    batch = {"index": torch.tensor([0, 1]), "mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
+    batch = {"index": torch.tensor([0, 1]), "stopped": torch.tensor([True, True]),
+             "mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
              "tokens": torch.tensor([i + [tok.pad_id] * (width - len(i)) for i in ids])}
     scores = ppo.score_rollouts(batch, "length", rows, tok=tok, micro_batch_size=2, max_new_tokens=width, seed=0,
                                 step=0, amp=NO_AMP)
