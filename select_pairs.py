@@ -43,7 +43,6 @@ torchrun it refuses). A 7B model fits one GPU for this in bfloat16 (--dtype=bflo
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -89,7 +88,7 @@ QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before any work starts; each error names the flag and what is allowed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if train.launched_world_size() > 1:
         raise InputError("select_pairs.py runs in one process (a forward with no gradients): "
                          "start it with python, not torchrun")
     check_choice(cfg, "format", FORMATS)

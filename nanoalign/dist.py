@@ -43,11 +43,20 @@ class Dist:
         return self.launched
 
 
+def launch() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when torchrun started this process (it sets all three variables), else None:
+    one of them alone (a job scheduler's WORLD_SIZE) does not make a run distributed. Read without joining a
+    process group, so that flags can be checked against the world size before any work."""
+    if not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= set(os.environ):
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
 def init_dist(device: str = "cpu") -> Dist:
     """Join the torchrun process group if there is one (one rank too); pick this rank's device."""
-    if not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= set(os.environ):  # not started by torchrun
+    if (launched := launch()) is None:  # not started by torchrun
         return Dist(device=torch.device(device))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world, local = launched
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -71,7 +80,7 @@ def close(d: Dist):
 
 def print0(d: Dist | None, *args, **kwargs):
     """print on rank 0 only; d=None for code that holds no Dist (the data readers): torchrun's RANK decides."""
-    if (d.is_main if d is not None else os.environ.get("RANK", "0") == "0"):
+    if (d.is_main if d is not None else (launch() or (0,))[0] == 0):
         print(*args, **kwargs, flush=True)
 
 

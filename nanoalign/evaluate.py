@@ -38,7 +38,6 @@ Model-side helpers (the command line is built from them; scripts reuse them):
 """
 import json
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -55,7 +54,7 @@ from nanoalign.cli import (InputError, check_choice, check_device, check_non_neg
 from nanoalign.data import collate_sft, fit_example, read_jsonl
 from nanoalign.generate import generate, sampling_error
 from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_prompt, encode_response
-from nanoalign.train import check_files, checkpoint_dir
+from nanoalign.train import check_files, checkpoint_dir, launched_world_size
 
 # --- tokens and ROUGE-L
 
@@ -402,7 +401,7 @@ class Config:
 
 
 def _check_config(cfg: Config) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise InputError("nanoalign.evaluate runs in one process: start it with python, not torchrun")
     if not cfg.model_a:
         raise InputError("--model_a: required (a checkpoint directory or hub id)")

@@ -133,8 +133,8 @@ def micro_batches(items: list, size: int) -> list[list]:
 # --- the tiny defaults
 
 def launched_world_size() -> int:
-    """The number of ranks torchrun started (WORLD_SIZE; 1 without torchrun), known before any work."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The number of ranks torchrun started (1 without torchrun: dist.launch), known before any work."""
+    return (dist.launch() or (0, 1))[1]
 
 
 def check_divides_world(cfg, *names: str) -> None:

@@ -492,6 +492,10 @@ def test_tokenize_pairs_keeps_bos_within_max_len(tok):
 def test_the_readers_reports_print_on_rank_0_only(tiny_tok, monkeypatch, capsys):
     """Under torchrun every rank reads the data: its truncation report printed once per rank."""
     rows = [{"prompt": "What is 1 plus 2?", "response": " ".join(["word"] * 50)}]
+    monkeypatch.setenv("RANK", "1")  # alone (a scheduler's variable), not torchrun: a world of one prints
+    tokenize_sft(rows, tiny_tok, "hh", max_len=24, max_response_len=16)
+    assert "tokenize_sft: 1/1 examples truncated" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's three
     for rank, printed in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         tokenize_sft(rows, tiny_tok, "hh", max_len=24, max_response_len=16)

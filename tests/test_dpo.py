@@ -333,7 +333,8 @@ def test_a_world_size_the_batches_cannot_split_into_is_refused_with_the_flags(ti
                                                                                monkeypatch, flag, message):
     """Checked with the flags, from torchrun's WORLD_SIZE: after init_dist it came only once a missing default
     model had been trained first."""
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "0")):  # as torchrun sets them
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(dist, "init_dist", lambda *a: pytest.fail("reached init_dist"))  # (without torchrun: hangs)
     with pytest.raises(InputError) as e:
         train_dpo.main(args(tiny_plain, tmp_path / "run", files, *flag))

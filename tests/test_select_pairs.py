@@ -265,7 +265,7 @@ def test_annotator_refuses_prompts_outside_the_world(tmp_path, tiny_plain):
 
 
 def test_errors_are_one_line_and_torchrun_is_refused(tiny_plain):
-    env = {**os.environ, "WORLD_SIZE": "2"}
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # as torchrun sets them
     proc = subprocess.run([sys.executable, "select_pairs.py", f"--model={tiny_plain}"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2

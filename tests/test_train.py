@@ -424,6 +424,18 @@ def test_run_from_another_directory_explains_the_relative_default_paths(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_world_size_variable_alone_is_not_torchrun(monkeypatch):
+    """A job scheduler may export WORLD_SIZE to a plain `python` run: one process, which init_dist treats as a world
+    of one, so the flag checks must too (they refused --batch_size=3 as not divisible by 2)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.launched_world_size() == 1 and dist.launch() is None
+    train.check_divides_world(train_sft.Config(batch_size=3), "batch_size")
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.launched_world_size() == 2 and dist.launch() == (1, 2, 1)
+    with pytest.raises(InputError, match="^--batch_size=3 must be divisible by the world size 2$"):
+        train.check_divides_world(train_sft.Config(batch_size=3), "batch_size")
+
+
 def test_a_malformed_sft_record_is_named_before_pretraining(tmp_path, monkeypatch):
     """--mode=auto pretrains first when no base is there: a bad SFT record was found only after those minutes."""
     bad = tmp_path / "sft.jsonl"

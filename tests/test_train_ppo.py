@@ -238,7 +238,8 @@ def test_a_reward_model_or_relevance_model_that_cannot_serve_is_named_before_any
 def test_a_world_size_the_rollouts_cannot_split_into_is_refused_before_any_prerequisite(tmp_path, monkeypatch):
     """The defaults sample one chunk of 64 a step, which two ranks cannot share: refused with the flags, not after
     the missing default reward model had been trained (as it was, the check coming after init_dist)."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):  # as torchrun sets them
+        monkeypatch.setenv(name, value)
     trained = []
     monkeypatch.setattr(train, "train_first", lambda *a, **k: trained.append(a))
     monkeypatch.setattr(dist, "init_dist", lambda *a: pytest.fail("reached init_dist"))  # (without torchrun: hangs)
