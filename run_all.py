@@ -69,8 +69,11 @@ def check_same_seed(cfg: Config) -> None:
     record.write_text(json.dumps({"seed": cfg.seed}) + "\n")
 
 
-# flags that do not change what a stage trains (where it runs, how often it saves, evaluates, prints)
-NOT_THE_RECIPE = ("resume", "stop_at", "device", "dtype", "save_every", "eval_every", "num_samples")
+# flags that do not change what a stage trains: where it runs, how often it saves, what and how often it evaluates
+# (run_all evaluates every model itself), the micro-batch (the same updates up to float rounding)
+NOT_THE_RECIPE = ("resume", "stop_at", "device", "dtype", "save_every", "eval_every", "num_samples", "micro_batch_size",
+                  "val_data", "eval_data", "eval_prompts", "cuda_graph")
+NOT_THE_RECIPE_OF = {"dpo": ("max_new_tokens",)}  # DPO's answers the evaluation's only (PPO's rollouts are its data)
 
 
 def check_same_recipe(cfg: Config, stage: str, script) -> None:
@@ -89,16 +92,27 @@ def check_same_recipe(cfg: Config, stage: str, script) -> None:
     expected = parse_config(script.Config, stage_args(cfg, stage))
     script.check_config(expected)  # resolves what the script resolves (a two-stage run is one split, no EWC)
     expected = asdict(expected)
+    # the paths run_all derives from --out are compared inside each run's own root, so a copied or moved output
+    # directory still holds the same stages
+    saved_root = Path(saved.get("out_dir") or expected["out_dir"]).parent
     for name, want in expected.items():
         have = saved.get(name, want)
-        if name in NOT_THE_RECIPE or want == "auto" or have == want or _same_path(have, want):
+        if name in NOT_THE_RECIPE + NOT_THE_RECIPE_OF.get(stage, ()) or want == "auto" or have == want:
+            continue
+        if (inside := _inside(want, cfg.out)) is not None and _inside(have, saved_root) == inside:
             continue
         raise InputError(f"--out={cfg.out}: {run_dir} holds a {stage} run made with --{name}={have}, where run_all.py "
                          f"passes --{name}={want}; pass another --out, or remove {run_dir}")
 
 
-def _same_path(a, b) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
+def _inside(path, root) -> Path | None:
+    """path relative to root when it is a path inside root, else None."""
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return None
 
 
 def run_stage(cfg: Config, stage: str, script) -> None:

@@ -93,3 +93,12 @@ def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, record
         else:  # the same recipe (where it ran and how often it saved do not count): skipped as done
             run_all.main([f"--out={out}"])
             assert [c[0] for c in recorded] == ["rm", "ppo", "dpo", "evaluate", "evaluate"]
+    # what it evaluated on does not count either, nor where the directory is: a copy holds the same stages
+    torch.save({"config": {**asdict(sft), "eval_data": "", "val_data": "other.jsonl"}},
+               out / "sft" / "model" / "train_state.pt")
+    import shutil
+    shutil.copytree(out, tmp_path / "copy")
+    for where in (out, tmp_path / "copy"):
+        recorded.clear()
+        run_all.main([f"--out={where}"])
+        assert "sft" not in [c[0] for c in recorded]
