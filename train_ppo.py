@@ -328,10 +328,8 @@ def main(argv=None):
     total = stages[-1].offset + stages[-1].steps
     dist.print0(d, f"saved {ckpt} (policy) and {ckpt / 'critic'} (step {min(cfg.stop_at or total, total)}/{total}); "
                    f"metrics in {log.path}")
-    if last and d.is_main:  # finished (not stopped by --stop_at, not a resume with nothing left): the final numbers
-        result = {k: v for k, v in last.items() if k.startswith(("eval/", "objective/"))}
-        print(f"wall time {time.time() - t_start:.0f} s; results in "
-              f"{train.save_eval(cfg.out_dir, result | {'wall_s': round(time.time() - t_start, 1)})}")
+    if d.is_main and (path := ppo.save_results(cfg.out_dir, last, log.path, time.time() - t_start)):
+        print(f"wall time {time.time() - t_start:.0f} s; results in {path}")
     dist.close(d)
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -450,6 +451,22 @@ def restore_run_state(state: dict | None, kl_ctl, stats: RunningMoments, path) -
         raise InputError(f"--resume: {path} holds no {' and no '.join(missing)} (not a PPO run's)")
     kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
     stats.load_state_dict(state["extra"]["score_stats"])
+
+
+def save_results(run_dir, last: dict | None, log_path, wall_s: float) -> Path | None:
+    """A finished run's final numbers, run_dir/eval.json: the last step's eval/ and objective/ metrics, and the wall
+    time. last: the run's last record, None when --stop_at ended it (nothing written), {} when a resume found
+    nothing left to train (written only if missing, a run killed before writing it, from its metrics log and
+    without a wall time). Returns the path written, or None."""
+    finished_before = last == {}
+    if finished_before and not (Path(run_dir) / "eval.json").exists():
+        from .report import load_metrics  # the metrics reader, here only
+
+        last = (load_metrics(log_path) or [{}])[-1]
+    if not last:
+        return None
+    result = {k: v for k, v in last.items() if k.startswith(("eval/", "objective/"))}
+    return train.save_eval(run_dir, result if finished_before else result | {"wall_s": round(wall_s, 1)})
 
 
 # --- prompts and held-out evaluation

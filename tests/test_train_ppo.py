@@ -86,6 +86,9 @@ def test_resume_continues_exactly(tiny_init, tiny_rm, tmp_path):
     assert final["objective/scores"] == run[-1]["objective/scores"] and "ppo/clipfrac" not in final
     train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "full", "--steps=4", "--resume"))  # nothing left to train
     assert json.loads((tmp_path / "full" / "eval.json").read_text()) == final  # not overwritten
+    (tmp_path / "full" / "eval.json").unlink()  # killed between the last checkpoint and eval.json: a resume writes it
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "full", "--steps=4", "--resume"))
+    assert json.loads((tmp_path / "full" / "eval.json").read_text()) == {k: v for k, v in final.items() if k != "wall_s"}
     steps = run[1:]
     assert {"objective/kl", "objective/kl_coef", "objective/scores", "objective/entropy", "ppo/policy_loss",
             "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/vf_clipfrac", "ppo/explained_variance",
