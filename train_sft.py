@@ -168,8 +168,7 @@ def sft_stage(cfg: Config, d: dist.Dist, phase: str, model, tok: Tokenizer, rows
     """Train the placed model on rows for stage.steps optimizer steps (from stage.start when resumed, to
     stage.last), with a fresh AdamW and learning-rate schedule; in a Hbat stage, penalty_fn is its EWC penalty,
     backpropagated once a step beside the token-mean loss. Returns the last step's record."""
-    if cfg.batch_size % d.world_size:
-        raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the world size {d.world_size}")
+    train.check_divides_world(cfg, "batch_size", world=d.world_size)
     opt = train.adamw(model, peak_lr, cfg.weight_decay)
     start = stage.restore({"model": (model, opt)}, d)
     if start:

@@ -137,9 +137,10 @@ def launched_world_size() -> int:
     return (dist.launch() or (0, 1))[1]
 
 
-def check_divides_world(cfg, *names: str) -> None:
-    """Flags that must split evenly over the ranks, checked with the flags (not after a prerequisite has trained)."""
-    world = launched_world_size()
+def check_divides_world(cfg, *names: str, world: int | None = None) -> None:
+    """Flags that must split evenly over the ranks, checked with the flags (not after a prerequisite has trained);
+    world: the ranks when a Dist is at hand, else torchrun's launch."""
+    world = world or launched_world_size()
     for name in names:
         if getattr(cfg, name) % world:
             raise InputError(f"--{name}={getattr(cfg, name)} must be divisible by the world size {world}")
