@@ -24,8 +24,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 import train_dpo
 import train_ppo
 import train_rm
@@ -82,13 +80,13 @@ def check_same_recipe(cfg: Config, stage: str, script) -> None:
     with the checkpoint's saved config, each flag that shapes the training, after the script's own check_config
     has resolved the automatic values."""
     run_dir = Path(cfg.out) / stage
-    state_file = run_dir / "model" / train.STATE_FILE
-    if not state_file.exists():
-        return
     try:
-        saved = torch.load(state_file, map_location="cpu", weights_only=False).get("config") or {}
-    except Exception:  # unreadable: the stage's own --resume names what is wrong with it
+        state = train.find_checkpoint(run_dir / "model", resume=True, required=False)
+    except InputError:  # unreadable: the stage's own --resume names what is wrong with it
         return
+    if state is None:
+        return
+    saved = state.get("config") or {}
     expected = parse_config(script.Config, stage_args(cfg, stage))
     script.check_config(expected)  # resolves what the script resolves (a two-stage run is one split, no EWC)
     expected = asdict(expected)

@@ -81,8 +81,9 @@ def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, record
     run_all.train_sft.check_config(sft)
     (out / "sft" / "model").mkdir(parents=True)
     (out / "sft" / "eval.json").write_text("{}")
+    state = {"step": sft.steps, "rng": [{}], "extra": {}}  # what find_checkpoint requires of a train_state
     for steps, refused in ((5, True), (sft.steps, False)):  # a made-by-hand config as the script saves it
-        torch.save({"config": {**asdict(sft), "steps": steps, "device": "cuda", "save_every": 7}},
+        torch.save({**state, "config": {**asdict(sft), "steps": steps, "device": "cuda", "save_every": 7}},
                    out / "sft" / "model" / "train_state.pt")
         recorded.clear()
         if refused:
@@ -94,7 +95,7 @@ def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, record
             run_all.main([f"--out={out}"])
             assert [c[0] for c in recorded] == ["rm", "ppo", "dpo", "evaluate", "evaluate"]
     # what it evaluated on does not count either, nor where the directory is: a copy holds the same stages
-    torch.save({"config": {**asdict(sft), "eval_data": "", "val_data": "other.jsonl"}},
+    torch.save({**state, "config": {**asdict(sft), "eval_data": "", "val_data": "other.jsonl"}},
                out / "sft" / "model" / "train_state.pt")
     import shutil
     shutil.copytree(out, tmp_path / "copy")
