@@ -27,7 +27,7 @@ tensor bytes instead: (bytes of every tensor resident at the start of a step: pa
 model the side holds, AdamW moments, cached reference log-probs) + (the peak growth during one optimizer step,
 from PyTorch's CPU allocator events recorded by torch.profiler with profile_memory=True: activations, saved
 tensors, gradients, temporaries). For nanoalign the peak is the larger of the training step and the reference
-precompute (reference weights + its no-grad forward). Python objects, the allocator's slack and the libraries'
+precompute (the policy's and the reference's weights, both held by then, + the reference's no-grad forward). Python objects, the allocator's slack and the libraries'
 own memory are left out on both sides.
 """
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         ref_logps = torch.cat([dpo.response_logps(ref, collate_pairs(mb, tok.pad_id)) for b in ref_batches for mb in b])
         ref_s_per_step = (time.perf_counter() - t0) / len(batches)
-        ref_phase = resident_bytes(ref) + peak_growth(lambda: [dpo.response_logps(ref, collate_pairs(mb, tok.pad_id))
+        ref_phase = resident_bytes(ours, ref) + peak_growth(lambda: [dpo.response_logps(ref, collate_pairs(mb, tok.pad_id))
                                                                for mb in ref_batches[0]])
     del ref
     per_row = []  # collate_pairs puts a micro-batch's chosen rows first, then its rejected rows
@@ -221,9 +221,9 @@ def main(argv=None):
     result["nanoalign"]["tokens_per_s_with_precompute"] = tokens / (step_s["nanoalign"] + ref_s_per_step)
     for k, r in result.items():
         print(f"{k:<10} {r['tokens_per_s']:>9.0f} tok/s  {r['median_s'] * 1000:>8.1f} ms/step  peak tensors "
-              f"{r['peak_mb']:>7.1f} MB (resident {r['resident_mb']:.1f} + step {r['step_growth_mb']:.1f})")
+              f"{r['peak_mb']:>7.1f} MiB (resident {r['resident_mb']:.1f} + step {r['step_growth_mb']:.1f})")
     print(f"nanoalign reference precompute: {ref_s_per_step * 1000:.1f} ms per step's pairs (once, before training), "
-          f"peak tensors {ref_phase / 2**20:.1f} MB; max loss gap between the sides {gap:.1e}")
+          f"peak tensors {ref_phase / 2**20:.1f} MiB; max loss gap between the sides {gap:.1e}")
     ratio = result["nanoalign"]["tokens_per_s_with_precompute"] / result["trl"]["tokens_per_s"]
     ratio_step = result["nanoalign"]["tokens_per_s"] / result["trl"]["tokens_per_s"]
     mem_ratio = peak["nanoalign"] / peak["trl"]

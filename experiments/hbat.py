@@ -25,7 +25,7 @@ Metrics, on the held-out prompts (data/prompts_test.jsonl, greedy answers):
 - preference: win_rate against the SFT model of the same budget (the two-stage arm's model after its SFT stage,
   same seed; ties count half, judged by the tiny world's oracle) and mean_quality (the oracle's);
 - cost: ewc_setup_s (wall time of computing Ω or the Fisher, summed over stages: the penalty's per-step cost is
-  a few element-wise products either way), ewc_memory_mb (what EWC keeps: θ*, plus F for Fisher; on a GPU the
+  a few element-wise products either way), ewc_memory_mb (MiB, what EWC keeps: θ*, plus F for Fisher; on a GPU the
   allocator's peak over the set-up), wall_s (the whole training run).
 The "sft" row is that SFT model itself (win rate 0.5 against itself by definition).
 

@@ -34,7 +34,7 @@ Around each stage (run_schedule):
   are recomputed from them and from the stage-start checkpoint.
 - one line per finished stage, printed and appended to out_dir/stages.jsonl: its final loss, the penalty's share,
   Ω's entropy, wall time, the EWC set-up's wall time (ewc/setup_s: Ω from the scores, or the Fisher's
-  per-example gradients) and the memory EWC keeps (ewc/memory_mb).
+  per-example gradients) and the memory EWC keeps (ewc/memory_mb, in MiB: 2**20 bytes).
 """
 from __future__ import annotations
 

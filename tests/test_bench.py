@@ -50,6 +50,15 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
     for value, expected in saved:
         assert value == pytest.approx(expected, rel=1e-9)
     assert f"= {saved[0][0]:.2f}x" in proc.stdout  # the first one saved is printed too
+    if script.name == "bench_model.py":
+        # fp32 greedy on the CPU: the two samplers' tokens agree to the last one, said and saved
+        assert result["generate"]["identical_tokens"] is True, proc.stdout[-2000:]
+        assert "generated tokens identical to transformers': True" in proc.stdout
+        # the floor's percentage is decode time over the floor (an inverted one reads as "faster than memory")
+        fl = result["floor"]
+        assert fl["percent_of_floor"] == pytest.approx(100 * fl["decode_s_per_token"] / fl["floor_s_per_token"])
+        assert fl["floor_s_per_token"] == pytest.approx(fl["streamed_bytes"] / fl["bandwidth_bytes_per_s"])
+        assert f"= {fl['percent_of_floor']:.0f}% of the weight-streaming floor" in proc.stdout
     if script.name == "bench_model.py" and _onednn_packing_works():
         # the ceiling the prepacked matmuls put on the generation ratio: a whole generate() call takes at least its
         # decode steps' matmuls, so the measured ratio sits under it (a pass timed
