@@ -84,7 +84,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, per_token: bool = False):
         """input_ids (B, T) -> scores (B,) read at each row's last real token, or with per_token=True the
         values (B, T) at every position. attention_mask (B, T): 1 for real tokens; without it every token is
-        real (the last column is read)."""
+        real, so the last column is read (the last one that is not read_before's token, when the model has one)."""
         h = self.trunk(input_ids, attention_mask=attention_mask, return_hidden=True)  # (B, T, C)
         values = self.score(h).squeeze(-1).float() + self.offset  # (B, T)
         if per_token:

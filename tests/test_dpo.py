@@ -85,12 +85,20 @@ def test_ipo_reference_values_are_the_per_token_average(rows, tiny_tok):
     assert dpo.with_reference(rows, logps)[0]["ref_chosen"] == -6.0 and "ref_chosen" not in rows[0]
 
 
-def test_the_cache_key_covers_the_dtype_and_the_response_masks(tiny_plain, rows):
+def test_the_cache_key_covers_the_dtype_the_ids_the_response_masks_and_the_splits(tiny_plain, rows):
     key = dpo.fingerprint({"train": rows}, tiny_plain, "float32")
     assert dpo.fingerprint({"train": rows}, tiny_plain, "bfloat16") != key  # bf16 log-probs are other numbers
-    mask = list(rows[0]["chosen_mask"])
-    mask[mask.index(1)] = 0  # the same ids, one token less in the response: another sum
-    assert dpo.fingerprint({"train": [{**rows[0], "chosen_mask": mask}, *rows[1:]]}, tiny_plain, "float32") != key
+    for side in ("chosen", "rejected"):
+        mask = list(rows[0][f"{side}_mask"])
+        mask[mask.index(1)] = 0  # the same ids, one token less in the response: another sum
+        assert dpo.fingerprint({"train": [{**rows[0], f"{side}_mask": mask}, *rows[1:]]}, tiny_plain, "float32") != key
+        ids = list(rows[0][f"{side}_ids"])
+        ids[-2] = ids[-2] % 50 + 3  # one response token edited, the length kept
+        assert dpo.fingerprint({"train": [{**rows[0], f"{side}_ids": ids}, *rows[1:]]}, tiny_plain, "float32") != key
+    # the same two halves under swapped split names are other cached log-probs for each split
+    a, b = rows[:2], rows[2:4]
+    assert (dpo.fingerprint({"train": a, "val": b}, tiny_plain, "float32")
+            != dpo.fingerprint({"val": a, "train": b}, tiny_plain, "float32"))
 
 
 def test_the_cache_is_keyed_by_the_precision_that_ran_not_by_the_dtype_flag(tiny_plain, rows, tiny_tok, tmp_path,

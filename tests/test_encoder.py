@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import reference
-from nanoalign.encoder import Encoder
+from nanoalign.encoder import Encoder, EncoderConfig
 
 WORDS = "the cat dog sat on mat a rug stock market fell today red blue ##s ##ing . , ?".split()
 TEXTS = ["The cat sat on the mat.", "a dog", "", "Stock markets fell today, red and blue?"]
@@ -26,12 +26,12 @@ def write_tokenizer(dir):
     return len(vocab)
 
 
-def tiny_bert(dir, cls_name="BertModel"):
+def tiny_bert(dir, cls_name="BertModel", eps=1e-12):
     transformers = reference("transformers")
     V = write_tokenizer(dir)
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=V + 3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=24, layer_norm_eps=1e-12)
+                                  intermediate_size=48, max_position_embeddings=24, layer_norm_eps=eps)
     model = getattr(transformers, cls_name)(cfg).eval()
     with torch.no_grad():  # non-trivial norms and type embeddings, so that a missed term shows
         for name, p in model.named_parameters():
@@ -46,9 +46,10 @@ def mean_pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1)
 
 
-@pytest.mark.parametrize("cls_name", ["BertModel", "BertForMaskedLM"])  # names without / with "bert."
-def test_tiny_bert_matches_transformers(tmp_path, cls_name):
-    hf = tiny_bert(tmp_path, cls_name)
+# names without / with "bert."; a large eps, so that a LayerNorm built without the config's shows
+@pytest.mark.parametrize("cls_name, eps", [("BertModel", 1e-12), ("BertForMaskedLM", 1e-12), ("BertModel", 0.1)])
+def test_tiny_bert_matches_transformers(tmp_path, cls_name, eps):
+    hf = tiny_bert(tmp_path, cls_name, eps)
     enc = Encoder.from_pretrained(tmp_path)
     ids, mask = enc.tokenize(TEXTS)
     assert ids[0, 0] == 2 and mask.sum(1).tolist()[2] == 2  # [CLS] first; "" is [CLS] [SEP]
@@ -59,6 +60,16 @@ def test_tiny_bert_matches_transformers(tmp_path, cls_name):
     real = mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=0)
     torch.testing.assert_close(enc.embed(TEXTS, batch_size=3), mean_pool(ref, mask), atol=1e-5, rtol=0)
+
+
+def test_config_keys_left_out_take_berts_defaults():
+    """A config.json may leave out what BertConfig defaults; those defaults, not other models' (LayerNorm eps 1e-5)."""
+    hf = reference("transformers").BertConfig()
+    given = {"model_type": "bert", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "intermediate_size": 48}
+    cfg = EncoderConfig.from_hf(given)
+    assert (cfg.norm_eps, cfg.max_len, cfg.type_vocab_size) == (hf.layer_norm_eps, hf.max_position_embeddings,
+                                                                 hf.type_vocab_size)
 
 
 def test_truncation_and_padding_do_not_change_embeddings(tmp_path):

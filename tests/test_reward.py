@@ -201,6 +201,8 @@ def test_a_transformers_reward_model_with_pad_equal_to_eos_is_read_where_transfo
     with torch.no_grad():
         theirs = ref(ids, attention_mask=mask).logits[:, 0]
         assert (rm(ids, mask) - theirs).abs().max() <= 1e-4
+        # without a mask (every token real), as transformers reads it without one: before the trailing EOS
+        assert (rm(ids[:1]) - ref(ids[:1]).logits[:, 0]).abs().max() <= 1e-4
         rm.read_before = None  # the last attended token, the EOS: a position this model never learned
         assert (rm(ids, mask) - theirs).abs().max() > 1e-2
         rm.read_before = 1
