@@ -327,3 +327,13 @@ def test_adaptive_kl_controller_by_hand():
     assert restored.value == ctl.value and restored.update(3.0, 1000) == pytest.approx(0.2 * 1.02 * 1.01 * 0.98)
     fixed = AdaptiveKLController(0.05, target=None)
     assert fixed.update(100.0, 1000) == 0.05 and fixed.value == 0.05
+
+
+def test_ppo_policy_loss_gives_a_pad_with_a_huge_log_prob_no_nan_gradient():
+    """exp(log-ratio) at a pad overflows to inf past ~88 nats: the ratio must be masked before the exp, or the
+    pad's gradient is 0 * inf = NaN and poisons the step."""
+    old = torch.tensor([[-1.0, -1.0]])
+    lp = torch.tensor([[-1.0, 100.0]], requires_grad=True)
+    loss, _ = ppo_policy_loss(lp, old, torch.tensor([[1.0, 1.0]]), torch.tensor([[1, 0]]))
+    loss.backward()
+    assert loss.item() == -1.0 and lp.grad.tolist() == [[-1.0, 0.0]]  # -ratio * A at the real token, 0 at the pad

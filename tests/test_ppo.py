@@ -609,3 +609,62 @@ def test_r3_prompts_with_an_unknown_query_type_are_refused_when_read(tmp_path):
     with pytest.raises(ValueError, match=rf"^{path}:2: key 'qtype' must be OPENENDED or CONSTRAINED, got 'closed'"):
         ppo.load_prompts(str(path), "", 0, "r3")
     assert len(ppo.load_prompts(str(path), "", 0, "relevance")[0]) == 2  # rewards that ignore qtype read it as is
+
+
+def test_the_missing_eos_penalty_is_not_clipped_with_the_scores():
+    """Clipping bounds the (normalised) scores; the penalty replaces a cut answer's score after it, as given."""
+    s = ppo.shape_scores(torch.tensor([0.5, 20.0]), torch.tensor([False, True]), None, clip=2.0, missing_eos_penalty=-5.0)
+    assert s.tolist() == [-5.0, 2.0]
+
+
+def test_entropy_with_a_vocabulary_limit_is_the_entropy_of_the_allowed_ids():
+    """Ids past the tokenizer are -inf logits: 0 * -inf must not turn objective/entropy into NaN."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, dim=32, n_layer=1, n_head=2, hidden_dim=64, max_seq_len=32)).eval()
+    ids = torch.randint(0, 40, (2, 8))
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        _, ent = ppo.response_logprobs(m, ids, attn, 4, 0.7, vocab_size=40, with_entropy=True)
+        logits = m(ids, attention_mask=attn)[:, 3:-1, :40] / 0.7
+    p = logits.softmax(-1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_the_logged_logprob_gap_is_absolute_in_both_directions():
+    mask = torch.tensor([[1, 1, 1]])
+    batch = {"mask": mask, "sampler_logprobs": torch.tensor([[-1.0, -2.0, -3.0]]),
+             "logprobs": torch.tensor([[-1.0, -2.25, -2.5]]), "entropy": torch.zeros(1, 3), "scores": torch.zeros(1),
+             "stopped": torch.tensor([True])}
+    m = ppo.step_metrics(batch, {"kl": 0.0, "explained_variance": 0.0, "advantages_mean": 0.0, "returns_mean": 0.0},
+                         {}, 0.1)
+    assert m["ppo/logprob_gap"] == 0.5  # the largest |trainer - sampler|: 0.5 above, not 0.25 below
+
+
+def test_gathered_rollouts_are_put_back_in_prompt_order():
+    """Chunks arrive in rank order ([2, 0, 3, 1] with four chunks on two ranks); the minibatches of one process
+    and of many are the same only once the rows are sorted by their index."""
+    b = {"prompt": [[2], [0], [3], [1]], "index": torch.tensor([2, 0, 3, 1]),
+         "tokens": torch.tensor([[2], [0], [3], [1]]), "mask": torch.ones(4, 1, dtype=torch.long)}
+    out = ppo.gather_rollouts(b, dist.Dist(), pad_id=0)
+    assert out["index"].tolist() == [0, 1, 2, 3] and out["prompt"] == [[0], [1], [2], [3]]
+    assert out["tokens"].flatten().tolist() == [0, 1, 2, 3]
+
+
+def test_the_minibatch_loss_clips_the_policy_and_the_value_each_with_its_own_range(policy, critic, prompts, tok):
+    ref = copy.deepcopy(policy)
+    batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
+                                 temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
+    ppo.advantages(batch, torch.randn(6, generator=torch.Generator().manual_seed(0)), 0.1, 1.0, 0.95)
+    pol, cri = copy.deepcopy(policy), copy.deepcopy(critic)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in list(pol.parameters()) + list(cri.parameters()):  # moved, so that both clips bite
+            p.add_(0.05 * torch.randn_like(p))
+        loss, _ = ppo.minibatch_loss(batch, pol, cri, update_policy=True, temperature=1.0, vocab_size=tok.vocab_size,
+                                     pad_id=tok.pad_id, cliprange=0.05, cliprange_value=0.5, vf_coef=1.0, amp=NO_AMP)
+        ids, attn, P = ppo.collate(batch["prompt"], batch["tokens"], batch["mask"], tok.pad_id)
+        mask = batch["mask"].bool()
+        pg, _ = ppo_policy_loss(token_logprobs(pol, ids, attn)[:, P - 1:], batch["logprobs"], batch["advantages"],
+                                mask, 0.05)
+        vf, _ = ppo_value_loss(cri(ids, attn, per_token=True)[:, P - 1:-1], batch["values"], batch["returns"], mask, 0.5)
+    torch.testing.assert_close(loss, (pg + vf) * mask.sum(), atol=1e-4, rtol=1e-5)

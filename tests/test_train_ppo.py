@@ -346,3 +346,24 @@ def test_ppo_against_the_reward_model_raises_its_score_on_held_out_answers(tmp_p
     train_ppo.main([f"--out_dir={tmp_path / 'ppo'}", "--steps=40", "--eval_every=40", "--device=cpu"])
     run = metrics(tmp_path / "ppo")
     assert run[-1]["eval/reward"] > run[0]["eval/reward"] + 0.008, (run[0]["eval/reward"], run[-1]["eval/reward"])
+
+
+def test_the_script_passes_its_flags_and_the_adapted_kl_coefficient_to_the_ppo_functions(tiny_init, tiny_rm, tmp_path,
+                                                                                        monkeypatch):
+    """Every other script test runs at T = 1, both clips 0.2 and vf_coef 1, where a flag dropped for its default,
+    or the two clips swapped, changes nothing; and the rewards must use the controller's current beta."""
+    seen = {"advantages": [], "rollout_forwards": [], "update": []}
+    for name in seen:
+        def spy(*a, _real=getattr(ppo, name), _name=name, **kw):
+            seen[_name].append((a, kw))
+            return _real(*a, **kw)
+        monkeypatch.setattr(ppo, name, spy)
+    train_ppo.main(args(tiny_init, tiny_rm, tmp_path / "run", "--steps=2", "--eval_data=", "--gamma=0.9", "--lam=0.8",
+                        "--temperature=0.7", "--cliprange=0.1", "--cliprange_value=0.3", "--vf_coef=0.5"))
+    log = metrics(tmp_path / "run")
+    assert log[1]["objective/kl_coef"] != 0.2  # the controller moved: the rewards must use its value
+    assert [a[2:] for a, _ in seen["advantages"]] == [(r["objective/kl_coef"], 0.9, 0.8) for r in log]
+    assert all(kw["temperature"] == 0.7 for _, kw in seen["rollout_forwards"])
+    assert all((kw["temperature"], kw["cliprange"], kw["cliprange_value"], kw["vf_coef"]) == (0.7, 0.1, 0.3, 0.5)
+               for _, kw in seen["update"])
+    assert log[0]["ppo/logprob_gap"] <= 1e-5  # the trainer's log-probs at T = 0.7 are the sampler's
