@@ -219,6 +219,26 @@ def test_running_statistics_match_numpy_over_every_score_seen():
     assert (resumed.mean, resumed.std) == (stats.mean, stats.std)
 
 
+def moved_copies(policy, critic):
+    """Copies a small random step away from the rollouts' models, so that ratios and both clips are not trivial."""
+    pol, cri = copy.deepcopy(policy).train(), copy.deepcopy(critic).train()
+    with torch.no_grad():
+        for p in list(pol.parameters()) + list(cri.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    return pol, cri
+
+
+def whole_batch_losses(batch, pol, cri, pad_id, cliprange=0.2, cliprange_value=0.2):
+    """The definition: the two losses written directly on the whole padded batch -> (pg, pg stats, vf)."""
+    ids, attn, P = ppo.collate(batch["prompt"], batch["tokens"], batch["mask"], pad_id)
+    mask = batch["mask"].bool()
+    pg, stats = ppo_policy_loss(token_logprobs(pol, ids, attn)[:, P - 1:], batch["logprobs"], batch["advantages"],
+                                mask, cliprange)
+    vf, _ = ppo_value_loss(cri(ids, attn, per_token=True)[:, P - 1:-1], batch["values"], batch["returns"], mask,
+                           cliprange_value)
+    return pg, stats, vf
+
+
 def test_the_minibatch_gradient_is_the_token_mean_over_the_whole_minibatch(policy, critic, prompts, tok):
     """Micro-batches of 1, 2 or 6 rollouts give the gradient of ONE masked mean over every token of the
     minibatch (not a mean of per-micro-batch means), for the policy and the critic."""
@@ -226,11 +246,7 @@ def test_the_minibatch_gradient_is_the_token_mean_over_the_whole_minibatch(polic
     batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
                                  temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
     ppo.advantages(batch, torch.randn(6, generator=torch.Generator().manual_seed(0)), 0.1, 1.0, 0.95)
-    # a policy one step away from the rollouts, so ratios and value clipping are not trivial
-    moved_policy, moved_critic = copy.deepcopy(policy).train(), copy.deepcopy(critic).train()
-    with torch.no_grad():
-        for p in list(moved_policy.parameters()) + list(moved_critic.parameters()):
-            p.add_(0.05 * torch.randn_like(p))
+    moved_policy, moved_critic = moved_copies(policy, critic)
     kw = dict(temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cliprange=0.2, cliprange_value=0.2,
               vf_coef=0.5, amp=NO_AMP)
 
@@ -244,11 +260,7 @@ def test_the_minibatch_gradient_is_the_token_mean_over_the_whole_minibatch(polic
 
     # the definition, written with the losses directly on the whole padded batch
     pol, cri = copy.deepcopy(moved_policy), copy.deepcopy(moved_critic)
-    ids, attn, P = ppo.collate(batch["prompt"], batch["tokens"], batch["mask"], tok.pad_id)
-    mask = batch["mask"].bool()
-    pg, stats = ppo_policy_loss(token_logprobs(pol, ids, attn)[:, P - 1:], batch["logprobs"], batch["advantages"], mask)
-    values = cri(ids, attn, per_token=True)[:, P - 1:-1]
-    vf, _ = ppo_value_loss(values, batch["values"], batch["returns"], mask)
+    pg, stats, vf = whole_batch_losses(batch, pol, cri, tok.pad_id)
     (pg + 0.5 * vf).backward()
     assert stats["clipfrac"] > 0  # the clip is exercised
     expected = [p.grad for p in list(pol.parameters()) + list(cri.parameters())]
@@ -655,16 +667,10 @@ def test_the_minibatch_loss_clips_the_policy_and_the_value_each_with_its_own_ran
     batch = ppo.rollout_forwards(rollouts(policy, prompts, tok, 1.0), policy, ref, critic, micro_batch_size=6,
                                  temperature=1.0, vocab_size=tok.vocab_size, pad_id=tok.pad_id, amp=NO_AMP)
     ppo.advantages(batch, torch.randn(6, generator=torch.Generator().manual_seed(0)), 0.1, 1.0, 0.95)
-    pol, cri = copy.deepcopy(policy), copy.deepcopy(critic)
     torch.manual_seed(0)
+    pol, cri = moved_copies(policy, critic)
     with torch.no_grad():
-        for p in list(pol.parameters()) + list(cri.parameters()):  # moved, so that both clips bite
-            p.add_(0.05 * torch.randn_like(p))
         loss, _ = ppo.minibatch_loss(batch, pol, cri, update_policy=True, temperature=1.0, vocab_size=tok.vocab_size,
                                      pad_id=tok.pad_id, cliprange=0.05, cliprange_value=0.5, vf_coef=1.0, amp=NO_AMP)
-        ids, attn, P = ppo.collate(batch["prompt"], batch["tokens"], batch["mask"], tok.pad_id)
-        mask = batch["mask"].bool()
-        pg, _ = ppo_policy_loss(token_logprobs(pol, ids, attn)[:, P - 1:], batch["logprobs"], batch["advantages"],
-                                mask, 0.05)
-        vf, _ = ppo_value_loss(cri(ids, attn, per_token=True)[:, P - 1:-1], batch["values"], batch["returns"], mask, 0.5)
-    torch.testing.assert_close(loss, (pg + vf) * mask.sum(), atol=1e-4, rtol=1e-5)
+        pg, _, vf = whole_batch_losses(batch, pol, cri, tok.pad_id, cliprange=0.05, cliprange_value=0.5)
+    torch.testing.assert_close(loss, (pg + vf) * batch["mask"].sum(), atol=1e-4, rtol=1e-5)
