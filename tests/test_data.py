@@ -500,3 +500,46 @@ def test_the_readers_reports_print_on_rank_0_only(tiny_tok, monkeypatch, capsys)
         monkeypatch.setenv("RANK", rank)
         tokenize_sft(rows, tiny_tok, "hh", max_len=24, max_response_len=16)
         assert ("tokenize_sft: 1/1 examples truncated" in capsys.readouterr().out) == printed
+
+
+# --- edge cases a second mutation audit found untested
+
+
+@pytest.mark.parametrize("key, value", [("score_A", "many"), ("score_B", None), ("score_A", float("inf"))])
+def test_shp_scores_must_be_finite_numbers(tmp_path, key, value):
+    """Without the check a text score read fine as a pair and failed in read_shp(multi=True) as a bare float() error,
+    naming neither the file nor the line."""
+    path = _jsonl(tmp_path / "s.jsonl", SHP_ROW, {**SHP_ROW, key: value})
+    with pytest.raises(ValueError, match=rf"s\.jsonl:2: key '{key}' must be a finite number"):
+        read_shp(path)
+
+
+@pytest.mark.parametrize("reference", [[], False, 0, {}])
+def test_a_falsy_reference_that_is_not_a_string_is_refused(tmp_path, reference):
+    """Only a missing key (or null) means "no reference": an empty list or a 0 is the wrong type, like 3 or ["x"]."""
+    path = _jsonl(tmp_path / "r.jsonl", {"prompt": "p", "response": "r", "reference": reference})
+    with pytest.raises(ValueError, match=r"r\.jsonl:1: key 'reference' must be a string"):
+        read_jsonl(path, required=("prompt", "response"))
+    _jsonl(path, {"prompt": "p", "response": "r", "reference": None}, {"prompt": "p", "response": "r", "reference": ""})
+    assert len(read_jsonl(path, required=("prompt", "response"))) == 2
+
+
+def test_read_alpaca_json_list_after_leading_whitespace(tmp_path):
+    """A JSON list that starts with a blank line or indentation is still a JSON list, not JSONL whose line 1 is '['."""
+    path = tmp_path / "alpaca_data.json"
+    path.write_text("\n  " + json.dumps(CLASSIC, indent=2))
+    assert read_alpaca(path) == CLASSIC_EXPECTED
+
+
+def test_read_alpaca_null_input_is_no_input(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([{"instruction": "Name a primary color.", "input": None, "output": "Red."}]))
+    assert read_alpaca(path) == [{"prompt": "Name a primary color.", "response": "Red."}]
+
+
+def test_tokenize_pretrain_puts_a_bos_before_every_document(tok):
+    """LLaMA-style: [bos] doc eos [bos] doc eos, not one BOS at the start of the stream."""
+    tok.add_bos = True
+    paris, blue = tok.encode("Paris."), tok.encode("Blue.")
+    [block] = tokenize_pretrain(["Paris.", "Blue."], tok, block_size=12)
+    assert block["ids"] == [tok.bos_id] + paris + [tok.eos_id] + [tok.bos_id] + blue + [tok.eos_id]

@@ -322,3 +322,8 @@ def test_one_prompts_comparison_has_no_standard_error_and_stays_valid_json():
     c = compare(["p"], ["a"], ["b"], lambda prompts, answers: [float(a == "a") for a in answers])
     assert c["win_rate"] == 1.0 and c["win_rate_se"] is None
     json.dumps(c, allow_nan=False)  # NaN is not JSON: --out wrote it
+
+
+def test_evaluate_answers_an_empty_reference_is_no_reference():
+    m = evaluate_answers([{"prompt": "Hi.", "reference": ""}, {"prompt": "Yo.", "reference": "a b"}], ["a b", "a b"])
+    assert m["rouge_l"] == 1.0 and m["n_reference"] == 1  # "" counted would halve the mean with a 0

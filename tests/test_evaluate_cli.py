@@ -7,12 +7,14 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nanoalign import evaluate, world
+from nanoalign import cli, evaluate, world
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
 from nanoalign.data import read_jsonl
@@ -366,3 +368,132 @@ def test_an_answer_ends_before_a_stop_id_that_is_an_ordinary_token(tmp_path, tok
     stopped = evaluate.sample_answers(model, tok_stop, prompts, "hh", max_new_tokens=4)
     assert [tok.decode(gen.answer(i)).strip() for i in range(2)] == stopped
     assert all("tiger" not in a for a in stopped) and plain != stopped
+
+
+# --- edge cases a second mutation audit found untested
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size=0"], "--batch_size=0: must be positive"),  # else range()'s step-zero error, after loading A
+    (["--limit=-1"], "--limit=-1: must be >= 0"),  # else records[:-1]: every prompt but the last, silently
+    (["--dtype=float16"], "--dtype=float16: choose one of float32, bfloat16"),
+    (["--device=tpu"], "--device=tpu: choose cpu, or cuda on a machine with a GPU"),
+])
+def test_more_bad_flags_fail_before_any_work(flags, message, models):
+    with pytest.raises(InputError, match=re.escape(message)):
+        evaluate.main([f"--model_a={models[0]}", f"--prompts={PROMPTS}", *flags])
+
+
+def test_best_of_samples_are_drawn_at_temperature_1_with_seeds_after_the_greedy_ones(models, monkeypatch):
+    """--best_of=N: sample k of A at temperature 1 seeded seed + 1 + k (the seeds --diversity_samples uses), then B
+    greedy. The best-of test above still passed with seeds seed + k (its picks coincide): spy on the seeds."""
+    calls, real = [], evaluate.sample_answers
+
+    def spy(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed):
+        calls.append((temperature, seed))
+        return real(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed)
+
+    monkeypatch.setattr(evaluate, "sample_answers", spy)
+    evaluate.main([f"--model_a={models[0]}", f"--model_b={models[1]}", "--best_of=3", "--best_of_rm=oracle",
+                   "--limit=2", "--max_new_tokens=4", "--seed=5", f"--prompts={PROMPTS}"])
+    assert calls == [(1.0, 6), (1.0, 7), (1.0, 8), (0.0, 5)]
+
+
+def test_refuses_to_run_under_torchrun(models, monkeypatch):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match="nanoalign.evaluate runs in one process: start it with python, not torchrun"):
+        evaluate.main([f"--model_a={models[0]}", f"--prompts={PROMPTS}"])
+
+
+def test_a_prompt_file_without_prompts_names_the_flag(models, tmp_path):
+    prompts = tmp_path / "empty.jsonl"
+    prompts.write_text("\n")
+    with pytest.raises(InputError, match=re.escape(f"--prompts={prompts}: no prompts")):
+        evaluate.main([f"--model_a={models[0]}", f"--prompts={prompts}"])
+
+
+def test_out_in_a_new_directory_is_written(models, tmp_path):
+    out = tmp_path / "new" / "dir" / "eval.json"
+    evaluate.main([f"--model_a={models[0]}", "--limit=1", "--max_new_tokens=1", f"--prompts={PROMPTS}", f"--out={out}"])
+    assert json.loads(out.read_text())["n_prompts"] == 1
+
+
+def test_sample_answers_needs_room_for_two_prompt_tokens(models, tok):
+    """max_new_tokens may leave the prompt two tokens of the context at least (one would be a BOS alone)."""
+    model = load_pretrained(models[0])  # max_seq_len 128
+    with pytest.raises(ValueError, match="max_new_tokens=127 leaves no room for a prompt in the context of 128"):
+        evaluate.sample_answers(model, tok, ["What is 2 plus 2?"], "hh", max_new_tokens=127)
+    assert len(evaluate.sample_answers(model, tok, ["What is 2 plus 2?"], "hh", max_new_tokens=126)) == 1
+
+
+def test_reward_judge_refuses_an_answer_longer_than_its_context(rm_dir, tok):
+    rm = RewardModel.from_pretrained(rm_dir)
+    answer = "Bees make honey. " * 60
+    n = len(encode_response(tok, answer, "hh"))
+    assert n > rm.cfg.max_seq_len
+    with pytest.raises(ValueError, match=f"an answer of {n} tokens does not fit the reward model's context of 128"):
+        evaluate.reward_judge(rm, tok, "hh")(["What is 2 plus 2?"], [answer])
+
+
+# --- nanoalign.cli
+
+
+@dataclass
+class _Flags:
+    resume: bool = False  # a bool flag
+    seed: int = 0         # a seed
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], (False, 0)), (["--resume"], (True, 0)), (["--resume=on"], (True, 0)), (["--resume=yes"], (True, 0)),
+    (["--resume=off"], (False, 0)), (["--resume=0"], (False, 0)), (["--resume=TRUE"], (True, 0)),
+    (["--seed=4294967295"], (False, 2**32 - 1)),  # the largest seed numpy takes is allowed
+])
+def test_parse_config_bool_and_seed_flags(argv, expected):
+    cfg = cli.parse_config(_Flags, argv)
+    assert (cfg.resume, cfg.seed) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume=maybe"], "argument --resume: expected a boolean, got 'maybe'"),
+    (["--seed=4294967296"], "argument --seed: expected a seed in [0, 4294967295], got '4294967296'"),
+])
+def test_parse_config_bad_bool_and_seed_values(argv, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        cli.parse_config(_Flags, argv)
+
+
+def test_check_device_names_the_gpus_this_machine_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cli.check_device(SimpleNamespace(device="cuda:1"))  # the last GPU is fine
+    cli.check_device(SimpleNamespace(device="cuda"))
+    with pytest.raises(InputError, match=re.escape("--device=cuda:2: this machine has 2 GPU(s), cuda:0 to cuda:1")):
+        cli.check_device(SimpleNamespace(device="cuda:2"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match=re.escape("--device=cuda: choose cpu, or cuda on a machine with a GPU")):
+        cli.check_device(SimpleNamespace(device="cuda"))
+
+
+def test_check_range_refuses_nan_set_in_code():
+    """A Config built by hand may hold NaN, which every comparison lets through: the range check names it."""
+    with pytest.raises(InputError, match=re.escape("--x=nan: must be a finite number")):
+        cli.check_range(SimpleNamespace(x=float("nan")), "x", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (ValueError("--x=1: bad"), 2, "error: --x=1: bad"),
+    (KeyError("missing tensors: w"), 2, "error: missing tensors: w"),  # not "'missing tensors: w'"
+    (FloatingPointError("loss is nan at step 3"), 1, "error: loss is nan at step 3"),  # a stopped run, not a bad input
+])
+def test_run_prints_one_line_and_exits_with_the_code_of_the_error(error, code, line, capsys, monkeypatch):
+    monkeypatch.delenv("NANOALIGN_DEBUG", raising=False)
+
+    def main(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(main, [])
+    assert exit_.value.code == code
+    assert capsys.readouterr().err == line + "\n"

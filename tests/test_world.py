@@ -276,3 +276,36 @@ def test_is_padded_finds_a_filler_sentence_anywhere():
     assert all(world.is_padded(f) for f in world.FILLERS)
     padded = world.pad_demonstrations([{"prompt": "p", "reference": ref, "response": ref}] * 50, 0.5, random.Random(0))
     assert 0 < sum(world.is_padded(r["response"]) for r in padded) < 50  # what the padded demonstrator adds
+
+
+def test_a_lookup_about_someone_not_in_the_prompt_is_not_a_world_prompt():
+    """parse_prompt's promise: a ValueError (is_world_prompt False), not a KeyError from the missing person."""
+    p = "Mia lives in Oslo. Tom lives in Rome. Where does Ana live?"
+    assert not world.is_world_prompt(p)
+    with pytest.raises(ValueError, match="not a prompt of the tiny world"):
+        world.quality(p, "Ana lives in Oslo.")
+
+
+def test_padded_demos_accepts_exactly_the_closed_unit_interval(tmp_path, monkeypatch):
+    for bad in (-0.1, 1.01):
+        with pytest.raises(ValueError, match=rf"--padded_demos={bad} must be a fraction in \[0, 1\]"):
+            world.build(tmp_path / "bad", padded_demos=bad)
+
+    class Checked(Exception):
+        pass
+
+    def past_the_check(*args, **kwargs):  # stop the build right after the check: no need to write a world
+        raise Checked
+
+    monkeypatch.setattr(world, "make_splits", past_the_check)
+    for fraction in (0.0, 1.0):  # both ends are fractions: 1.0 pads every SFT answer
+        with pytest.raises(Checked):
+            world.build(tmp_path / "ok", padded_demos=fraction)
+
+
+def test_pad_demonstrations_adds_one_to_three_fillers_each_count_seen():
+    ref = "Tom lives in Rome."
+    padded = world.pad_demonstrations([{"prompt": "p", "reference": ref, "response": ref}] * 300, 1.0,
+                                      random.Random(0))
+    counts = {sum(f in r["response"] for f in world.FILLERS) for r in padded}
+    assert counts == {1, 2, 3}  # fraction 1: every answer padded, with one, two or three distinct fillers
