@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanoalign.generate import filter_logits, generate, left_pad
-from nanoalign.model import ModelConfig, Transformer, apply_rope, rope_cos_sin
+from nanoalign.model import ModelConfig, Transformer, apply_rope, attention_mask_4d, rope_cos_sin
 
 FAMILIES = {
     "llama_gqa": dict(norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, rope_base=500.0),
@@ -132,6 +132,7 @@ def test_context_length_is_enforced():
     (dict(max_new_tokens=0), "max_new_tokens must be at least 1, got 0"),
     (dict(temperature=-1.0), r"temperature must be >= 0 \(0 = greedy\), got -1.0"),
     (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(temperature=float("inf")), "temperature must be finite, got inf"),  # logits / inf: a uniform draw
     (dict(top_k=-2), "top_k must be >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\] \(1 = off\), got 1.5"),
@@ -240,3 +241,100 @@ def test_llama3_rope_scaling_by_hand():
     expected = torch.stack([inv[0], (1 - blend) * inv[1] / 8 + blend * inv[1], inv[2] / 8])
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(scale_inv_freq(inv, {"rope_type": "linear", "factor": 2.0}), inv / 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_multi_token_chunk_after_a_cached_prefix_equals_the_full_forward(family):
+    """forward() with a cache at start_pos > 0 and T > 1 (a prompt fed in chunks): the chunk's queries sit at
+    positions start_pos.. and see the whole cached prefix (the causal mask is not SDPA's top-left is_causal), and
+    with a left-padding mask and no position_ids, positions are the mask's real-token count for the new columns."""
+    from nanoalign.model import KVCache
+
+    model = tiny(family)
+    x = torch.randint(3, 97, (3, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.cfg, 3, 20, "cpu", torch.float32)
+        chunks = [model(x[:, :8], cache=cache, start_pos=0), model(x[:, 8:14], cache=cache, start_pos=8),
+                  model(x[:, 14:], cache=cache, start_pos=14)]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+        rows = [x[0, :20].tolist(), x[1, :13].tolist(), x[2, :7].tolist()]
+        ids, mask = left_pad(rows, pad_id=0)
+        padded = model(ids, attention_mask=mask)
+        cache = KVCache(model.cfg, 3, 20, "cpu", torch.float32)
+        parts = [model(ids[:, :10], attention_mask=mask[:, :10], cache=cache, start_pos=0)]
+        parts += [model(ids[:, 10:15], attention_mask=mask[:, :15], cache=cache, start_pos=10)]
+        parts += [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, start_pos=t) for t in range(15, 20)]
+        got = torch.cat(parts, dim=1)
+        for i, r in enumerate(rows):  # pad positions are garbage by design: compare the real tokens only
+            torch.testing.assert_close(got[i, -len(r):], padded[i, -len(r):], atol=1e-5, rtol=1e-5)
+
+
+def test_context_length_counts_the_cached_prefix_and_the_cache_refuses_overflow():
+    from nanoalign.model import KVCache
+
+    model = tiny("llama_gqa")
+    cache = KVCache(model.cfg, 1, 70, "cpu", torch.float32)  # a cache larger than the model's context
+    with pytest.raises(ValueError, match="sequence of 65 tokens is longer than the context length 64"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache, start_pos=64)
+    small = KVCache(model.cfg, 1, 6, "cpu", torch.float32)
+    k = torch.zeros(1, model.cfg.n_kv_head, 2, model.cfg.head_dim)
+    with pytest.raises(ValueError, match="KV cache holds 6 positions, asked to write up to 7"):
+        small.update(0, 5, k, k)
+
+
+def test_init_weights_by_hand():
+    """GPT-2 init: norm gains 1, biases 0, the residual projections (wo, down) at std / sqrt(2 n_layer), every other
+    matrix at std."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**dict(vocab_size=97, dim=64, n_layer=4, n_head=4, hidden_dim=96),
+                                       **FAMILIES["pythia"]}))
+    model.init_weights(std=0.02)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert p.eq(0).all(), name
+        elif p.dim() == 1:
+            assert p.eq(1).all(), name
+        else:
+            expected = 0.02 / math.sqrt(8) if name.endswith(("wo.weight", "down.weight")) else 0.02
+            assert abs(p.std().item() / expected - 1) < 0.1, (name, p.std().item(), expected)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(dim=64, n_head=4, n_kv_head=3), "n_head=4 must be a multiple of n_kv_head=3"),
+    (dict(dim=60, n_head=4), r"rotary dimensions of a head \(head_dim=15 x rotary_pct=1.0\) must be even"),
+    (dict(dim=64, n_head=4, rotary_pct=0.5, head_dim=10), "must be even"),
+    (dict(dim=60, n_head=8), "dim=60 must be a multiple of n_head=8"),
+])
+def test_model_config_refuses_impossible_shapes(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kw)
+
+
+def test_attention_mask_4d_by_hand():
+    """Causal, pads hidden, and every query sees itself, pads included: a pad query that saw no key at all would
+    get NaN from the softmax on backends that do not zero fully masked rows, and NaN times a zero attention weight
+    is NaN in every real token after it. Queries at start_pos.. for a chunk after a cached prefix."""
+    pad_first = torch.tensor([[0, 1, 1]])
+    assert attention_mask_4d(pad_first, 3, 0)[0, 0].tolist() == [[True, False, False],
+                                                                 [False, True, False],
+                                                                 [False, True, True]]
+    two_pads = torch.tensor([[0, 0, 1, 1]])  # a chunk of 2 queries at cache positions 2, 3
+    assert attention_mask_4d(two_pads, 2, 2)[0, 0].tolist() == [[False, False, True, False],
+                                                                [False, False, True, True]]
+    assert attention_mask_4d(two_pads[:, :2], 1, 1)[0, 0].tolist() == [[False, True]]  # a pad query: itself only
+
+
+def test_generate_fits_prompt_and_new_tokens_in_the_context_exactly():
+    """The sequences generate() returns go through a later forward (PPO's log-probs): prompt + max_new_tokens may
+    reach the context length, not pass it, and an empty prompt is refused (it would sample from pads)."""
+    model = tiny("llama_gqa")
+    gen = generate(model, [[1] * 60], 4, temperature=0.0)
+    assert gen.sequences.shape == (1, 64)
+    with torch.no_grad():
+        model(gen.sequences)
+    with pytest.raises(ValueError, match="prompt of 60 tokens \\+ 5 new tokens exceeds the context length 64"):
+        generate(model, [[1] * 60], 5, temperature=0.0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], 4, temperature=0.0)

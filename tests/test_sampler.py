@@ -537,3 +537,78 @@ def test_cuda_graph_sampling_draws_the_eager_loops_tokens(family):
     assert graphed.tokens.tolist() == eager.tokens.tolist()
     torch.testing.assert_close(graphed.logprobs, eager.logprobs, atol=1e-4, rtol=0)
     assert eager.logprobs.sum() < 0  # something was sampled, not all pads
+
+
+# --- behaviours the parity tests above cannot see (found by mutation testing)
+
+
+def test_response_and_answer_of_stopped_and_cut_rows_by_hand():
+    """answer() drops the stop token of a row that stopped, and nothing of a row cut by max_new_tokens (dropping
+    its last token, or keeping a stop id that is an ordinary token, would change every evaluated answer)."""
+    from nanoalign.generate import Generation
+
+    gen = Generation(tokens=torch.tensor([[4, 9, 3], [5, 6, 7]]), mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
+                     logprobs=torch.zeros(2, 3), prompt_ids=torch.tensor([[3, 1], [2, 8]]),
+                     prompt_mask=torch.tensor([[0, 1], [1, 1]]), stopped=torch.tensor([True, False]))
+    assert (gen.response(0), gen.answer(0)) == ([4, 9], [4])
+    assert (gen.response(1), gen.answer(1)) == ([5, 6, 7], [5, 6, 7])
+    assert gen.sequences.tolist() == [[3, 1, 4, 9, 3], [2, 8, 5, 6, 7]]
+    assert gen.attention_mask.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_a_nonzero_pad_id_fills_the_prompts_pads_and_every_column_after_a_stop():
+    """Every other test pads with 0, the value a zero-initialised buffer holds anyway: with pad_id 3 the prompt's
+    left pads and every response column after a row's stop (the columns the early exit never visits included)
+    must read 3."""
+    model, prompts = tiny("llama_gqa"), [[5, 6, 7], [8, 9]]
+    free = generate(model, prompts, 12, temperature=0.0)
+    stops = [free.tokens[0, 1].item(), free.tokens[1, 2].item()]  # every row is done by step 2
+    assert 3 not in stops
+    gen = generate(model, prompts, 12, stop_ids=stops, pad_id=3, temperature=0.0)
+    assert gen.stopped.all() and int(gen.mask.sum(1).max()) < 12  # the loop ended early
+    assert gen.prompt_ids[1, 0].item() == 3 and gen.prompt_mask[1, 0].item() == 0
+    assert gen.tokens[gen.mask == 0].eq(3).all() and (gen.mask == 0).sum() > 12
+
+
+def test_filter_logits_on_unsorted_logits_by_hand():
+    # the hand test in test_model.py gives its logits sorted, where forgetting to scatter the sorted drop mask back
+    # to vocabulary order changes nothing; here the most likely ids sit in the middle
+    logits = torch.log(torch.tensor([[0.05, 0.3, 0.5, 0.15]]))
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[True, False, False, False]]
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_it_exactly():
+    """Four equally likely ids (probability 0.25 each, exact in float): the smallest set with probability >= 0.5
+    is two ids, not three (a token is dropped once the ones above it *reach* top_p, not exceed it)."""
+    flat = torch.zeros(1, 4)
+    assert int(torch.isfinite(filter_logits(flat, top_p=0.5)).sum()) == 2
+    assert int(torch.isfinite(filter_logits(flat, top_p=0.25)).sum()) == 1
+    assert int(torch.isfinite(filter_logits(flat, top_p=0.75)).sum()) == 3
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_everything():
+    # top_k is a user's number and a vocabulary may be smaller (a padded model's vocab_size cut): no error, no-op
+    logits = torch.log(torch.tensor([[0.05, 0.3, 0.5, 0.15]]))
+    assert torch.equal(filter_logits(logits, top_k=50), logits)
+    gen = generate(tiny("llama_gqa"), [[5, 6, 7]], 3, temperature=1.0, top_k=500, vocab_size=90,
+                   generator=torch.Generator().manual_seed(0))
+    assert gen.mask.sum() == 3
+
+
+def test_inverse_cdf_keeps_an_interval_for_ids_below_float32_resolution(monkeypatch):
+    """The running sums are float64 so that an id far less likely than the top one keeps its own interval: here id 1
+    weighs e^-20 ~ 2e-9 of the top id, below float32's resolution at 1 (1.2e-7), so in float32 sums it would never be
+    drawn. The uniform draw is pinned to land inside id 1's interval (1, 1 + w]."""
+    from nanoalign.generate import sample_next
+
+    logits = torch.tensor([[0.0, -20.0, 0.0]])
+    w = math.exp(-20.0)
+    total = 2.0 + w
+    r = 1 - (1 + w / 2) / total  # u = (1 - r) * total = 1 + w / 2: the middle of id 1's interval
+    monkeypatch.setattr(torch, "rand", lambda shape, dtype=None, device=None, generator=None:
+                        torch.full(shape, r, dtype=dtype, device=device))
+    nxt, logp = sample_next(logits, 1.0, None, None)
+    assert nxt.tolist() == [1]
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1)[:, 1])

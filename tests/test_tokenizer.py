@@ -387,3 +387,77 @@ def test_a_second_model_must_read_the_same_vocabulary_and_template(tmp_path, tok
         tok.check_reads_the_same(alpaca, "--reward_model=alpaca")
     tok.template = "alpaca"
     tok.check_reads_the_same(alpaca, "--reward_model=alpaca")
+
+
+# --- found by mutation testing: behaviours the tests above did not pin
+
+
+def test_eos_leads_the_stop_ids_whatever_the_order_of_a_configs_list(tmp_path):
+    # the tokenizer's eos comes first (special_ids writes the list, transformers takes its first entry as eos)
+    d = make_tokenizer_dir(tmp_path, config={"eos_token": "</s>"})
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    assert Tokenizer.from_dir(d).stop_ids == [1, 2]
+
+
+def test_config_json_eos_list_gives_stop_ids_without_a_generation_config(tmp_path):
+    d = make_tokenizer_dir(tmp_path, config=STANDARD_CONFIG)
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+    tok = Tokenizer.from_dir(d)
+    assert tok.stop_ids == [1, 5]
+    assert tok.special_ids() == {"bos_token_id": 0, "eos_token_id": [1, 5], "pad_token_id": 2}
+
+
+def test_special_ids_state_a_single_eos_as_an_int(tok):
+    assert tok.special_ids() == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+
+
+@pytest.mark.parametrize("kind", ["legacy", "metaspace"])
+def test_continuation_that_starts_with_a_newline_keeps_it(kind):
+    """encode_continuation encodes after a "\\n" anchor; when the text's first characters merge with the anchor (the
+    toy's trained "\\n\\n" token) the anchor's ids are not a prefix, and the text must be encoded on its own rather
+    than have its first token cut off."""
+    tok = _sentencepiece_style(kind)
+    anchor = tok.encode("\n")
+    for text in ("\n42", "\nAssistant: 42"):
+        assert tok.encode("\n" + text)[:len(anchor)] != anchor  # the merge this test is about
+        assert tok.decode(tok.encode_continuation(text)) == text
+
+
+def test_check_vocab_refuses_a_configured_pad_id_past_the_model(tmp_path):
+    # a pad_token_id from config.json past the tokenizer's ids: the model must have a row for it (prompts are
+    # padded with it), or the embedding lookup fails mid-run
+    d = make_tokenizer_dir(tmp_path, config={"bos_token": "<s>", "eos_token": "</s>"})
+    tok0 = Tokenizer.from_dir(d)
+    (d / "config.json").write_text(json.dumps({"pad_token_id": tok0.vocab_size + 10}))
+    tok = Tokenizer.from_dir(d)
+    assert tok.pad_id == tok0.vocab_size + 10
+    tok.check_vocab(tok0.vocab_size + 11)
+    with pytest.raises(ValueError, match=rf"ids up to {tok0.vocab_size + 10}\)"):
+        tok.check_vocab(tok0.vocab_size + 10)
+
+
+def test_add_bos_from_a_sequence_post_processor_and_only_for_the_bos_token(tmp_path):
+    """LLaMA-3's tokenizer.json post-processor is a Sequence (ByteLevel, then TemplateProcessing "<|begin_of_text|>
+    $A"); a template that starts with another special token does not add BOS."""
+    d = make_tokenizer_dir(tmp_path, config=STANDARD_CONFIG)
+    rust = RustTokenizer.from_file(str(d / "tokenizer.json"))
+    rust.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])])
+    rust.save(str(d / "tokenizer.json"))
+    assert Tokenizer.from_dir(d).add_bos is True
+    rust.post_processor = processors.TemplateProcessing(single="<pad> $A", special_tokens=[("<pad>", 2)])
+    rust.save(str(d / "tokenizer.json"))
+    assert Tokenizer.from_dir(d).add_bos is False
+
+
+def test_add_bos_without_a_bos_token_adds_nothing(tmp_path):
+    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path, config={"eos_token": "</s>", "add_bos_token": True}))
+    assert tok.bos_id is None and tok.add_bos is False
+    assert encode_prompt(tok, "Hi", "plain") == tok.encode("Hi")
+
+
+def test_an_input_marker_changes_only_the_alpaca_template():
+    prompt = "Translate.\n\n### Input:\nbonjour"
+    assert format_prompt(prompt, "hh") == f"\n\nHuman: {prompt}\n\nAssistant:"
+    assert format_prompt(prompt, "plain") == prompt
