@@ -1,4 +1,5 @@
 """Strict loading and safe saving: each malformed checkpoint raises an error naming what is wrong."""
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reference
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoalign.checkpoint import fuse_qkv, load_pretrained, save_pretrained, split_qkv
@@ -563,3 +565,138 @@ def test_every_file_reaches_the_disk_before_the_renames(tmp_path, monkeypatch):
     assert {p.name for p in d.iterdir()} <= synced and len(renames) == 2
     assert any(name.startswith(".ckpt.tmp-") for name in synced)  # the directory itself
     assert events[renames[-1] + 1] == ("sync", d.parent)
+
+
+# --- edge cases a second mutation audit found untested
+
+@pytest.mark.parametrize("kw, keep", [
+    (dict(norm_eps=1e-6),
+     ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")),
+    (dict(NEOX, hidden_dim=128), ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")),
+])
+def test_optional_config_keys_default_as_in_transformers(tmp_path, kw, keep):
+    """Older checkpoints leave out keys transformers fills in with its defaults (a Llama-2 config has no head_dim,
+    attention_bias or mlp_bias; a Pythia one no attention_bias): each missing key reads as transformers' default
+    (LLaMA: rms_norm_eps 1e-6, no biases, untied, as many k/v heads as heads; GPT-NeoX: exact GELU, layer_norm_eps
+    1e-5, a quarter of each head rotated, parallel residual, biased attention, an MLP 4x wide; both: rope base
+    10000, 2048 positions)."""
+    model, d = saved(tmp_path, **kw)
+    edit(d, lambda c: {k: v for k, v in c.items() if k in keep})
+    again = load_pretrained(d)
+    assert again.cfg == dataclasses.replace(model.cfg, max_seq_len=2048)
+    x = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("act, mlp", [("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_fast", "gelu_tanh"),
+                                      ("gelu_pytorch_tanh", "gelu_tanh")])
+def test_neox_activation_names_read_as_the_exact_or_the_tanh_gelu(tmp_path, act, mlp):
+    """transformers' gelu_new and gelu_fast are the tanh approximation, gelu the exact one."""
+    _, d = saved(tmp_path, **NEOX)
+    edit(d, lambda c: {**c, "hidden_act": act})
+    assert load_pretrained(d).cfg.mlp == mlp
+
+
+@pytest.mark.parametrize("kw", [dict(head_dim=8, n_kv_head=1, mlp_bias=True,
+                                     rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                                dict(NEOX, attn_bias=False)])
+def test_the_config_round_trips_with_non_default_values(tmp_path, kw):
+    model, d = saved(tmp_path, **kw)
+    assert load_pretrained(d).cfg == model.cfg
+
+
+def test_legacy_and_newer_rope_scaling_keys(tmp_path):
+    """Older configs spell rope_scaling's kind "type"; a config holding both rope_scaling and rope_parameters is
+    read from rope_scaling, as transformers does (`rope_scaling or rope_parameters`)."""
+    _, d = saved(tmp_path)
+    edit(d, lambda c: {**c, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert load_pretrained(d).cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    edit(d, lambda c: {**c, "rope_parameters": {"rope_type": "linear", "factor": 8.0}})
+    assert load_pretrained(d).cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_a_config_json_that_is_not_utf8_names_the_file(tmp_path):
+    _, d = saved(tmp_path)
+    path = d / "config.json"
+    path.write_bytes(path.read_bytes().replace(b'"llama"', b'"ll\xe9ama"'))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not UTF-8 text \\(byte 0xe9 at offset \\d+\\)$"):
+        load_pretrained(d)
+
+
+def test_an_older_neox_checkpoints_attention_buffers_are_ignored(tmp_path):
+    """transformers 4.x Pythia checkpoints store each layer's causal mask and masked_bias: buffers, no weights."""
+    model, d = saved(tmp_path, **NEOX)
+    rewrite(d, lambda t: t.update({"gpt_neox.layers.0.attention.bias": torch.ones(1, 1, 4, 4, dtype=torch.bool),
+                                   "gpt_neox.layers.0.attention.masked_bias": torch.tensor(-1e9)}))
+    x = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(d)(x), model(x))
+
+
+def test_a_crash_after_the_old_checkpoint_is_set_aside_loses_nothing(tmp_path, monkeypatch):
+    """The previous checkpoint is renamed aside, not deleted, before the new one is renamed into place: a crash
+    between the two renames leaves it to be put back."""
+    import nanoalign.checkpoint as ckpt_mod
+
+    model, d = saved(tmp_path)
+    real_replace = ckpt_mod.os.replace
+
+    class Crash(Exception):
+        pass
+
+    def replace(a, b):
+        if Path(a).name.startswith(".ckpt.tmp-"):
+            raise Crash
+        return real_replace(a, b)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    with pytest.raises(Crash):
+        save_pretrained(Transformer(model.cfg), d)
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)
+
+
+def test_shards_are_packed_in_order_up_to_the_limit(tmp_path):
+    """Greedy packing: no empty shard, two neighbouring shards never fit in one, and the index's total_size is
+    the bytes of every tensor."""
+    model, _ = saved(tmp_path)
+    limit = 5_000
+    d = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=limit)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in d.glob("*.safetensors"))
+    assert files == sorted(set(index["weight_map"].values())) and len(files) > 2
+
+    def nbytes(name):
+        with safe_open(d / name, framework="pt") as f:
+            return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+
+    sizes = [nbytes(name) for name in files]
+    assert all(a + b > limit for a, b in zip(sizes, sizes[1:])), sizes
+    assert index["metadata"]["total_size"] == sum(sizes) == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_a_bare_model_name_is_a_hub_id_and_a_deep_missing_path_is_not(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from nanoalign.checkpoint import resolve_dir
+
+    _, d = saved(tmp_path)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns=None, **kw: calls.append((repo_id, allow_patterns)) or str(d))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_dir("gpt2") == d and calls[0][0] == "gpt2"
+    assert {"*.json", "*.safetensors"} <= set(calls[0][1])  # config.json and the weights
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_dir("out/typo/model")
+    assert len(calls) == 1
+
+
+def test_a_non_numeric_llama3_rope_value_is_named(tmp_path):
+    _, d = saved(tmp_path)
+    path = edit(d, lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": "16"}})
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: key 'rope_scaling': "
+                                         f"'original_max_position_embeddings' must be a positive number, got '16'$"):
+        load_pretrained(d)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -571,3 +572,110 @@ def test_train_first_trains_a_missing_default_once_and_only_rank_0_says_so(tmp_p
     monkeypatch.setenv("RANK", "1")
     train.train_first(path, "the tiny SFT model", "train_sft.py", fake_train, ["--device=cpu"])
     assert len(calls) == 2 and capsys.readouterr().out == ""
+
+
+# --- edge cases a second mutation audit found untested
+
+def test_one_seeds_data_order_is_not_another_seeds_next_epoch():
+    """Seeding epoch e of seed s with s + e would make a run with --seed=1 replay the second epoch of --seed=0: two
+    'independent' seeds of a comparison would share most of their data order."""
+    for seed in range(3):
+        assert train.batch_indices(1, 10, 10, seed=seed) != train.batch_indices(0, 10, 10, seed=seed + 1)
+
+
+def test_resume_checks_only_the_flags_the_checkpoint_recorded():
+    """Checkpoints written without a config, or before a flag existed, resume; a recorded flag that differs does not."""
+    cfg = SimpleNamespace(lr=0.1, new_flag=3)
+    train.check_resumed_flags(cfg, None, ["lr"])  # a fresh run
+    train.check_resumed_flags(cfg, {"step": 2, "config": None}, ["lr", "new_flag"])  # saved with config=None
+    train.check_resumed_flags(cfg, {"step": 2}, ["lr", "new_flag"])
+    train.check_resumed_flags(cfg, {"step": 2, "config": {"lr": 0.1}}, ["lr", "new_flag"])  # new_flag added since
+    with pytest.raises(InputError, match=r"^--lr=0\.2: the checkpoint to resume was written with --lr=0\.1; "):
+        train.check_resumed_flags(SimpleNamespace(lr=0.2, new_flag=3), {"config": {"lr": 0.1}}, ["lr", "new_flag"])
+
+
+def test_restore_names_a_missing_optimizer_state():
+    model = torch.nn.Linear(2, 2)
+    opt = train.adamw(model, 1e-3)
+    state = {"step": 1, "rng": [train._rng_state()], "extra": {}}
+    with pytest.raises(InputError, match=r"^checkpoint holds no optimizer state 'optimizer' \(has \['extra', 'rng', "
+                                         r"'step'\]\)$"):
+        train.restore(state, {"model": (model, opt)}, dist.Dist())
+
+
+def test_restore_on_more_ranks_than_were_saved_takes_rank_0s_rng():
+    torch.manual_seed(1)
+    s0 = train._rng_state()
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    assert train.restore({"step": 4, "rng": [s0], "extra": {}}, {}, dist.Dist(rank=2, world_size=3)) == 4
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_metrics_log_resume_skips_blank_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1}) + "\n\n" + json.dumps({"step": 2}) + "\n" + json.dumps({"step": 3}) + "\n")
+    train.MetricsLog(path, dist.Dist(), resume_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_only_rank_0_writes_the_metrics_log(tmp_path):
+    """Under torchrun every rank builds the log; a second writer would truncate or duplicate rank 0's records."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    before = path.read_text()
+    log = train.MetricsLog(path, dist.Dist(rank=1, world_size=2), resume_step=1)
+    log.log({"step": 2, "loss": 1.0})
+    assert path.read_text() == before
+
+
+def test_save_eval_never_leaves_a_half_written_file(tmp_path):
+    """run_all.py skips a stage that has an eval.json: a failed write must leave the previous one whole."""
+    path = train.save_eval(tmp_path, {"reward": 1.0})
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        train.save_eval(tmp_path, {"reward": 2.0, "model": object()})  # json cannot write it: fails mid-record
+    assert path.read_text() == before and json.loads(before) == {"reward": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_should_save_every_n_steps_and_at_the_last():
+    assert [s for s in range(1, 8) if train.should_save(s, 3, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 5) if train.should_save(s, 0, 4)] == [4]  # 0: only the last
+
+
+def test_eval_sums_runs_as_many_forwards_on_every_rank_and_none_on_no_rows():
+    """A rank with fewer rows still runs the forwards the others run (FSDP gathers weights collectively: one fewer
+    hangs the others), each on a real row, never on an empty batch."""
+    calls = []
+
+    def fn(chunk):
+        assert chunk, "a forward on no rows"
+        calls.append(list(chunk))
+        return torch.tensor([float(sum(chunk)), float(len(chunk))])
+
+    rows = [1.0, 2.0, 4.0]
+    assert train.eval_sums(rows, 1, dist.Dist(rank=1, world_size=2), fn).tolist() == [2.0, 1.0]
+    assert calls == [[2.0], [1.0]]  # its row, then a dummy forward that is not counted
+    with pytest.raises(InputError, match="^no held-out examples to evaluate$"):
+        train.eval_sums([], 2, dist.Dist(), fn)
+
+
+def test_check_files_names_a_file_given_for_a_directory_and_hints_only_at_the_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok.json").write_text("{}")
+    with pytest.raises(InputError, match="^--tokenizer=tok.json: expected a directory, found a file$"):
+        train.check_files(SimpleNamespace(tokenizer="tok.json"), "tokenizer", directory=True)
+    train.check_files(SimpleNamespace(tokenizer=str(tmp_path)), "tokenizer", directory=True)
+    # a relative path the repository does not hold either: no advice to run from the repository
+    with pytest.raises(InputError) as e:
+        train.check_files(SimpleNamespace(data="data/no_such_file.jsonl"), "data")
+    assert str(e.value) == f"--data=data/no_such_file.jsonl: not found (looked in {tmp_path})"
+
+
+def test_restore_names_an_optimizer_state_that_is_not_one():
+    model = torch.nn.Linear(2, 2)
+    state = {"step": 1, "rng": [train._rng_state()], "extra": {}, "optimizer": None}
+    with pytest.raises(InputError, match=r"^train_state\.pt: optimizer is not an optimizer state \(a dict with "
+                                         r"'state'\), it holds a NoneType$"):
+        train.restore(state, {"model": (model, train.adamw(model, 1e-3))}, dist.Dist())
