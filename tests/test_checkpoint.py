@@ -189,6 +189,30 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def test_a_crash_after_the_old_checkpoint_is_set_aside_loses_nothing(tmp_path, monkeypatch):
+    """The previous checkpoint is renamed aside, not deleted, before the new one is renamed into place: a crash
+    between the two renames leaves it to be put back. (The test above builds that state by hand; here save_pretrained
+    makes it, so a save that deleted the old checkpoint instead would fail.)"""
+    import nanoalign.checkpoint as ckpt_mod
+
+    model, d = saved(tmp_path)
+    real_replace = ckpt_mod.os.replace
+
+    class Crash(Exception):
+        pass
+
+    def replace(a, b):
+        if Path(a).name.startswith(".ckpt.tmp-"):
+            raise Crash
+        return real_replace(a, b)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    with pytest.raises(Crash):
+        save_pretrained(Transformer(model.cfg), d)
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)
+
+
 def test_the_newest_aside_checkpoint_is_recovered_and_stale_ones_cleared(tmp_path):
     import os
     import time
@@ -355,17 +379,10 @@ def test_invalid_index_json_names_the_file(tmp_path):
         load_pretrained(d)
 
 
-def test_a_mistyped_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
-    from nanoalign.checkpoint import resolve_dir
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "out").mkdir()
-    for name in ("out/typo", "./typo", str(tmp_path / "typo")):
-        with pytest.raises(FileNotFoundError, match="does not exist"):
-            resolve_dir(name)
-
-
-def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """snapshot_download replaced by a recorder that "downloads" a saved tiny model: (calls, model, its directory),
+    calls holding (repo_id, allow_patterns) of each download; the working directory is tmp_path."""
     import huggingface_hub
 
     model, d = saved(tmp_path)
@@ -377,8 +394,27 @@ def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.chdir(tmp_path)
-    again = load_pretrained("some-org/some-model")
-    assert calls and calls[0][0] == "some-org/some-model" and "*.safetensors" in calls[0][1]
+    return calls, model, d
+
+
+def test_a_mistyped_local_path_is_not_a_hub_id(tmp_path, fake_hub):
+    from nanoalign.checkpoint import resolve_dir
+
+    calls, _, _ = fake_hub
+    (tmp_path / "out").mkdir()
+    # "out/typo/model": two slashes, no hub id has them, whether or not its parents exist
+    for name in ("out/typo", "./typo", str(tmp_path / "typo"), "out/typo/model", "missing/typo/model"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            resolve_dir(name)
+    assert calls == []  # none of them went to the hub
+
+
+@pytest.mark.parametrize("hub_id", ["some-org/some-model", "gpt2"])  # a bare name (no owner) is a hub id too
+def test_hub_id_goes_through_snapshot_download(fake_hub, hub_id):
+    calls, model, _ = fake_hub
+    again = load_pretrained(hub_id)
+    assert [repo for repo, _ in calls] == [hub_id]
+    assert {"*.json", "*.safetensors"} <= set(calls[0][1])  # config.json and the weights
     assert torch.equal(again.tok_emb.weight, model.tok_emb.weight)
 
 
@@ -634,29 +670,6 @@ def test_an_older_neox_checkpoints_attention_buffers_are_ignored(tmp_path):
         assert torch.equal(load_pretrained(d)(x), model(x))
 
 
-def test_a_crash_after_the_old_checkpoint_is_set_aside_loses_nothing(tmp_path, monkeypatch):
-    """The previous checkpoint is renamed aside, not deleted, before the new one is renamed into place: a crash
-    between the two renames leaves it to be put back."""
-    import nanoalign.checkpoint as ckpt_mod
-
-    model, d = saved(tmp_path)
-    real_replace = ckpt_mod.os.replace
-
-    class Crash(Exception):
-        pass
-
-    def replace(a, b):
-        if Path(a).name.startswith(".ckpt.tmp-"):
-            raise Crash
-        return real_replace(a, b)
-
-    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
-    with pytest.raises(Crash):
-        save_pretrained(Transformer(model.cfg), d)
-    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
-    assert torch.equal(load_pretrained(d).tok_emb.weight, model.tok_emb.weight)
-
-
 def test_shards_are_packed_in_order_up_to_the_limit(tmp_path):
     """Greedy packing: no empty shard, two neighbouring shards never fit in one, and the index's total_size is
     the bytes of every tensor."""
@@ -674,23 +687,6 @@ def test_shards_are_packed_in_order_up_to_the_limit(tmp_path):
     sizes = [nbytes(name) for name in files]
     assert all(a + b > limit for a, b in zip(sizes, sizes[1:])), sizes
     assert index["metadata"]["total_size"] == sum(sizes) == sum(p.numel() * 4 for p in model.parameters())
-
-
-def test_a_bare_model_name_is_a_hub_id_and_a_deep_missing_path_is_not(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    from nanoalign.checkpoint import resolve_dir
-
-    _, d = saved(tmp_path)
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, allow_patterns=None, **kw: calls.append((repo_id, allow_patterns)) or str(d))
-    monkeypatch.chdir(tmp_path)
-    assert resolve_dir("gpt2") == d and calls[0][0] == "gpt2"
-    assert {"*.json", "*.safetensors"} <= set(calls[0][1])  # config.json and the weights
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_dir("out/typo/model")
-    assert len(calls) == 1
 
 
 def test_a_non_numeric_llama3_rope_value_is_named(tmp_path):

@@ -166,6 +166,12 @@ def test_diversity_samples_is_self_bleu_of_seeded_samples(models, tok):
     (["--model_a={a}", "--template=chatml"], "--template=chatml: choose one of auto, plain, hh, alpaca"),
     (["--model_a={a}", "--prompts=nowhere.jsonl"], "--prompts=nowhere.jsonl: not found"),
     (["--model_a={a}", "--prompts=data"], "--prompts=data: expected a file, found a directory"),
+    # else range()'s step-zero error, after loading A
+    (["--model_a={a}", "--batch_size=0"], "--batch_size=0: must be positive"),
+    # else records[:-1]: every prompt but the last, silently
+    (["--model_a={a}", "--limit=-1"], "--limit=-1: must be >= 0"),
+    (["--model_a={a}", "--dtype=float16"], "--dtype=float16: choose one of float32, bfloat16"),
+    (["--model_a={a}", "--device=tpu"], "--device=tpu: choose cpu, or cuda on a machine with a GPU"),
 ])
 def test_bad_flags(flags, message, models, monkeypatch):
     monkeypatch.chdir(ROOT)  # the default --prompts is relative to the repository
@@ -204,8 +210,14 @@ def test_sample_answers_keeps_the_end_of_a_long_prompt_and_the_models_mode(tok):
     assert got == [tok.decode(gen.response(0)).strip()]
 
 
-def test_diversity_samples_are_drawn_at_temperature_1_with_seeds_after_the_greedy_ones(models, monkeypatch):
-    # the self-BLEU test above cannot see the seeds (the tiny model's samples share no 4-grams): spy on them
+@pytest.mark.parametrize("flags, expected", [
+    (["--diversity_samples=3"], [(0.0, 5), (1.0, 6), (1.0, 7), (1.0, 8)]),  # A greedy, then its samples
+    (["--model_b={b}", "--best_of=3", "--best_of_rm=oracle"], [(1.0, 6), (1.0, 7), (1.0, 8), (0.0, 5)]),  # then B
+])
+def test_samples_are_drawn_at_temperature_1_with_seeds_after_the_greedy_ones(models, monkeypatch, flags, expected):
+    """Sample k is drawn at temperature 1 seeded seed + 1 + k, for --diversity_samples and --best_of alike. Neither
+    output shows the seeds (the tiny model's samples share no 4-grams for self-BLEU; the best-of picks coincided
+    under seeds seed + k): spy on them."""
     calls, real = [], evaluate.sample_answers
 
     def spy(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed):
@@ -213,9 +225,9 @@ def test_diversity_samples_are_drawn_at_temperature_1_with_seeds_after_the_greed
         return real(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed)
 
     monkeypatch.setattr(evaluate, "sample_answers", spy)
-    evaluate.main([f"--model_a={models[0]}", "--limit=2", "--max_new_tokens=4", "--diversity_samples=3", "--seed=5",
-                   f"--prompts={PROMPTS}"])
-    assert calls == [(0.0, 5), (1.0, 6), (1.0, 7), (1.0, 8)]
+    evaluate.main([f"--model_a={models[0]}", "--limit=2", "--max_new_tokens=4", "--seed=5", f"--prompts={PROMPTS}",
+                   *(f.format(b=models[1]) for f in flags)])
+    assert calls == expected
 
 
 def test_without_limit_every_prompt_is_answered(models, tmp_path):
@@ -371,32 +383,6 @@ def test_an_answer_ends_before_a_stop_id_that_is_an_ordinary_token(tmp_path, tok
 
 
 # --- edge cases a second mutation audit found untested
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--batch_size=0"], "--batch_size=0: must be positive"),  # else range()'s step-zero error, after loading A
-    (["--limit=-1"], "--limit=-1: must be >= 0"),  # else records[:-1]: every prompt but the last, silently
-    (["--dtype=float16"], "--dtype=float16: choose one of float32, bfloat16"),
-    (["--device=tpu"], "--device=tpu: choose cpu, or cuda on a machine with a GPU"),
-])
-def test_more_bad_flags_fail_before_any_work(flags, message, models):
-    with pytest.raises(InputError, match=re.escape(message)):
-        evaluate.main([f"--model_a={models[0]}", f"--prompts={PROMPTS}", *flags])
-
-
-def test_best_of_samples_are_drawn_at_temperature_1_with_seeds_after_the_greedy_ones(models, monkeypatch):
-    """--best_of=N: sample k of A at temperature 1 seeded seed + 1 + k (the seeds --diversity_samples uses), then B
-    greedy. The best-of test above still passed with seeds seed + k (its picks coincide): spy on the seeds."""
-    calls, real = [], evaluate.sample_answers
-
-    def spy(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed):
-        calls.append((temperature, seed))
-        return real(model, tok_, prompts, template, max_new_tokens, temperature, batch_size, seed)
-
-    monkeypatch.setattr(evaluate, "sample_answers", spy)
-    evaluate.main([f"--model_a={models[0]}", f"--model_b={models[1]}", "--best_of=3", "--best_of_rm=oracle",
-                   "--limit=2", "--max_new_tokens=4", "--seed=5", f"--prompts={PROMPTS}"])
-    assert calls == [(1.0, 6), (1.0, 7), (1.0, 8), (0.0, 5)]
 
 
 def test_refuses_to_run_under_torchrun(models, monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanoalign.generate import filter_logits, generate, left_pad
-from nanoalign.model import ModelConfig, Transformer, apply_rope, attention_mask_4d, rope_cos_sin
+from nanoalign.model import KVCache, ModelConfig, Transformer, apply_rope, attention_mask_4d, rope_cos_sin
 
 FAMILIES = {
     "llama_gqa": dict(norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, rope_base=500.0),
@@ -29,8 +29,6 @@ def tiny(family, **kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decoding_equals_full_forward(family):
-    from nanoalign.model import KVCache
-
     model = tiny(family)
     x = torch.randint(0, 97, (3, 20))
     with torch.no_grad():
@@ -248,8 +246,6 @@ def test_a_multi_token_chunk_after_a_cached_prefix_equals_the_full_forward(famil
     """forward() with a cache at start_pos > 0 and T > 1 (a prompt fed in chunks): the chunk's queries sit at
     positions start_pos.. and see the whole cached prefix (the causal mask is not SDPA's top-left is_causal), and
     with a left-padding mask and no position_ids, positions are the mask's real-token count for the new columns."""
-    from nanoalign.model import KVCache
-
     model = tiny(family)
     x = torch.randint(3, 97, (3, 20))
     with torch.no_grad():
@@ -272,8 +268,6 @@ def test_a_multi_token_chunk_after_a_cached_prefix_equals_the_full_forward(famil
 
 
 def test_context_length_counts_the_cached_prefix_and_the_cache_refuses_overflow():
-    from nanoalign.model import KVCache
-
     model = tiny("llama_gqa")
     cache = KVCache(model.cfg, 1, 70, "cpu", torch.float32)  # a cache larger than the model's context
     with pytest.raises(ValueError, match="sequence of 65 tokens is longer than the context length 64"):

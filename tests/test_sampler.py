@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import nanoalign.generate
-from nanoalign.generate import (PackedLinear, PackedModel, can_prepack, decode_step, filter_logits, generate, left_pad,
-                                prepacked)
+from nanoalign.generate import (Generation, PackedLinear, PackedModel, can_prepack, decode_step, filter_logits,
+                                generate, left_pad, prepacked, sample_next)
 from nanoalign.model import KVCache, ModelConfig, Transformer, rope_cos_sin
 
 FAMILIES = {
@@ -545,8 +545,6 @@ def test_cuda_graph_sampling_draws_the_eager_loops_tokens(family):
 def test_response_and_answer_of_stopped_and_cut_rows_by_hand():
     """answer() drops the stop token of a row that stopped, and nothing of a row cut by max_new_tokens (dropping
     its last token, or keeping a stop id that is an ordinary token, would change every evaluated answer)."""
-    from nanoalign.generate import Generation
-
     gen = Generation(tokens=torch.tensor([[4, 9, 3], [5, 6, 7]]), mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
                      logprobs=torch.zeros(2, 3), prompt_ids=torch.tensor([[3, 1], [2, 8]]),
                      prompt_mask=torch.tensor([[0, 1], [1, 1]]), stopped=torch.tensor([True, False]))
@@ -601,8 +599,6 @@ def test_inverse_cdf_keeps_an_interval_for_ids_below_float32_resolution(monkeypa
     """The running sums are float64 so that an id far less likely than the top one keeps its own interval: here id 1
     weighs e^-20 ~ 2e-9 of the top id, below float32's resolution at 1 (1.2e-7), so in float32 sums it would never be
     drawn. The uniform draw is pinned to land inside id 1's interval (1, 1 + w]."""
-    from nanoalign.generate import sample_next
-
     logits = torch.tensor([[0.0, -20.0, 0.0]])
     w = math.exp(-20.0)
     total = 2.0 + w

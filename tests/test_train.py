@@ -248,6 +248,9 @@ def test_metrics_log_drops_a_last_line_cut_short_and_names_a_damaged_one(tmp_pat
     path.write_text(json.dumps({"step": 1}) + "\n{oops\n" + json.dumps({"step": 2}) + "\n")
     with pytest.raises(InputError, match=rf"^--resume: {re.escape(str(path))}:2: not a JSON record"):
         train.MetricsLog(path, dist.Dist(), resume_step=2)
+    path.write_text(json.dumps({"step": 1}) + "\n\n" + json.dumps({"step": 2}) + "\n" + json.dumps({"step": 3}) + "\n")
+    train.MetricsLog(path, dist.Dist(), resume_step=2)  # a blank line is no record, not a damaged one
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
@@ -477,6 +480,10 @@ def test_data_order_depends_on_the_seed():
     a = train.batch_indices(0, 10, 10, seed=0)
     b = train.batch_indices(0, 10, 10, seed=1)
     assert sorted(a) == sorted(b) == list(range(10)) and a != b
+    # seeding epoch e of seed s with s + e would make --seed=1 replay the second epoch of --seed=0: two
+    # "independent" seeds of a comparison would share most of their data order
+    for seed in range(3):
+        assert train.batch_indices(1, 10, 10, seed=seed) != train.batch_indices(0, 10, 10, seed=seed + 1)
 
 
 def test_guard_stops_on_a_nonfinite_loss_with_finite_gradients():
@@ -533,15 +540,31 @@ def test_restore_gives_each_rank_its_own_rng_state():
     torch.manual_seed(99)
     assert train.restore({"step": 4, "rng": [s0, s1], "extra": {}}, {}, dist.Dist(rank=1, world_size=2)) == 4
     assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(1)
+    rank_0_next = torch.rand(3)
+    torch.manual_seed(99)  # a rank the checkpoint has no state for (resumed on more ranks) takes rank 0's
+    assert train.restore({"step": 4, "rng": [s0], "extra": {}}, {}, dist.Dist(rank=2, world_size=3)) == 4
+    assert torch.equal(torch.rand(3), rank_0_next)
 
 
 def test_eval_sums_counts_no_dummy_forward():
-    fn = lambda chunk: torch.tensor([float(sum(chunk)), float(len(chunk))])  # noqa: E731
+    """A rank with fewer rows still runs the forwards the others run (FSDP gathers weights collectively: one fewer
+    hangs the others), each on a real row, never on an empty batch, and the dummy ones are not counted."""
+    calls = []
+
+    def fn(chunk):
+        assert chunk, "a forward on no rows"
+        calls.append(list(chunk))
+        return torch.tensor([float(sum(chunk)), float(len(chunk))])
+
     rows = [1.0, 2.0, 4.0]
     # rank 1 of 2 holds [2.0] and runs a second, dummy forward (rank 0 holds [1.0, 4.0]): not counted
     assert train.eval_sums(rows, 1, dist.Dist(rank=1, world_size=2), fn).tolist() == [2.0, 1.0]
+    assert calls == [[2.0], [1.0]]  # its row, then the dummy on a real row
     assert train.eval_sums(rows, 1, dist.Dist(rank=0, world_size=2), fn).tolist() == [5.0, 2.0]
     assert train.eval_sums(rows, 2, dist.Dist(), fn).tolist() == [7.0, 3.0]  # a last, partial micro-batch
+    with pytest.raises(InputError, match="^no held-out examples to evaluate$"):
+        train.eval_sums([], 2, dist.Dist(), fn)
 
 
 def test_place_freezes_a_model_that_is_not_trained():
@@ -576,13 +599,6 @@ def test_train_first_trains_a_missing_default_once_and_only_rank_0_says_so(tmp_p
 
 # --- edge cases a second mutation audit found untested
 
-def test_one_seeds_data_order_is_not_another_seeds_next_epoch():
-    """Seeding epoch e of seed s with s + e would make a run with --seed=1 replay the second epoch of --seed=0: two
-    'independent' seeds of a comparison would share most of their data order."""
-    for seed in range(3):
-        assert train.batch_indices(1, 10, 10, seed=seed) != train.batch_indices(0, 10, 10, seed=seed + 1)
-
-
 def test_resume_checks_only_the_flags_the_checkpoint_recorded():
     """Checkpoints written without a config, or before a flag existed, resume; a recorded flag that differs does not."""
     cfg = SimpleNamespace(lr=0.1, new_flag=3)
@@ -592,31 +608,6 @@ def test_resume_checks_only_the_flags_the_checkpoint_recorded():
     train.check_resumed_flags(cfg, {"step": 2, "config": {"lr": 0.1}}, ["lr", "new_flag"])  # new_flag added since
     with pytest.raises(InputError, match=r"^--lr=0\.2: the checkpoint to resume was written with --lr=0\.1; "):
         train.check_resumed_flags(SimpleNamespace(lr=0.2, new_flag=3), {"config": {"lr": 0.1}}, ["lr", "new_flag"])
-
-
-def test_restore_names_a_missing_optimizer_state():
-    model = torch.nn.Linear(2, 2)
-    opt = train.adamw(model, 1e-3)
-    state = {"step": 1, "rng": [train._rng_state()], "extra": {}}
-    with pytest.raises(InputError, match=r"^checkpoint holds no optimizer state 'optimizer' \(has \['extra', 'rng', "
-                                         r"'step'\]\)$"):
-        train.restore(state, {"model": (model, opt)}, dist.Dist())
-
-
-def test_restore_on_more_ranks_than_were_saved_takes_rank_0s_rng():
-    torch.manual_seed(1)
-    s0 = train._rng_state()
-    expected = torch.rand(3)
-    torch.manual_seed(99)
-    assert train.restore({"step": 4, "rng": [s0], "extra": {}}, {}, dist.Dist(rank=2, world_size=3)) == 4
-    assert torch.equal(torch.rand(3), expected)
-
-
-def test_metrics_log_resume_skips_blank_lines(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"step": 1}) + "\n\n" + json.dumps({"step": 2}) + "\n" + json.dumps({"step": 3}) + "\n")
-    train.MetricsLog(path, dist.Dist(), resume_step=2)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
 def test_only_rank_0_writes_the_metrics_log(tmp_path):
@@ -644,23 +635,6 @@ def test_should_save_every_n_steps_and_at_the_last():
     assert [s for s in range(1, 5) if train.should_save(s, 0, 4)] == [4]  # 0: only the last
 
 
-def test_eval_sums_runs_as_many_forwards_on_every_rank_and_none_on_no_rows():
-    """A rank with fewer rows still runs the forwards the others run (FSDP gathers weights collectively: one fewer
-    hangs the others), each on a real row, never on an empty batch."""
-    calls = []
-
-    def fn(chunk):
-        assert chunk, "a forward on no rows"
-        calls.append(list(chunk))
-        return torch.tensor([float(sum(chunk)), float(len(chunk))])
-
-    rows = [1.0, 2.0, 4.0]
-    assert train.eval_sums(rows, 1, dist.Dist(rank=1, world_size=2), fn).tolist() == [2.0, 1.0]
-    assert calls == [[2.0], [1.0]]  # its row, then a dummy forward that is not counted
-    with pytest.raises(InputError, match="^no held-out examples to evaluate$"):
-        train.eval_sums([], 2, dist.Dist(), fn)
-
-
 def test_check_files_names_a_file_given_for_a_directory_and_hints_only_at_the_repo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tok.json").write_text("{}")
@@ -673,9 +647,14 @@ def test_check_files_names_a_file_given_for_a_directory_and_hints_only_at_the_re
     assert str(e.value) == f"--data=data/no_such_file.jsonl: not found (looked in {tmp_path})"
 
 
-def test_restore_names_an_optimizer_state_that_is_not_one():
+@pytest.mark.parametrize("optimizer, message", [
+    ("missing", r"^checkpoint holds no optimizer state 'optimizer' \(has \['extra', 'rng', 'step'\]\)$"),
+    (None, r"^train_state\.pt: optimizer is not an optimizer state \(a dict with 'state'\), it holds a NoneType$"),
+])
+def test_restore_names_a_missing_or_malformed_optimizer_state(optimizer, message):
     model = torch.nn.Linear(2, 2)
-    state = {"step": 1, "rng": [train._rng_state()], "extra": {}, "optimizer": None}
-    with pytest.raises(InputError, match=r"^train_state\.pt: optimizer is not an optimizer state \(a dict with "
-                                         r"'state'\), it holds a NoneType$"):
+    state = {"step": 1, "rng": [train._rng_state()], "extra": {}}
+    if optimizer != "missing":
+        state["optimizer"] = optimizer
+    with pytest.raises(InputError, match=message):
         train.restore(state, {"model": (model, train.adamw(model, 1e-3))}, dist.Dist())
