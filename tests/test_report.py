@@ -53,7 +53,7 @@ def check_tables(text: str) -> None:
     # results.json by hand: two_stage win rate [0.6, 0.7] -> 0.65 ± sqrt(0.005) = 0.0707 (ddof=1; ddof=0: 0.05),
     # closed accuracy [0.5, 0.8] -> 0.65 ± 0.212; joint [0.55, 0.5] -> 0.525 ± 0.0354, [0.75, 0.75] -> 0.75 ± 0
     exp = section(text, "Toy experiment: two stages vs joint")
-    assert "| arm | seeds | eval/win_rate | closed_accuracy |" in exp
+    assert "Seeds: 0, 1." in exp and "| arm | seeds | eval/win_rate | closed_accuracy |" in exp
     assert "| two_stage | 2 | 0.650 ± 0.071 | 0.65 ± 0.21 |" in exp
     assert "| joint | 2 | 0.525 ± 0.035 | 0.75 ± 0 |" in exp
 
@@ -108,6 +108,11 @@ def test_summary_table_mean_and_sample_std_by_hand():
     assert report.mean_std([1.0, 1.0]) == "1 ± 0"
     # equal values whose float mean is off by rounding (std ~1e-17) show no spread, not 8 decimals of zeros
     assert report.mean_std([0.4777432, 0.4777432, 0.4777432]) == "0.4777 ± 0"
+    # a seed that diverged (NaN) shows as such rather than breaking the table; no value at all: -
+    assert report.mean_std([0.5, math.nan]) == "nan ± nan" and report.mean_std([]) == "-"
+    # "metrics" picks the columns and their order
+    assert report.summary_table({**results, "metrics": ["acc"]}).splitlines()[:3] == [
+        "| arm | seeds | acc |", "|---|---|---|", "| a | 1 | 1 |"]
     # no "metrics": every metric, first seen first
     assert report.summary_table({"arms": {"x": {"m": [1.0, 2.0]}, "y": {"n": [3.0]}}}).splitlines()[0] == \
         "| arm | seeds | m | n |"
@@ -161,6 +166,10 @@ def test_load_metrics_skips_blank_lines_and_names_file_and_line(tmp_path, capsys
     (lambda d: None, "no such run directory"),
     (lambda d: d.mkdir(), "not a run directory (no metrics.jsonl)"),
     (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("\n")), "metrics.jsonl: no records"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n'),
+                (d / "eval.json").write_text('{"win_rate": 0.5,')), "eval.json:1: not valid JSON"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n'),
+                (d / "eval.json").write_text("[0.5]")), "eval.json: expected a JSON object of final numbers"),
 ])
 def test_missing_or_empty_run_dir_is_a_one_line_error(tmp_path, capsys, make, message):
     run_dir = tmp_path / "run"
@@ -188,12 +197,29 @@ def test_series_keeps_a_repeated_steps_last_value_and_splits_phases():
     # Hbat: SFT stages carry a phase, the preference stages none: their metrics keep plain names
     hbat = [{"step": 1, "loss": 1.0, "phase": "sft"}, {"step": 2, "loss": 0.7, "ppo/kl": 0.1}]
     assert list(report.series(hbat)) == ["loss [sft]", "loss", "ppo/kl"]
+    # sorted by step whatever the order logged: the final value is the last step's
+    records = [{"step": 3, "loss": 0.5}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    steps, values = report.series(records)["loss"]
+    assert steps.tolist() == [1, 2, 3] and values.tolist() == [2.0, 1.0, 0.5]
+
+
+def test_final_values_and_eval_tables_by_hand():
+    # counts logged as floats read as integers, at any size; steps likewise; other numbers to 6 digits
+    run = {"series": {"tokens": (np.array([1_000_000, 2_000_000]), np.array([5.0, 12_345_678.0])),
+                      "loss": (np.array([2.5]), np.array([0.123456789]))}}
+    assert report.final_values_table(run) == ("| metric | step | last value |\n|---|---|---|\n"
+                                              "| tokens | 2000000 | 12345678 |\n| loss | 2.5 | 0.123457 |\n")
+    assert report.eval_table({"n": 12_345_678, "win_rate": 0.123456789, "model": "out/dpo", "ok": True}) == (
+        "| metric | value |\n|---|---|\n| n | 12345678 |\n| win_rate | 0.123457 |\n| model | out/dpo |\n"
+        "| ok | true |\n")
 
 
 def test_ema_by_hand():
     # s0 = x0; s_t = 0.5 s_(t-1) + 0.5 x_t; a NaN is kept and skipped
     got = report.ema(np.array([1.0, 3.0, math.nan, 5.0]), 0.5)
     assert got[:2].tolist() == [1.0, 2.0] and math.isnan(got[2]) and got[3] == 3.5
+    # weight is the previous average's share: 0.75 * 1 + 0.25 * 3 = 1.5, then 0.75 * 1.5 + 0.25 * 5 = 2.375
+    assert report.ema(np.array([1.0, 3.0, 5.0]), 0.75).tolist() == [1.0, 1.5, 2.375]
 
 
 def test_each_metric_goes_to_its_panel():
@@ -201,7 +227,7 @@ def test_each_metric_goes_to_its_panel():
              "rewards/margins", "objective/scores", "objective/kl", "objective/kl_coef", "ppo/approx_kl",
              "eval/win_rate", "eval/mean_quality", "eval/closed_accuracy", "ppo/clipfrac", "ppo/ratio",
              "ppo/response_length", "ppo/advantages_mean", "grad_norm", "lr",
-             "logps/chosen", "tok_per_s", "loss [sft]"]
+             "logps/chosen", "tok_per_s", "loss [sft]", "lr [sft]", "grad_norm [pretrain]"]
     assert {title: members for title, _, members in report.groups_of(names)} == {
         "loss": ["loss", "eval_loss", "ppo/value_loss", "loss [sft]"],
         "preference accuracy": ["rm/accuracy", "rewards/accuracies", "eval/rewards/accuracies"],
@@ -210,8 +236,8 @@ def test_each_metric_goes_to_its_panel():
         "win rate / quality": ["eval/win_rate", "eval/mean_quality", "eval/closed_accuracy"],
         "PPO diagnostics": ["ppo/clipfrac", "ppo/ratio"],
         "response length": ["ppo/response_length"],
-        "gradient norm": ["grad_norm"],
-        "learning rate": ["lr"],
+        "gradient norm": ["grad_norm", "grad_norm [pretrain]"],
+        "learning rate": ["lr", "lr [sft]"],
     }
 
 
@@ -230,8 +256,12 @@ def test_seeds_are_averaged_at_their_common_steps():
     assert style == "smoothed" and raw.tolist() == [2.0, 3.0] * 5 + [2.0]
     assert high[:3].tolist() == [3.0, 4.0, 3.5] and low.tolist() == [1.0] * 11
     assert report.across_seeds([a, b], "lr", 0.5)[-1] == "line"  # a schedule is never smoothed
-    sparse = {"series": {"m": (np.arange(1, 21), np.ones(20)), "eval/m": (np.array([10, 20]), np.ones(2))}}
+    sparse = {"series": {"m": (np.arange(1, 21), np.ones(20)), "eval/m": (np.array([10, 20]), np.ones(2)),
+                         "most": (np.arange(1, 16), np.ones(15)), "lr [sft]": (np.arange(1, 21), np.ones(20))}}
     assert report.across_seeds([sparse], "eval/m", 0.5)[-1] == "points"
+    assert report.across_seeds([sparse], "most", 0.5)[-1] == "smoothed"  # logged at most steps (15 of 20)
+    assert report.across_seeds([sparse], "lr [sft]", 0.5)[-1] == "line"  # a phase's schedule neither
+    assert report.across_seeds([a, fake(range(20, 32), [1.0] * 12)], "m", 0.0) is None  # no step in common
 
 
 def test_experiment_without_results_json_tabulates_each_seeds_last_eval_values(tmp_path, monkeypatch):
@@ -250,6 +280,19 @@ def test_experiment_without_results_json_tabulates_each_seeds_last_eval_values(t
             mean, std = statistics.mean(per_seed), statistics.stdev(per_seed)  # stdev: the sample std
             shown_mean, shown_std = map(float, rows[arm][column].split(" ± "))
             assert abs(shown_mean - mean) <= 0.5e-3 and abs(shown_std - std) <= 0.5e-3 and shown_std > 0
+
+
+def test_fallback_results_prefer_eval_json_and_keep_numbers_only():
+    def seed(last_eval_loss, eval_json):
+        return {"series": {"loss": (np.array([1, 2]), np.array([3.0, 2.0])),
+                           "eval/loss": (np.array([1, 2]), np.array([2.5, last_eval_loss]))}, "eval": eval_json}
+    arms = {"a": [seed(2.25, {"eval/loss": 2.0, "win_rate": 0.5, "model": "out/dpo", "ok": True}),
+                  seed(1.75, {"win_rate": 0.75})],
+            "b": [seed(1.5, {})], "none": []}
+    # eval.json's final number wins over the last logged eval* value; strings and booleans are not metrics
+    assert report.fallback_results(arms) == {"arms": {"a": {"eval/loss": [2.0, 1.75], "win_rate": [0.5, 0.75]},
+                                                      "b": {"eval/loss": [1.5]}}}
+    assert report.fallback_results({"none": []}) is None
 
 
 def test_runs_of_the_same_name_get_distinct_figures():
@@ -271,6 +314,24 @@ def test_arms_named_by_a_path_are_found_in_their_nested_directories(tmp_path, mo
     assert {arm: [r["path"] for r in runs] for arm, runs in loaded["arms"].items()} == {
         arm: [exp / arm / "seed0", exp / arm / "seed1"] for arm in results["arms"]}
     assert "dpo/joint (seed0, seed1)" in report.build_report([exp], tmp_path / "out").read_text()
+
+
+def test_arms_and_seeds_in_natural_order_and_an_arm_that_is_one_run(tmp_path, monkeypatch):
+    """seed2 before seed10 (and arm n2 before n10), and an arm whose directory is its single run."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # tables only, fast
+    exp = tmp_path / "exp"
+    for run_dir in (exp / "n10" / "seed10", exp / "n10" / "seed2", exp / "n2"):
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text('{"step": 1, "eval/loss": 1.0}\n')
+    assert [p.name for p in report.seed_dirs(exp / "n10")] == ["seed2", "seed10"]
+    assert report.seed_dirs(exp / "n2") == [exp / "n2"]
+    text = report.build_report([exp], tmp_path / "out").read_text()
+    assert "Experiment `" in text and "Arms: n2 (n2); n10 (seed2, seed10)." in text
+    # a run directory with another run below it is still a run (results.json makes an experiment)
+    (exp / "n2" / "sub").mkdir()
+    (exp / "n2" / "sub" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    text = report.build_report([exp / "n2"], tmp_path / "out").read_text()
+    assert f"Run `{exp / 'n2'}`." in text and "Experiment" not in text
 
 
 def test_curve_colours_stay_distinct_past_ten_arms():

@@ -2,9 +2,12 @@
 resumes, and the summary table holds every model. The stages themselves are tested in their own files; here
 they are replaced by recorders so the chaining logic is tested in seconds."""
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 import run_all
 from nanoalign.cli import InputError
@@ -43,7 +46,9 @@ def test_stages_run_in_order_then_are_skipped(tmp_path, recorded):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["PPO"]["win_rate"] == pytest.approx(0.7) and summary["SFT"]["win_rate"] == 0.5
     table = (tmp_path / "run" / "summary.md").read_text()
-    assert "| PPO | 0.700 | 0.800 | 80.0% | - | 0.0% | 7.0 |" in table
+    assert table.splitlines()[2:] == ["| SFT | 0.500 | 0.700 | 70.0% | - | 0.0% | 7.0 |",  # the SFT model: side B
+                                      "| PPO | 0.700 | 0.800 | 80.0% | - | 0.0% | 7.0 |",
+                                      "| DPO | 0.650 | 0.750 | 75.0% | - | 0.0% | 7.0 |"]
     assert summary["config"] == {"seed": 3, "device": "cpu", "limit": 0}
     recorded.clear()
     run_all.main([f"--out={tmp_path}/run", "--seed=3"])  # everything done: only the evaluation runs again
@@ -55,27 +60,54 @@ def test_stages_run_in_order_then_are_skipped(tmp_path, recorded):
     assert recorded == []
 
 
-def test_an_interrupted_stage_resumes(tmp_path, recorded):
-    ckpt = tmp_path / "run" / "rm" / "model"
+def test_each_stage_gets_this_runs_paths_seed_and_device(tmp_path, recorded):
+    out = tmp_path / "run"
+    run_all.main([f"--out={out}", "--seed=2", "--device=cuda", "--limit=5"])
+    common = ["--seed=2", "--device=cuda"]
+    assert recorded == [
+        ("sft", common + [f"--base_dir={out}/base", f"--out_dir={out}/sft"]),
+        ("rm", common + [f"--init={out}/sft/model", f"--out_dir={out}/rm"]),
+        ("ppo", common + [f"--init={out}/sft/model", f"--reward_model={out}/rm/model", f"--out_dir={out}/ppo"]),
+        ("dpo", common + [f"--init={out}/sft/model", f"--out_dir={out}/dpo"]),
+        *[("evaluate", [f"--model_a={out}/{stage}/model", f"--model_b={out}/sft/model", "--limit=5", "--device=cuda",
+                        f"--out={out}/{stage}/vs_sft.json"]) for stage in ("ppo", "dpo")]]
+
+
+@pytest.mark.parametrize("checkpoint, resumed", [
+    ("rm", "rm"),
+    ("base", "sft"),  # interrupted while pretraining the base model: train_sft.py goes on from there
+])
+def test_an_interrupted_stage_resumes(tmp_path, recorded, checkpoint, resumed):
+    ckpt = tmp_path / "run" / checkpoint / "model"
     ckpt.mkdir(parents=True)
     (ckpt / "train_state.pt").write_bytes(b"")
     run_all.main([f"--out={tmp_path}/run"])
-    rm_argv = next(argv for stage, argv in recorded if stage == "rm")
-    sft_argv = next(argv for stage, argv in recorded if stage == "sft")
-    assert "--resume" in rm_argv and "--resume" not in sft_argv
+    assert [stage for stage, argv in recorded if "--resume" in argv] == [resumed]
 
 
-def test_bad_flags(tmp_path):
-    with pytest.raises(ValueError, match="--device=tpu"):
-        run_all.main([f"--out={tmp_path}", "--device=tpu"])
+@pytest.mark.parametrize("flag, message", [("--device=tpu", "--device=tpu: choose cpu or cuda"),
+                                           ("--limit=-1", "--limit=-1: must be >= 0")])
+def test_bad_flags(tmp_path, recorded, flag, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        run_all.main([f"--out={tmp_path / 'run'}", flag])
+    assert recorded == [] and not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_the_tiny_world_is_built_only_when_missing(tmp_path, recorded, monkeypatch):
+    built = []
+    monkeypatch.setattr(run_all.world, "build", built.append)
+    monkeypatch.setattr(run_all.train, "REPO_ROOT", tmp_path / "repo")
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    run_all.main([f"--out={tmp_path / 'run'}"])
+    assert built == [str(tmp_path / "repo" / "data")]
+    (tmp_path / "repo" / "data" / "world.json").write_text("{}")
+    run_all.main([f"--out={tmp_path / 'run'}"])
+    assert len(built) == 1
 
 
 def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, recorded):
     """A quick run of a script left in the output directory (--steps=5) has an eval.json too: it was skipped as
     done and tabulated as the pipeline's stage. The stage's saved config must show run_all's flags."""
-    import torch
-    from dataclasses import asdict
-
     out = tmp_path / "run"
     sft = run_all.parse_config(run_all.train_sft.Config, run_all.stage_args(run_all.Config(out=str(out)), "sft"))
     run_all.train_sft.check_config(sft)
@@ -97,9 +129,38 @@ def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, record
     # what it evaluated on does not count either, nor where the directory is: a copy holds the same stages
     torch.save({**state, "config": {**asdict(sft), "eval_data": "", "val_data": "other.jsonl"}},
                out / "sft" / "model" / "train_state.pt")
-    import shutil
     shutil.copytree(out, tmp_path / "copy")
     for where in (out, tmp_path / "copy"):
         recorded.clear()
         run_all.main([f"--out={where}"])
         assert "sft" not in [c[0] for c in recorded]
+
+
+@pytest.mark.parametrize("stage, changed, refused", [
+    ("rm", None, False), ("ppo", None, False), ("dpo", None, False),
+    ("sft", "micro_batch_size", False),  # the same updates up to float rounding
+    ("dpo", "max_new_tokens", False),    # DPO's answers are the evaluation's only
+    ("ppo", "max_new_tokens", True),     # PPO's rollouts are its training data
+])
+def test_a_stage_saved_as_its_script_saves_it_is_skipped_as_done(tmp_path, recorded, stage, changed, refused):
+    """The saved config is the script's after check_config resolved it (PPO and DPO: one split, no EWC) and after
+    the run resolved --template=auto from the model; a checkpoint written before a flag existed lacks it."""
+    out = tmp_path / "run"
+    script = {"sft": run_all.train_sft, "rm": run_all.train_rm, "ppo": run_all.train_ppo,
+              "dpo": run_all.train_dpo}[stage]
+    cfg = run_all.parse_config(script.Config, run_all.stage_args(run_all.Config(out=str(out)), stage))
+    script.check_config(cfg)
+    saved = {**asdict(cfg), "template": "hh"}
+    del saved["min_lr_ratio"]
+    if changed:
+        saved[changed] += 1
+    (out / stage / "model").mkdir(parents=True)
+    (out / stage / "eval.json").write_text("{}")
+    torch.save({"step": cfg.steps, "rng": [{}], "extra": {}, "config": saved}, out / stage / "model" / "train_state.pt")
+    if refused:
+        with pytest.raises(InputError, match=rf"holds a {stage} run made with --{changed}={saved[changed]}, where "
+                                             rf"run_all.py passes --{changed}={saved[changed] - 1}"):
+            run_all.main([f"--out={out}"])
+    else:
+        run_all.main([f"--out={out}"])
+        assert stage not in [c[0] for c in recorded] and "evaluate" in [c[0] for c in recorded]
