@@ -15,7 +15,7 @@ import train_rm
 from conftest import DEVICES, logged as records, ranks
 from nanoalign import dist, train
 from nanoalign.cli import InputError
-from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs, tokenize_sft
+from nanoalign.data import collate_sft, read_jsonl, read_pairs, tokenize_pairs, tokenize_sft
 from nanoalign.model import ModelConfig
 from nanoalign.reward import RewardModel
 from nanoalign.tokenizer import Tokenizer
@@ -68,11 +68,12 @@ def test_the_step_loss_is_the_mean_over_every_pair_of_the_step(tiny_plain, tiny_
 
 
 def test_a_few_steps_log_the_accuracy_and_save_a_normalised_reward_model(tiny_plain, files, tiny_tok, tmp_path, capsys):
-    train_rm.main(args(tiny_plain, files, tmp_path / "run", "--steps=4"))
+    train_rm.main(args(tiny_plain, files, tmp_path / "run", "--steps=4", "--stop_at=9"))  # a stop past the end: none
     out = capsys.readouterr().out
-    assert "held-out accuracy before training" in out and "held-out accuracy" in out and "on 12 pairs" in out
     logged = records(tmp_path / "run")
     assert [r["step"] for r in logged] == [0, 1, 2, 3, 4]
+    assert f"held-out accuracy before training: {logged[0]['eval/accuracy']:.1%}" in out
+    assert f"held-out accuracy {logged[-1]['eval/accuracy']:.1%} on 12 pairs (chance 50%)" in out
     assert {"rm/loss", "rm/accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "lr",
             "grad_norm"} <= set(logged[1])
     last = logged[-1]
@@ -80,6 +81,7 @@ def test_a_few_steps_log_the_accuracy_and_save_a_normalised_reward_model(tiny_pl
     assert last["rewards/margins"] == pytest.approx(last["rewards/chosen"] - last["rewards/rejected"])
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["eval/accuracy"] == last["eval/accuracy"] and result["n_val_pairs"] == 12
+    assert result["offset"] == last["offset"] == pytest.approx(-last["offset/reference_mean"])  # a new head's is 0
     assert round(result["eval/accuracy"] * 12) == pytest.approx(result["eval/accuracy"] * 12)  # a count of 12
 
     # the saved model: transformers' layout with the pad id, and the demonstrations average exactly 0
@@ -98,6 +100,9 @@ def test_resume_continues_exactly(tiny_plain, files, tmp_path):
     train_rm.main(args(tiny_plain, files, tmp_path / "full", "--steps=6"))
     train_rm.main(args(tiny_plain, files, tmp_path / "cut", "--steps=6", "--stop_at=3"))
     assert torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=False)["step"] == 3
+    assert not any("offset" in r for r in records(tmp_path / "cut"))  # centred once finished, not at a stop
+    with pytest.raises(InputError, match="^--offset_data=: the checkpoint to resume was written with --offset_data="):
+        train_rm.main(args(tiny_plain, files, tmp_path / "cut", "--steps=6", "--resume", "--offset_data="))
     train_rm.main(args(tiny_plain, files, tmp_path / "cut", "--steps=6", "--resume"))
     full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
     assert [r["step"] for r in full] == [r["step"] for r in cut] == list(range(7))
@@ -117,10 +122,13 @@ def test_init_from_a_reward_model_keeps_its_head_and_offset(tiny_tok, files, tmp
                                  max_seq_len=128), offset=0.5)
     with torch.no_grad():
         rm.score.weight.fill_(0.3)  # no draw of the N(0, 1/sqrt(d+1)) init could give this
-    rm.save_pretrained(tmp_path / "rm", tokenizer=tiny_tok)
+    tok = copy.copy(tiny_tok)
+    tok.template = "plain"  # the template it was trained in, saved with it
+    rm.save_pretrained(tmp_path / "rm", tokenizer=tok)
     train_rm.main(args(tmp_path / "rm", files, tmp_path / "run", "--steps=1", "--lr=1e-9", "--offset_data="))
     trained = RewardModel.from_pretrained(tmp_path / "run" / "model")
     assert trained.offset == 0.5  # --offset_data= keeps it
+    assert Tokenizer.from_dir(tmp_path / "run" / "model").template == "plain"  # --template=auto: the init's
     assert (trained.score.weight - 0.3).abs().max() <= 1e-6
 
 
@@ -131,11 +139,14 @@ def test_init_from_a_reward_model_keeps_its_head_and_offset(tiny_tok, files, tmp
     ("--micro_batch_size=-2", "--micro_batch_size=-2: must be positive"),
     ("--lr=0", "--lr=0.0: must be positive"),
     ("--steps=-1", "--steps=-1: must be >= 0"),
+    ("--stop_at=-1", "--stop_at=-1: must be >= 0"),
+    ("--eval_every=0", "--eval_every=0: must be positive"),
     ("--min_lr_ratio=1.5", r"--min_lr_ratio=1.5: must be in \[0.0, 1.0\]"),
     ("--dtype=float16", "--dtype=float16: train in bfloat16 or float32"),
     ("--device=tpu", "--device=tpu: choose cpu, or cuda"),
     ("--init=", "--init: give the SFT checkpoint"),
     ("--data=no/such.jsonl", "--data=no/such.jsonl: not found"),
+    ("--val_data=no/such.jsonl", "--val_data=no/such.jsonl: not found"),
     ("--offset_data=no_demos.jsonl", "--offset_data=no_demos.jsonl: not found"),
 ])
 def test_bad_flags_are_refused_before_any_work(tiny_plain, files, tmp_path, flag, message):
@@ -173,7 +184,64 @@ def test_a_missing_default_init_is_trained_first_with_train_sft(tiny_plain, file
     assert "out/sft/model not found: training the tiny SFT model first" in capsys.readouterr().out
     assert (tmp_path / "rm" / "model" / "model.safetensors").exists()
     train_rm.main(small)  # now it is there
+    shutil.rmtree(tmp_path / "out" / "sft")
+    train_rm.main(small + ["--resume"])  # a resumed run starts from its own checkpoint
     assert len(calls) == 1
+
+
+def test_a_tie_is_not_a_correct_pair_and_evaluate_reports_the_mean_margin(tiny_plain, tiny_tok, files):
+    rm = RewardModel.from_causal_lm(tiny_plain, generator=torch.Generator().manual_seed(0)).eval()
+    pairs = tokenize_pairs(read_jsonl(files / "val.jsonl"), tiny_tok, "hh", 128)
+    ties = [{**p, "rejected_ids": p["chosen_ids"], "rejected_mask": p["chosen_mask"]} for p in pairs]
+    with torch.no_grad():
+        assert train_rm.pair_sums(rm, ties, tiny_tok.pad_id, NO_AUTOCAST)[1][1] == 0  # no pair's chosen is higher
+        margins = torch.stack([rm(torch.tensor([p["chosen_ids"]]))[0] - rm(torch.tensor([p["rejected_ids"]]))[0]
+                               for p in pairs])
+    got = train_rm.evaluate(rm, pairs, train_rm.Config(micro_batch_size=5), dist.Dist(), tiny_tok.pad_id, NO_AUTOCAST)
+    assert got["eval/margins"] == pytest.approx(margins.mean().item(), rel=1e-5, abs=1e-6)
+    assert got["eval/loss"] == pytest.approx(-F.logsigmoid(margins).mean().item(), rel=1e-5)
+    assert got["eval/accuracy"] == (margins > 0).sum().item() / 12
+
+
+def test_an_epoch_by_default_from_the_seeds_head_in_the_runs_template(tiny_plain, tiny_tok, files, tmp_path,
+                                                                      monkeypatch, capsys):
+    """--steps=0: one epoch, a last short batch included (40 pairs in 3 steps of 16); the held-out accuracy at every
+    --eval_every and at the end; the first step's gradient norm is that of the step's mean loss; the head comes from
+    --seed and the matrices decay by --weight_decay; the demonstrations that set the offset use --template."""
+    decays, optimizer_step = set(), train.optimizer_step
+
+    def spy(model, opt, **kwargs):
+        decays.update(g["weight_decay"] for g in opt.param_groups)
+        return optimizer_step(model, opt, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", spy)
+    train_rm.main(args(tiny_plain, files, tmp_path / "run", "--steps=0", "--batch_size=16", "--micro_batch_size=8",
+                       "--seed=1", "--template=plain", "--lr=1e-9", "--weight_decay=0.1"))
+    logged = records(tmp_path / "run")
+    assert [r["step"] for r in logged] == [0, 1, 2, 3] and decays == {0.0, 0.1}
+    assert [r["step"] for r in logged if "eval/accuracy" in r] == [0, 2, 3]
+    last = logged[-1]  # the summary line gives the held-out accuracy, not the last batch's
+    assert last["rm/accuracy"] != last["eval/accuracy"]
+    assert f"held-out accuracy {last['eval/accuracy']:.1%} on 12 pairs (chance 50%)" in capsys.readouterr().out
+    head = RewardModel.from_causal_lm(tiny_plain, head_init="normal", generator=torch.Generator().manual_seed(1))
+    rows = tokenize_pairs(read_jsonl(files / "train.jsonl"), tiny_tok, "plain", 128)
+    first = [rows[i] for i in train.batch_indices(0, len(rows), 16, 1)]
+    (train_rm.pair_sums(head, first, tiny_tok.pad_id, NO_AUTOCAST)[0] / 16).backward()
+    norm = torch.cat([p.grad.flatten() for p in head.parameters()]).norm().item()
+    assert logged[1]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    trained = RewardModel.from_pretrained(tmp_path / "run" / "model")
+    torch.testing.assert_close(trained.score.weight, head.score.weight, atol=1e-6, rtol=0)
+    demos = collate_sft(tokenize_sft(read_jsonl(files / "demos.jsonl"), tiny_tok, "plain", 128), tiny_tok.pad_id)
+    with torch.no_grad():
+        assert abs(trained(demos["input_ids"], demos["attention_mask"]).mean().item()) <= 1e-5
+
+
+def test_the_default_flags_read_the_tiny_worlds_pairs_and_hh_reads_both_files(tiny_plain, files, tmp_path):
+    assert len(read_pairs(ROOT / train_rm.Config.data, train_rm.Config.format)) > 1000
+    hh = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl"
+    train_rm.main(args(tiny_plain, files, tmp_path / "run", "--format=hh", f"--data={hh}", f"--val_data={hh}",
+                       "--steps=1"))
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["n_val_pairs"] == 3
 
 
 @pytest.mark.slow
