@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import train_dpo
 from conftest import DEVICES, logged as records, ranks
-from nanoalign import dist, dpo, evaluate, train
+from nanoalign import dist, dpo, evaluate, train, world
 from nanoalign.checkpoint import load_pretrained, save_pretrained
 from nanoalign.cli import InputError
 from nanoalign.data import collate_pairs, read_jsonl, tokenize_pairs
@@ -137,6 +137,8 @@ def test_pair_sums_applies_the_configured_objective_and_counts_a_tie_as_wrong(ti
         loss, stats = run(shifted, loss="cdpo", label_smoothing=eps, beta=0.25)
         expected = 4 * (-(1 - eps) * F.logsigmoid(beta) - eps * F.logsigmoid(-beta)).item()
         assert loss == pytest.approx(expected, rel=1e-5) and stats["rewards/accuracies"] == 4
+        assert stats["margins/unscaled"] == pytest.approx(4, rel=1e-5)  # h summed over the pairs, without beta
+        assert stats["rewards/margins"] == pytest.approx(4 * 0.25, rel=1e-5)
 
 
 def test_changing_the_data_or_the_reference_recomputes_the_cache(tiny_plain, rows, tiny_tok, tmp_path, capsys):
@@ -206,8 +208,18 @@ def test_no_reference_model_is_alive_while_the_policy_trains(tiny_plain, files, 
     ("cdpo", ["--label_smoothing=0.2"], math.log(2)),  # -(0.8 + 0.2) log sigmoid(0)
     ("ipo", ["--beta=0.5"], 1.0),                      # (0 - 1 / (2 * 0.5))^2
 ])
-def test_each_loss_runs_and_starts_from_the_reference(tiny_plain, files, tmp_path, capsys, loss, extra, step0_loss):
-    train_dpo.main(args(tiny_plain, tmp_path / "run", files, "--steps=3", f"--loss={loss}", *extra))
+def test_each_loss_runs_and_starts_from_the_reference(tiny_plain, files, tmp_path, capsys, monkeypatch, loss, extra,
+                                                      step0_loss):
+    decays, optimizer_step = set(), train.optimizer_step
+
+    def spy(model, opt, **kwargs):
+        decays.update(g["weight_decay"] for g in opt.param_groups)
+        return optimizer_step(model, opt, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", spy)
+    train_dpo.main(args(tiny_plain, tmp_path / "run", files, "--steps=3", f"--loss={loss}", "--weight_decay=0.01",
+                        *extra))
+    assert decays == {0.0, 0.01}  # matrices decay; norms and biases do not
     out = capsys.readouterr().out
     log = records(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3]
@@ -228,8 +240,17 @@ def test_each_loss_runs_and_starts_from_the_reference(tiny_plain, files, tmp_pat
     # training widens the margin on the pairs it sees
     assert log[-1]["rewards/margins"] > 0 and log[-1]["loss"] < first["loss"]
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert 0 <= result["win_rate_vs_sft"] <= 1 and result["n_prompts"] == 5
+    assert 0 <= result["win_rate_vs_sft"] <= 1 and result["n_prompts"] == 5 and result["wall_s"] > 0
     assert result["eval/loss"] == log[-1]["eval/loss"]
+    # the eval/ metrics are the final model's on the held-out pairs, with their cached reference log-probs
+    cfg = train_dpo.parse_config(train_dpo.Config, args(tiny_plain, tmp_path / "run", files, f"--loss={loss}", *extra))
+    val = tokenize_pairs(read_jsonl(files / "val.jsonl"), Tokenizer.from_dir(tiny_plain), "hh", 128, 128)
+    val = dpo.with_reference(val, torch.load(tmp_path / "run" / "ref_logps.pt")["logps"]["val"], loss == "ipo")
+    with torch.no_grad():
+        held_out = train_dpo.evaluate_pairs(load_pretrained(tmp_path / "run" / "model"), val, cfg, dist.Dist(),
+                                            Tokenizer.from_dir(tiny_plain).pad_id, torch.autocast("cpu", enabled=False))
+    for key, value in held_out.items():
+        assert log[-1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert f"{loss.upper()} (beta" in out and "win rate of DPO vs SFT" in out
 
 
@@ -240,6 +261,8 @@ def test_resume_continues_exactly(tiny_plain, files, tmp_path, capsys):
     # another --steps would put the resumed steps on another run's learning-rate schedule: refused
     with pytest.raises(InputError, match="^--steps=8: the checkpoint to resume was written with --steps=4"):
         train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=8", "--resume"))
+    with pytest.raises(InputError, match="^--beta=0.5: the checkpoint to resume was written with --beta=0.25"):
+        train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume", "--beta=0.5"))
     train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume"))
     out = capsys.readouterr().out
     assert "reference log-probs: reused" in out and "resumed from" in out
@@ -288,8 +311,8 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(tiny_plain, tiny_to
     flags = args(tiny_plain, tmp_path / "run", tmp_path, f"--data={hh}", "--val_data=", "--eval_prompts=", "--steps=1")
     with pytest.raises(ValueError, match="missing key 'prompt'.*pass --format=hh"):
         train_dpo.main(flags)
-    train_dpo.main(flags + ["--format=hh"])
-    assert "8 pairs" in capsys.readouterr().out
+    train_dpo.main(flags + ["--format=hh", f"--val_data={hh}"])  # both files are transcripts
+    assert "8 pairs, 8 held out" in capsys.readouterr().out
     assert Tokenizer.from_dir(tmp_path / "run" / "model").template == "hh"  # saved with the model
     # the same pairs in the internal format give the same reference log-probs: read_hh splits them exactly
     (tmp_path / "pairs.jsonl").write_text("".join(PREFS.read_text().splitlines(True)[:8]))
@@ -316,6 +339,7 @@ def test_hh_transcripts_and_the_template_saved_with_the_init(tiny_plain, tiny_to
     (["--format=shp"], "--format=shp: choose one of jsonl, hh"),
     (["--format=hh", "--template=alpaca"], "--template=alpaca: HH-RLHF transcripts (--format=hh) use the hh template"),
     (["--steps=0"], "--steps=0: must be positive"),
+    (["--eval_every=0"], "--eval_every=0: must be positive"),
     (["--min_lr_ratio=2"], "--min_lr_ratio=2.0: must be in [0.0, 1.0]"),
     (["--dtype=float16"], "--dtype=float16: train in bfloat16 or float32"),
     (["--eval_prompts=nope.jsonl"], "--eval_prompts=nope.jsonl: not found"),
@@ -328,6 +352,30 @@ def test_bad_flags_are_refused_before_any_work(tiny_plain, files, tmp_path, flag
         train_dpo.main(args(tiny_plain, tmp_path / "run", files, *flag))
     assert str(e.value).startswith(message)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_label_smoothing_is_accepted(tiny_plain, files, tmp_path):
+    """cDPO's label smoothing is a flip probability in (0, 0.5]: 0.5 is a coin, the loss then constant."""
+    train_dpo.check_config(train_dpo.parse_config(train_dpo.Config, args(tiny_plain, tmp_path / "run", files,
+                                                                         "--loss=cdpo", "--label_smoothing=0.5")))
+
+
+def test_compare_answers_judges_each_models_own_answers(tiny_plain, files, tiny_tok, monkeypatch, capsys):
+    records = read_jsonl(files / "prompts.jsonl")
+    prompts = [r["prompt"] for r in records]
+    policy, answers = object(), {"policy": [r["reference"] for r in records], "base": ["I do not know."] * 5}
+    monkeypatch.setattr(train_dpo, "load_pretrained", lambda path, device: "base")
+    monkeypatch.setattr(train_dpo, "sample_answers", lambda model, tok, prompts, template, max_new_tokens:
+                        answers["policy" if model is policy else model])
+    cfg = train_dpo.Config(eval_prompts=str(files / "prompts.jsonl"), num_samples=1)
+    result = train_dpo.compare_answers(cfg, dist.Dist(), policy, tiny_plain, tiny_tok, "hh")
+    assert result["win_rate_vs_sft"] == evaluate.win_rate(evaluate.oracle_score, prompts, answers["policy"],
+                                                          answers["base"]) == 1.0
+    for name, side in (("dpo", "policy"), ("sft", "base")):
+        assert result[f"correct/{name}"] == sum(map(world.is_correct, prompts, answers[side])) / 5
+        assert result[f"mean_quality/{name}"] == sum(map(world.quality, prompts, answers[side])) / 5
+    assert result["correct/dpo"] != result["correct/sft"]
+    assert f"\n> {prompts[0]}\n  dpo: {answers['policy'][0]}\n  sft: I do not know.\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag, message", [

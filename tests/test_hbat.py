@@ -18,7 +18,7 @@ import train_sft
 from nanoalign import ewc, hbat
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
-from nanoalign.data import collate_sft, tokenize_sft
+from nanoalign.data import collate_sft, read_jsonl, tokenize_pairs, tokenize_sft
 from nanoalign.dpo import response_logps
 from nanoalign.reward import RewardModel
 from nanoalign.tokenizer import Tokenizer
@@ -262,6 +262,40 @@ def test_one_split_without_ewc_is_the_two_stage_pipeline(tiny_init, files, tmp_p
     train_dpo.main(dpo_args(tmp_path / "sft" / "model", tmp_path / "dpo", files, "--steps=3", "--schedule=two_stage",
                             "--sft_data="))
     assert_same_weights(tmp_path / "two" / "model", tmp_path / "dpo" / "model", 1e-6)
+
+
+def test_train_dpos_sft_stages_get_its_seed_dtype_sft_lr_and_template_and_the_fisher_its_chosen_answers(
+        tiny_init, files, tmp_path, monkeypatch):
+    """What train_dpo.py hands the SFT stages and the Fisher of an Hbat run, and the model it compares with."""
+    stages, fisher_rows = [], []
+    sft_stage, fisher_diagonal = train_sft.sft_stage, ewc.fisher_diagonal
+
+    def spy_sft(cfg, d, phase, model, tok, rows, val_rows, stage, peak_lr, penalty_fn=None):
+        stages.append((cfg.seed, cfg.batch_size, cfg.dtype, peak_lr, rows))
+        return sft_stage(cfg, d, phase, model, tok, rows, val_rows, stage, peak_lr, penalty_fn)
+
+    def spy_fisher(model, batches, logps):
+        fisher_rows.extend(tuple(ids[mask.bool()].tolist()) for b in batches
+                           for ids, mask in zip(b["input_ids"], b["attention_mask"]))
+        return fisher_diagonal(model, batches, logps)
+
+    monkeypatch.setattr(train_sft, "sft_stage", spy_sft)
+    monkeypatch.setattr(ewc, "fisher_diagonal", spy_fisher)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join((ROOT / "data" / "prompts_test.jsonl").read_text().splitlines(True)[:3]))
+    train_dpo.main(dpo_args(tiny_init, tmp_path / "run", files, "--ewc=fisher", "--seed=3", "--sft_lr=2e-3",
+                            "--dtype=bfloat16", "--template=plain", f"--eval_prompts={prompts}", "--max_new_tokens=8"))
+    tok = Tokenizer.from_dir(tiny_init)
+    sft_rows = hbat.split(tokenize_sft(train_sft.load_sft_examples(str(files / "sft.jsonl"), "auto"), tok, "plain",
+                                       128, 128), 2, "sft_data")
+    assert [s[:4] for s in stages] == [(3, hbat.SFT_BATCH_SIZE, "bfloat16", 2e-3)] * 2
+    assert [s[4] for s in stages] == sft_rows
+    # DPO_1's Fisher scores SFT_1's examples; SFT_2's, DPO_1's pairs by their chosen answers; DPO_2's, SFT_2's
+    pairs = hbat.split(tokenize_pairs(read_jsonl(files / "prefs.jsonl"), tok, "plain", 128, 128), 2, "data")
+    assert fisher_rows == ([tuple(r["ids"]) for r in hbat.evenly_spaced(sft_rows[0], 64)]
+                           + [tuple(p["chosen_ids"]) for p in hbat.evenly_spaced(pairs[0], 64)]
+                           + [tuple(r["ids"]) for r in hbat.evenly_spaced(sft_rows[1], 64)])
+    assert "win_rate_vs_init" in json.loads((tmp_path / "run" / "eval.json").read_text())  # against the base
 
 
 def test_freeze_keeps_the_most_changed_tensors_for_one_stage(tiny_init, files, tmp_path):
