@@ -15,7 +15,7 @@ import select_pairs
 from nanoalign import real, world
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
-from nanoalign.data import read_jsonl
+from nanoalign.data import read_hh, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -218,6 +218,7 @@ def test_sample_dedupes_drops_empty_answers_and_counts_skipped_prompts(tmp_path,
     go, prompts left with fewer than two answers are skipped and counted, fields of old responses are dropped."""
     records = read_jsonl(DATA / "prompts_test.jsonl")[:4]
     records[3] = {**records[3], "chosen": "old", "rejected": "old too", "chosen_score": 1.0, "rejected_score": 0.0}
+    records.append({**records[1], "reference": "a later record of the same prompt"})  # sampled once, as the first
     canned = ["x", "x", "", "a", "b", "a", "", "", "", "p", "q", "r"]
     calls = []
 
@@ -227,11 +228,18 @@ def test_sample_dedupes_drops_empty_answers_and_counts_skipped_prompts(tmp_path,
 
     monkeypatch.setattr(select_pairs, "sample_answers", fake_sample)
     data = write_jsonl(tmp_path / "prompts.jsonl", records)
-    result, pairs = select(tmp_path, data, tiny_plain, "--sample=3", "--label=annotator", "--strategy=random",
-                           "--temperature=0.7", "--seed=2")
-    prompts = [r["prompt"] for r in records]
-    assert calls == [([p for p in prompts for _ in range(3)], 48, 0.7, 2)]
+    flags = [f"--data={data}", f"--model={tiny_plain}", "--sample=3", "--label=annotator", "--strategy=random",
+             "--temperature=0.7", "--seed=2"]
+    with pytest.raises(InputError, match=r"^--max_new_tokens=127: leaves no room for a prompt in the context of"):
+        select_pairs.main(flags + ["--max_new_tokens=127"])  # 128 tokens: BOS and one prompt token at least
+    monkeypatch.chdir(tmp_path)
+    result = select_pairs.main(flags + ["--max_new_tokens=126"])
+    assert result["out"] == Path("out/real/onpolicy_random.jsonl")  # the default name of sampled pairs
+    pairs = read_jsonl(tmp_path / result["out"])
+    prompts = [r["prompt"] for r in records[:4]]
+    assert calls == [([p for p in prompts for _ in range(3)], 126, 0.7, 2)]
     assert result["skipped_ties"] == 2 and [p["prompt"] for p in pairs] == [prompts[1], prompts[3]]
+    assert pairs[0]["reference"] == records[1]["reference"]
     assert {pairs[0]["chosen"], pairs[0]["rejected"]} == {"a", "b"}
     assert {pairs[1]["chosen"], pairs[1]["rejected"]} <= {"p", "q", "r"}
     assert "chosen_score" not in pairs[1] and pairs[1]["reference"] == records[3]["reference"]
@@ -247,6 +255,7 @@ def test_sample_dedupes_drops_empty_answers_and_counts_skipped_prompts(tmp_path,
     (["--label=votes"], "--label=votes: choose one of scores, annotator"),
     (["--fraction=0"], "--fraction=0.0: must be in (0.0, 1.0]"),
     (["--format=csv"], "--format=csv: choose one of auto, pairs, multi, hh, shp"),
+    (["--dtype=float16"], "--dtype=float16: choose one of float32, bfloat16"),
     (["--data=nowhere.jsonl"], "--data=nowhere.jsonl: not found"),
     (["--data=data/prefs_train.jsonl", "--strategy=centroid"], "--strategy=centroid: needs several responses"),
     (["--data=data/prefs_train.jsonl", "--label=annotator"], "--label=annotator: pairs keep the chosen/rejected"),
@@ -295,3 +304,48 @@ def test_the_computed_labels_win_over_stale_fields_of_the_same_name(tmp_path, ti
     for p, r in zip(pairs, stale):
         score = dict(zip(r["responses"], r["scores"]))
         assert (p["chosen_score"], p["rejected_score"]) == (score[p["chosen"]], score[p["rejected"]])
+
+
+def test_the_format_is_told_from_the_first_record_and_hh_transcripts_are_split(tmp_path, tiny_plain):
+    fixtures = ROOT / "tests" / "fixtures"
+    assert [select_pairs.detect_format(str(path), "auto") for path in (
+        DATA / "prefs_val.jsonl", DATA / "multi_train.jsonl", fixtures / "hh_rlhf_sample.jsonl",
+        fixtures / "shp_sample.jsonl")] == ["pairs", "multi", "hh", "shp"]
+    _, pairs = select(tmp_path, fixtures / "hh_rlhf_sample.jsonl", tiny_plain, "--fraction=1")
+    assert sorted(p["prompt"] for p in pairs) == sorted(r["prompt"] for r in read_hh(fixtures / "hh_rlhf_sample.jsonl"))
+
+
+def test_the_annotator_needs_no_scores_and_random_draws_a_pair_per_prompt(tmp_path, tiny_plain, multi):
+    """Each prompt draws its own pair of list positions (one seed for all would give every prompt the same ones)."""
+    unscored = [{k: v for k, v in r.items() if k != "scores"} for r in multi]
+    _, pairs = select(tmp_path, write_jsonl(tmp_path / "unscored.jsonl", unscored), tiny_plain, "--label=annotator",
+                      "--strategy=random")
+    positions = {tuple(sorted((r["responses"].index(p["chosen"]), r["responses"].index(p["rejected"]))))
+                 for p, r in zip(pairs, unscored)}
+    assert len(pairs) == 6 and len(positions) > 1
+
+
+def test_random_pairs_follow_the_seed(tmp_path, tiny_plain):
+    data = write_jsonl(tmp_path / "pairs.jsonl", read_jsonl(DATA / "prefs_train.jsonl")[:12])
+    picks = [[p["prompt"] + p["chosen"] for p in select(tmp_path, data, tiny_plain, "--strategy=random",
+                                                         f"--seed={seed}", name=f"seed{seed}.jsonl")[1]]
+             for seed in (0, 1)]
+    assert picks[0] != picks[1]
+
+
+def test_the_printed_quantiles_the_template_and_the_dtype(tmp_path, tiny_plain, multi, monkeypatch, capsys):
+    loaded, load = [], select_pairs.load_pretrained
+    monkeypatch.setattr(select_pairs, "load_pretrained", lambda path, device, dtype: loaded.append(dtype) or load(
+        path, device=device, dtype=dtype))
+    result, _ = select(tmp_path, write_jsonl(tmp_path / "multi.jsonl", multi), tiny_plain, "--template=plain",
+                       "--dtype=bfloat16")
+    out = capsys.readouterr().out
+    assert loaded == [torch.bfloat16] and "(template 'plain')" in out
+
+    def line(x):  # min, quartiles, max, by hand
+        q = sorted(x.double().tolist())
+        at = [(len(q) - 1) * f for f in (0, 0.25, 0.5, 0.75, 1)]
+        return "".join(f"{q[int(a)] + (a - int(a)) * (q[min(int(a) + 1, len(q) - 1)] - q[int(a)]):8.3f}" for a in at)
+
+    assert f"  all candidates{line(result['candidates'])}   (60 pairs)\n" in out  # 6 prompts, 10 pairs of 5 each
+    assert f"  selected      {line(result['selected'])}   (5 pairs)\n" in out
