@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train_rm
 import train_sft
 from conftest import DEVICES, logged, logged_losses as losses, ranks, reference, sft_args as args
 from nanoalign import dist, hbat, train
@@ -285,8 +286,6 @@ def test_data_format_by_name_and_hh_trains_on_the_chosen_transcript():
 
 def test_the_default_directories_are_where_the_later_stages_look():
     """`python train_rm.py` (and DPO, PPO, Hbat) with no arguments start from what `python train_sft.py` saved."""
-    import train_rm
-
     cfg = train_sft.Config()
     assert Path(cfg.out_dir) / "model" == Path(hbat.SFT_INIT) == Path(train_rm.Config().init)
     assert Path(cfg.base_dir) / "model" == Path(hbat.BASE_INIT)
