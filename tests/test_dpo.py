@@ -438,8 +438,8 @@ def test_default_tiny_world_run_learns_the_preferences_without_losing_to_the_sft
     also pushes down the neighbourhood of the right number in a model that cannot yet add. Over-optimised
     settings (beta 0.1 for 200 steps: 0.45; lr 3e-4: 0.43) fall below the bound checked here. On another machine,
     whose rounding trained another SFT model (quality 0.691): accuracy 0.69, win rate 0.475, quality 0.672. Greedy
-    held-out quality moves by up to 0.02 under small policy changes (README, "PPO"), so the quality is held to
-    within 0.03 of the SFT model's."""
+    held-out quality moves by up to 0.02 under small policy changes (docs/ppo_on_the_tiny_world.md), so the
+    quality is held to within 0.03 of the SFT model's."""
     proc = subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), f"--out_dir={tmp_path}/dpo"], cwd=ROOT,
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
