@@ -203,6 +203,15 @@ def test_no_reference_model_is_alive_while_the_policy_trains(tiny_plain, files, 
 # --- the script
 
 
+def test_the_default_warmup_is_ten_steps(tiny_plain, files, tmp_path):
+    """Without --warmup_steps the learning rate climbs linearly over 10 steps, lr * (step + 1) / 10 (the default the
+    README's measured DPO run used); every other test sets its own warmup."""
+    flags = [a for a in args(tiny_plain, tmp_path / "run", files, "--steps=2", "--eval_prompts=")
+             if not a.startswith("--warmup_steps=")]
+    train_dpo.main(flags)
+    assert [r["lr"] for r in records(tmp_path / "run")] == pytest.approx([1e-4, 2e-4], rel=1e-9)
+
+
 @pytest.mark.parametrize("loss,extra,step0_loss", [
     ("dpo", [], math.log(2)),                          # -log sigmoid(0)
     ("cdpo", ["--label_smoothing=0.2"], math.log(2)),  # -(0.8 + 0.2) log sigmoid(0)
