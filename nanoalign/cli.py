@@ -170,15 +170,28 @@ def run(main, argv=None) -> None:
     """Entry point of a script: a bad input (a flag, a data file, a checkpoint: ValueError, KeyError, or an
     OSError such as a missing file or a directory where a file belongs, all of which name the culprit) or a
     stopped run (FloatingPointError) prints one line and exits non-zero, without a traceback.
-    NANOALIGN_DEBUG=1 shows the traceback."""
+    NANOALIGN_DEBUG=1 shows the traceback.
+
+    Whatever main leaves in reference cycles is collected before the process exits. Under torchrun that matters:
+    FSDP2's modules, their sharded parameters and the device meshes they hold sit in reference cycles, which Python
+    otherwise frees only while the interpreter shuts down, and there gloo now and then aborted a run that had
+    finished (SIGABRT, "terminate called without an active exception", after the script's last line). Measured
+    with a small two-rank CPU script (shard a model, train three steps, dist.close): 14 of 480 runs aborted at
+    exit without this collection, 0 of 250 with it."""
+    import gc
     import os
     import sys
 
+    code = 0
     try:
         main(argv if argv is not None else sys.argv[1:])
     except (ValueError, KeyError, OSError, FloatingPointError) as e:
         if os.environ.get("NANOALIGN_DEBUG") == "1":
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        # a string, not the exception: its traceback would keep main's frames alive through the collection below
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # KeyError's str() adds quotes
         print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(1 if isinstance(e, FloatingPointError) else 2)
+        code = 1 if isinstance(e, FloatingPointError) else 2
+    gc.collect()  # here, main's frames (and the exception's traceback) are gone: their cycles can be collected
+    if code:
+        sys.exit(code)

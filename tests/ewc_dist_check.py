@@ -3,6 +3,7 @@
 Each EWC statistic of an FSDP2-sharded Transformer against the same model unsharded (computed on every
 rank, so no rank waits alone in a collective); rank 0 writes both sides, or their largest differences for
 tensors, as JSON for the test to compare."""
+import gc
 import json
 import sys
 from pathlib import Path
@@ -116,3 +117,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    gc.collect()  # FSDP2's cycles freed while the interpreter is alive, as nanoalign.cli.run does (see there)

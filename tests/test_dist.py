@@ -120,40 +120,47 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from torch.distributed.fsdp import FSDPModule
 from nanoalign import dist
+from nanoalign.cli import run
 from nanoalign.model import Block, ModelConfig, Transformer
 
-torch.set_num_threads(1)
-d = dist.init_dist("cpu")
-out = {"rank": d.rank, "world_size": d.world_size, "enabled": d.enabled}
-x = torch.tensor([1.0 + d.rank, 10.0])
-out["sum"] = dist.all_reduce_sum(x, d).tolist()
-out["x_after"] = x.tolist()
-out["gathered"] = dist.all_gather_object(f"r{d.rank}", d)
-flag = Path(sys.argv[2]) / "rank1_was_here"
-if d.rank == 1:  # late on purpose: rank 0 must still find the file after the barrier
-    time.sleep(1.0)
-    flag.write_text("x")
-dist.barrier(d)
-out["flag_after_barrier"] = flag.exists()
-cfg = ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=2, hidden_dim=64, max_seq_len=32)
-torch.manual_seed(0)
-ref = Transformer(cfg)
-ref.init_weights()
-want = ref.state_dict()
-out["want_keys"] = sorted(want)
-torch.manual_seed(1 + d.rank)  # other weights on every rank, replaced by rank 0's
-model = Transformer(cfg)
-model.init_weights()
-dist.shard(model, d)
-out["sharded"] = [isinstance(m, FSDPModule) for m in [model, *(b for b in model.modules() if isinstance(b, Block))]]
-dist.load_full_model_state(model, dict(want) if d.is_main else {}, d)  # a copy: its values become DTensors
-out["loaded"] = all([torch.equal(p.full_tensor(), want[n]) for n, p in model.named_parameters()])  # every rank gathers
-state, _ = dist.full_state(model)
-out["full_keys"] = sorted(state)
-out["full_equal"] = all(torch.equal(t, want[k]) for k, t in state.items())
-out["full_devices"] = sorted({t.device.type for t in state.values()})
-Path(sys.argv[2], f"rank{d.rank}.json").write_text(json.dumps(out))
-dist.close(d)
+
+def main(argv):
+    torch.set_num_threads(1)
+    d = dist.init_dist("cpu")
+    out = {"rank": d.rank, "world_size": d.world_size, "enabled": d.enabled}
+    x = torch.tensor([1.0 + d.rank, 10.0])
+    out["sum"] = dist.all_reduce_sum(x, d).tolist()
+    out["x_after"] = x.tolist()
+    out["gathered"] = dist.all_gather_object(f"r{d.rank}", d)
+    flag = Path(sys.argv[2]) / "rank1_was_here"
+    if d.rank == 1:  # late on purpose: rank 0 must still find the file after the barrier
+        time.sleep(1.0)
+        flag.write_text("x")
+    dist.barrier(d)
+    out["flag_after_barrier"] = flag.exists()
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=2, hidden_dim=64, max_seq_len=32)
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    ref.init_weights()
+    want = ref.state_dict()
+    out["want_keys"] = sorted(want)
+    torch.manual_seed(1 + d.rank)  # other weights on every rank, replaced by rank 0's
+    model = Transformer(cfg)
+    model.init_weights()
+    dist.shard(model, d)
+    out["sharded"] = [isinstance(m, FSDPModule) for m in [model, *(b for b in model.modules() if isinstance(b, Block))]]
+    dist.load_full_model_state(model, dict(want) if d.is_main else {}, d)  # a copy: its values become DTensors
+    # every rank gathers
+    out["loaded"] = all([torch.equal(p.full_tensor(), want[n]) for n, p in model.named_parameters()])
+    state, _ = dist.full_state(model)
+    out["full_keys"] = sorted(state)
+    out["full_equal"] = all(torch.equal(t, want[k]) for k, t in state.items())
+    out["full_devices"] = sorted({t.device.type for t in state.values()})
+    Path(sys.argv[2], f"rank{d.rank}.json").write_text(json.dumps(out))
+    dist.close(d)
+
+
+run(main)  # as the scripts end: it collects FSDP2's cycles before the interpreter shuts down
 '''
 
 
