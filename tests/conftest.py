@@ -48,6 +48,22 @@ def logged_losses(out):
     return [r["loss"] for r in logged(out)]
 
 
+@pytest.fixture
+def optimizer_groups(monkeypatch):
+    """What each optimizer step of a run in this test was given: one list per step of (lr, weight_decay) for each
+    parameter group (train.optimizer_step, which every script calls, spied on)."""
+    from nanoalign import train
+
+    seen, optimizer_step = [], train.optimizer_step
+
+    def spy(model, opt, **kwargs):
+        seen.append([(g["lr"], g["weight_decay"]) for g in opt.param_groups])
+        return optimizer_step(model, opt, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", spy)
+    return seen
+
+
 # --- tiny checkpoints shared by the script tests: a random 2-layer model, the same model ending about half its
 # answers early (so rollouts have different lengths), and a reward model on its trunk with a seeded head
 

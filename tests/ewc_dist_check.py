@@ -3,7 +3,6 @@
 Each EWC statistic of an FSDP2-sharded Transformer against the same model unsharded (computed on every
 rank, so no rank waits alone in a collective); rank 0 writes both sides, or their largest differences for
 tensors, as JSON for the test to compare."""
-import gc
 import json
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanoalign import dist, ewc  # noqa: E402
+from nanoalign import cli, dist, ewc  # noqa: E402
 from nanoalign.model import ModelConfig, Transformer  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=2, hidden_dim=64, max_seq_len=32)
@@ -116,5 +115,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    gc.collect()  # FSDP2's cycles freed while the interpreter is alive, as nanoalign.cli.run does (see there)
+    cli.run(lambda argv: main())  # as the scripts end: FSDP2's cycles are collected before the interpreter shuts down

@@ -37,7 +37,8 @@ def test_init_dist_under_torchrun_takes_nccl_on_this_ranks_gpu_and_gloo_on_a_cpu
     calls, backend = [], []
 
     def init_process_group(name, **kw):
-        calls.append((name, kw)), backend.append(name)
+        calls.append((name, kw))
+        backend.append(name)
 
     monkeypatch.setattr(dist.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(dist.dist, "get_backend", lambda: backend[-1])
@@ -53,7 +54,8 @@ def test_init_dist_under_torchrun_takes_nccl_on_this_ranks_gpu_and_gloo_on_a_cpu
     assert dist.init_dist("cpu") == dist.Dist(3, 4, 1, torch.device("cpu"), launched=True)
     assert calls == [("gloo", {})]
     assert capsys.readouterr().out == ""  # rank 3 is quiet
-    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     assert dist.init_dist("cpu").is_main
     assert capsys.readouterr().out == "torchrun: 4 ranks, gloo process group, models sharded by FSDP2, rank 0 on cpu\n"
 

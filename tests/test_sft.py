@@ -308,23 +308,17 @@ def test_pretraining_blocks_count_every_token_but_the_first(tiny_plain, tiny_tok
 
 
 def test_each_step_runs_at_the_scheduled_lr_with_the_weight_decay_asked_and_evaluates_on_val_data(
-        tiny_plain, tiny_tok, tmp_path, monkeypatch):
+        tiny_plain, tiny_tok, tmp_path, optimizer_groups):
     val = tmp_path / "val.jsonl"  # (the other tests train and evaluate on the same file)
     val.write_text("".join((ROOT / "data" / "sft_train.jsonl").read_text().splitlines(True)[:8]))
-    seen, optimizer_step = [], train.optimizer_step
-
-    def spy(model, opt, **kwargs):
-        seen.append([(g["lr"], g["weight_decay"]) for g in opt.param_groups])
-        return optimizer_step(model, opt, **kwargs)
-
-    monkeypatch.setattr(train, "optimizer_step", spy)
     train_sft.main(args(tiny_plain, tmp_path / "run", "--steps=4", "--lr=2e-3", "--warmup_steps=2",
                         "--weight_decay=0.05", f"--val_data={val}"))
     records = logged(tmp_path / "run")
     scheduled = [train.lr_at(step, 4, 2e-3, 2, 0.1) for step in range(4)]
     assert len(set(scheduled)) == 3 and [r["lr"] for r in records] == scheduled  # warmup, then cosine
-    assert [{lr for lr, _ in groups} for groups in seen] == [{lr} for lr in scheduled]
-    assert {wd for groups in seen for _, wd in groups} == {0.0, 0.05}  # matrices decay; norms and biases do not
+    assert [{lr for lr, _ in groups} for groups in optimizer_groups] == [{lr} for lr in scheduled]
+    # matrices decay; norms and biases do not
+    assert {wd for groups in optimizer_groups for _, wd in groups} == {0.0, 0.05}
     # the last step's eval_loss is the final model's on --val_data
     rows = tokenize_sft(read_jsonl(val), tiny_tok, "hh", max_len=128)
     with torch.no_grad():
