@@ -34,7 +34,9 @@ Preference pairs are labelled by it, so a known fraction (~6%) of chosen/rejecte
 
 The SFT demonstrations are the references: SFT imitates ideal answers. `--padded_demos=F` builds a variant whose
 demonstrator pads a fraction F of its SFT answers with one to three filler sentences (every other file stays
-byte-identical), to study what preference learning does with a flaw the demonstrations teach.
+byte-identical), to study what preference learning does with a flaw the demonstrations teach. `--padded_prefs=G`
+gives the compared answers the same habit: each chosen and rejected answer gets fillers with probability G, and
+the annotator judges every pair again as shown (README, "A chatty writer").
 
 `python -m nanoalign.world` rebuilds data/ byte for byte from the seed (all randomness flows from one
 random.Random; the BPE tokenizer trained by `tokenizers` is deterministic) and prints a summary.
@@ -297,8 +299,8 @@ def is_correct(prompt, response):
 def annotate(prompt, a, b, rng, tau=TAU):
     """True if the annotator prefers a to b. Bradley-Terry: P(a > b) = sigmoid((q(a) - q(b)) / tau).
     rng is anything with .random() (random.Random, numpy Generator)."""
-    gap = quality(prompt, a) - quality(prompt, b)
-    return rng.random() < 1 / (1 + math.exp(-gap / tau))
+    z = (quality(prompt, b) - quality(prompt, a)) / tau
+    return rng.random() < (1 / (1 + math.exp(z)) if z < 700 else 0.0)  # exp(709+) overflows a float: P is ~0 there
 
 
 GAP_BINS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
@@ -380,16 +382,36 @@ def make_splits(rng, tau=TAU):
     return data
 
 
+def _chatty(text, fraction, rng):
+    """text, or with probability `fraction` text followed by one to three distinct filler sentences it does not
+    hold yet (the oracle takes 0.15 off per filler sentence)."""
+    if rng.random() >= fraction:
+        return text
+    unused = [f for f in FILLERS if f not in text]
+    return " ".join([text] + rng.sample(unused, min(len(unused), rng.randint(1, 3))))
+
+
 def pad_demonstrations(records, fraction, rng):
     """A chatty demonstrator: each SFT response, with probability `fraction`, becomes the reference followed by
     one to three distinct filler sentences (oracle quality 1 - 0.15 per filler). The reference, prompt and
     family stay; other records are unchanged. Real demonstrations are rarely all ideal; this makes the gap
     between what SFT imitates and what the preferences reward visible (README, "Padded demonstrations")."""
+    return [{**r, "response": _chatty(r["reference"], fraction, rng)} for r in records]
+
+
+def pad_preferences(records, fraction, rng, tau=TAU):
+    """The compared answers written by the same chatty writer: in each pair the chosen and then the rejected
+    answer, each with probability `fraction`, get one to three filler sentences they do not hold yet (a pair
+    that would become two equal answers stays as it was), and the annotator judges every pair again as shown, so
+    a filler costs an answer what the oracle takes off for it. Prompt, reference, qtype and family stay.
+    Filler presence is then independent of the kind of answer, so a judge can learn its price from the pairs."""
     out = []
     for r in records:
-        if rng.random() < fraction:
-            r = {**r, "response": " ".join([r["reference"]] + rng.sample(FILLERS, rng.randint(1, 3)))}
-        out.append(r)
+        a, b = _chatty(r["chosen"], fraction, rng), _chatty(r["rejected"], fraction, rng)
+        if a == b:
+            a, b = r["chosen"], r["rejected"]
+        chosen, rejected = (a, b) if annotate(r["prompt"], a, b, rng, tau) else (b, a)
+        out.append({**r, "chosen": chosen, "rejected": rejected})
     return out
 
 
@@ -433,12 +455,14 @@ def _write_jsonl(path, records):
         f.writelines(json.dumps(r, sort_keys=True, ensure_ascii=True) + "\n" for r in records)
 
 
-def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0):
+def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0, padded_prefs=0.0):
     """Write the whole world to out_dir (see INTERFACES.md); returns the summary written to world.json.
-    padded_demos > 0 pads that fraction of the SFT training responses (pad_demonstrations) with an rng of its
-    own, so every other file is byte-identical to the default world's."""
-    if not 0.0 <= padded_demos <= 1.0:
-        raise ValueError(f"--padded_demos={padded_demos} must be a fraction in [0, 1]")
+    padded_demos > 0 pads that fraction of the SFT training responses (pad_demonstrations), padded_prefs > 0 that
+    fraction of the preference pairs' answers, relabelled (pad_preferences); each with an rng of its own, so every
+    other file is byte-identical to the default world's."""
+    for name, fraction in [("padded_demos", padded_demos), ("padded_prefs", padded_prefs)]:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"--{name}={fraction} must be a fraction in [0, 1]")
     out, rng = Path(out_dir), random.Random(seed)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     data = make_splits(rng, tau)
@@ -446,6 +470,10 @@ def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0):
     data["pretrain"] = [{"text": t} for t in make_pretrain(sft_prompts, rng)]
     if padded_demos:
         data["sft_train"] = pad_demonstrations(data["sft_train"], padded_demos, random.Random(seed + 2))
+    if padded_prefs:
+        prefs_rng = random.Random(seed + 3)  # one stream, the training pairs first
+        for split in ("prefs_train", "prefs_val"):
+            data[split] = pad_preferences(data[split], padded_prefs, prefs_rng, tau)
     for name, records in data.items():
         _write_jsonl(out / f"{name}.jsonl", records)
 
@@ -471,6 +499,9 @@ def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0):
         summary["padded_demos"] = {"fraction": padded_demos, "padded": sum(
             r["response"] != r["reference"] for r in data["sft_train"]), "sft_train_mean_quality": round(
             sum(quality(r["prompt"], r["response"]) for r in data["sft_train"]) / len(data["sft_train"]), 4)}
+    if padded_prefs:
+        summary["padded_prefs"] = {"fraction": padded_prefs, **{f"padded_{side}": sum(
+            is_padded(r[side]) for r in data["prefs_train"]) for side in ("chosen", "rejected")}}
     (out / "world.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
 
@@ -483,9 +514,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--padded_demos", type=finite_float, default=0.0,
                         help="pad this fraction of the SFT training responses with filler sentences (default: none)")
+    parser.add_argument("--padded_prefs", type=finite_float, default=0.0,
+                        help="pad this fraction of the preference pairs' answers, then label the pairs again "
+                             "(default: none)")
     args = parser.parse_args(argv)
     check_output(args.out, "out", directory=True)
-    summary = build(args.out, args.seed, padded_demos=args.padded_demos)  # a bad fraction: ValueError, one line
+    # a bad fraction: ValueError, one line
+    summary = build(args.out, args.seed, padded_demos=args.padded_demos, padded_prefs=args.padded_prefs)
     for path in sorted(Path(args.out).rglob("*.json*")):
         print(f"{str(path):40s} {path.stat().st_size / 1e3:8.1f} kB")
     print("counts:", summary["counts"])
@@ -496,6 +531,10 @@ def main(argv=None):
         pads = summary["padded_demos"]
         print(f"sft_train: {pads['padded']} responses padded with filler, mean oracle quality "
               f"{pads['sft_train_mean_quality']:.3f}")
+    if "padded_prefs" in summary:
+        pads = summary["padded_prefs"]
+        print(f"prefs_train: {pads['padded_chosen']} chosen and {pads['padded_rejected']} rejected answers padded "
+              f"with filler")
 
 
 if __name__ == "__main__":

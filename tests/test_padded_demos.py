@@ -1,7 +1,9 @@
 """The padded-demonstrations world end to end (slow; README "Padded demonstrations"): SFT on demonstrations of
 which 70% end with filler sentences, then preference learning from that model. On-policy pairs (its own
 answers, labelled by the annotator) teach it to stop padding, through DPO or through a reward model for PPO;
-DPO on the world's pairs pads more than the demonstrations taught. About 13 minutes on 2 cores."""
+DPO on the world's pairs pads more than the demonstrations taught. When the compared answers are padded too (the
+same chatty writer, README "A chatty writer"), the world's own pairs teach it: PPO against a reward model of
+them and DPO on them both beat the SFT model. About 20 minutes on 2 cores."""
 import json
 import subprocess
 import sys
@@ -77,3 +79,39 @@ def test_ppo_against_a_reward_model_of_the_sft_models_own_answers_raises_oracle_
            f"--out_dir={padded}/ppo")
     evals = [r for r in logged(padded / "ppo") if "eval/mean_quality" in r]
     assert evals[-1]["eval/mean_quality"] >= evals[0]["eval/mean_quality"] + 0.008, evals
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory):
+    """The README's "A chatty writer": 90% of the demonstrations and half of the compared answers padded, SFT
+    on it from the tiny base, and a reward model of the world's (padded) pairs."""
+    root = tmp_path_factory.mktemp("chatty")
+    world.build(root / "data", padded_demos=0.9, padded_prefs=0.5)
+    script(ROOT / "train_sft.py", f"--data={root}/data/sft_train.jsonl", f"--out_dir={root}/sft")
+    return root
+
+
+@pytest.mark.slow
+def test_ppo_against_a_reward_model_of_the_worlds_pairs_raises_quality_when_the_pairs_are_padded_too(chatty):
+    """The pipeline's recipe, from the world's pairs: the reward model learns the price of a filler and PPO
+    (60 steps, the defaults) lifts the oracle quality of the greedy held-out answers well above the SFT model's,
+    padding far fewer of them. Measured 2026-12-07: SFT 0.508 (297 of 300 answers padded), reward model 69.7%,
+    PPO 0.653 at seed 0 (82 padded)."""
+    script(ROOT / "train_rm.py", f"--init={chatty}/sft/model", f"--data={chatty}/data/prefs_train.jsonl",
+           f"--val_data={chatty}/data/prefs_val.jsonl", f"--out_dir={chatty}/rm")
+    assert logged(chatty / "rm")[-1]["eval/accuracy"] > 0.62
+    script(ROOT / "train_ppo.py", f"--init={chatty}/sft/model", f"--reward_model={chatty}/rm/model",
+           f"--out_dir={chatty}/ppo")
+    evals = [r for r in logged(chatty / "ppo") if "eval/mean_quality" in r]
+    assert evals[-1]["eval/mean_quality"] >= evals[0]["eval/mean_quality"] + 0.05, evals
+    assert padded_answers(chatty / "ppo" / "model") < padded_answers(chatty / "sft" / "model") / 2
+
+
+@pytest.mark.slow
+def test_dpo_on_the_worlds_pairs_beats_the_sft_model_when_the_pairs_are_padded_too(chatty):
+    """DPO on the same pairs beats the SFT model under the oracle. Measured 2026-12-07, seed 0: win rate 0.642,
+    quality 0.541 against 0.508."""
+    script(ROOT / "train_dpo.py", f"--init={chatty}/sft/model", f"--data={chatty}/data/prefs_train.jsonl",
+           f"--val_data={chatty}/data/prefs_val.jsonl", f"--out_dir={chatty}/dpo")
+    result = json.loads((chatty / "dpo" / "eval.json").read_text())
+    assert result["win_rate_vs_sft"] > 0.55 and result["mean_quality/dpo"] > result["mean_quality/sft"], result

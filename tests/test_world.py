@@ -115,6 +115,58 @@ def test_padded_demos_change_only_the_sft_responses(built, tmp_path):
     assert summary["padded_demos"]["padded"] == n_padded
 
 
+def _fillers_after(answer, original):
+    """How many filler sentences answer adds to original (one to three distinct ones original lacks), or None
+    when answer is not original, as it is or so padded."""
+    if answer == original:
+        return 0
+    if not answer.startswith(original + " "):
+        return None
+    added = [f.strip() + "." for f in answer[len(original) + 1:].split(".")[:-1]]
+    ok = (answer == " ".join([original] + added) and 1 <= len(added) <= 3 and len(set(added)) == len(added)
+          and all(f in world.FILLERS and f not in original for f in added))
+    return len(added) if ok else None
+
+
+def test_padded_prefs_pad_the_compared_answers_and_nothing_else(built, tmp_path):
+    """--padded_prefs: only the preference files change; each pair holds the default pair's two answers, each as
+    it was or followed by one to three fillers it lacked, about that fraction of them padded."""
+    summary = world.build(tmp_path, seed=0, padded_prefs=0.5)
+    default, padded = _files(built), _files(tmp_path)
+    assert {k for k in default if default[k] != padded[k]} == {"prefs_train.jsonl", "prefs_val.jsonl", "world.json"}
+    n_answers = n_padded = 0
+    for split in ("prefs_train", "prefs_val"):
+        for new, old in zip(_read(tmp_path, split), _read(built, split), strict=True):
+            assert {**new, "chosen": 0, "rejected": 0} == {**old, "chosen": 0, "rejected": 0}
+            kept = [_fillers_after(new["chosen"], old["chosen"]), _fillers_after(new["rejected"], old["rejected"])]
+            swapped = [_fillers_after(new["chosen"], old["rejected"]), _fillers_after(new["rejected"], old["chosen"])]
+            counts = kept if None not in kept else swapped
+            assert None not in counts, (new, old)
+            n_answers, n_padded = n_answers + 2, n_padded + sum(c > 0 for c in counts)
+    assert abs(n_padded / n_answers - 0.5) < 0.03  # 6600 coin flips (a few equal pairs kept): ~5 std
+    rows = _read(tmp_path, "prefs_train")
+    assert summary["padded_prefs"] == {"fraction": 0.5, "padded_chosen": sum(world.is_padded(r["chosen"]) for r in rows),
+                                       "padded_rejected": sum(world.is_padded(r["rejected"]) for r in rows)}
+
+
+def test_pad_preferences_labels_each_pair_again_as_shown():
+    """With a sharp annotator (tau near 0) the better answer of each pair, fillers counted, is the chosen one,
+    whichever way the pair was labelled before; fraction 1 pads both answers."""
+    pairs = [("What is 17 plus 25?", "17 plus 25 is 42.", "42."), ("What is 17 plus 25?", "42.", "17 plus 25 is 42."),
+             ("Tell me two facts about bees.", "Bees make honey.", "Bees make honey. Bees visit flowers.")] * 20
+    records = [{"prompt": p, "reference": "r", "qtype": "q", "family": "f", "chosen": c, "rejected": r}
+               for p, c, r in pairs]
+    for fraction in (0.0, 1.0):
+        out = world.pad_preferences(records, fraction, random.Random(0), tau=1e-9)
+        for r, before in zip(out, records):
+            assert {k: r[k] for k in ("prompt", "reference", "qtype", "family")} == {
+                k: before[k] for k in ("prompt", "reference", "qtype", "family")}
+            assert world.quality(r["prompt"], r["chosen"]) >= world.quality(r["prompt"], r["rejected"])
+            assert world.is_padded(r["chosen"]) == world.is_padded(r["rejected"]) == (fraction == 1.0)
+        if fraction == 0.0:  # relabelled: the second kind of pair had the worse answer chosen
+            assert [(r["chosen"], r["rejected"]) for r in out[:3]] == [pairs[0][1:], pairs[0][1:], pairs[2][2:0:-1]]
+
+
 def test_oracle_ranks_the_reference_above_every_corruption():
     rng = random.Random(0)
     prompts = [world.sample_prompt(rng, f) for f in world.FAMILIES[:4] for _ in range(200)] + world._open_prompts()
@@ -156,6 +208,15 @@ def test_oracle_scores_worked_by_hand():
     assert q("Tell me about bees.", "Bees make honey. Bees can sting.") == 0.6667  # 2 of 3
     with pytest.raises(ValueError, match="not a prompt"):
         q("Tell me about dragons.", "Dragons fly.")
+
+
+def test_a_sharp_annotator_always_prefers_the_better_answer_without_overflowing():
+    """tau near 0: the gap / tau of a clear pair overflows exp() when written naively; P is then 0 or 1."""
+    p, better, worse = "What is 17 plus 25?", "17 plus 25 is 42.", "42."
+    rng = random.Random(0)
+    for tau in (1e-3, 1e-9):
+        assert all(world.annotate(p, better, worse, rng, tau) for _ in range(50))
+        assert not any(world.annotate(p, worse, better, rng, tau) for _ in range(50))
 
 
 def test_annotator_error_shrinks_with_the_gap():
@@ -284,10 +345,11 @@ def test_a_lookup_about_someone_not_in_the_prompt_is_not_a_world_prompt():
         world.quality(p, "Ana lives in Oslo.")
 
 
-def test_padded_demos_accepts_exactly_the_closed_unit_interval(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flag", ["padded_demos", "padded_prefs"])
+def test_padding_fractions_accept_exactly_the_closed_unit_interval(tmp_path, monkeypatch, flag):
     for bad in (-0.1, 1.01, 1.5):
-        with pytest.raises(ValueError, match=rf"--padded_demos={bad} must be a fraction in \[0, 1\]"):
-            world.build(tmp_path / "bad", padded_demos=bad)
+        with pytest.raises(ValueError, match=rf"--{flag}={bad} must be a fraction in \[0, 1\]"):
+            world.build(tmp_path / "bad", **{flag: bad})
 
     class Checked(Exception):
         pass
@@ -298,7 +360,7 @@ def test_padded_demos_accepts_exactly_the_closed_unit_interval(tmp_path, monkeyp
     monkeypatch.setattr(world, "make_splits", past_the_check)
     for fraction in (0.0, 1.0):  # both ends are fractions: 1.0 pads every SFT answer
         with pytest.raises(Checked):
-            world.build(tmp_path / "ok", padded_demos=fraction)
+            world.build(tmp_path / "ok", **{flag: fraction})
 
 
 def test_pad_demonstrations_adds_one_to_three_fillers_each_count_seen():
@@ -307,3 +369,17 @@ def test_pad_demonstrations_adds_one_to_three_fillers_each_count_seen():
                                       random.Random(0))
     counts = {sum(f in r["response"] for f in world.FILLERS) for r in padded}
     assert counts == {1, 2, 3}  # fraction 1: every answer padded, with one, two or three distinct fillers
+
+
+def test_world_command_builds_the_chatty_variant_and_says_how_many_answers_it_padded(tmp_path, capsys):
+    world.main([f"--out={tmp_path}", "--padded_demos=0.9", "--padded_prefs=0.5"])
+    summary = json.loads((tmp_path / "world.json").read_text())
+    out = capsys.readouterr().out
+    pads = summary["padded_prefs"]
+    assert f"prefs_train: {pads['padded_chosen']} chosen and {pads['padded_rejected']} rejected answers padded" in out
+    assert f"sft_train: {summary['padded_demos']['padded']} responses padded" in out
+    # the flag reaches build: the preference files differ from the default world's, the demonstrations too
+    assert _read(tmp_path, "prefs_train") != _read(REPO_DATA, "prefs_train")
+    assert pads["padded_chosen"] < pads["padded_rejected"]  # a filler costs: padded answers lose more often
+    with pytest.raises(ValueError, match=r"--padded_prefs=2.0 must be a fraction in \[0, 1\]"):
+        world.main([f"--out={tmp_path / 'bad'}", "--padded_prefs=2"])
