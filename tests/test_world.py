@@ -92,29 +92,6 @@ def test_references_are_perfect_and_sft_responses_are_references(built):
             assert r.get("response", r["reference"]) == r["reference"]
 
 
-def test_padded_demos_change_only_the_sft_responses(built, tmp_path):
-    """--padded_demos pads about that fraction of the SFT training answers, each the reference plus one to three
-    distinct fillers scored 1 - 0.15 per filler; every other file is the default world's, byte for byte."""
-    summary = world.build(tmp_path, seed=0, padded_demos=0.5)
-    default, padded = _files(built), _files(tmp_path)
-    assert {k for k in default if default[k] != padded[k]} == {"sft_train.jsonl", "world.json"}
-    rows, base = _read(tmp_path, "sft_train"), _read(built, "sft_train")
-    assert [{**r, "response": None} for r in rows] == [{**r, "response": None} for r in base]
-    n_padded = 0
-    for r in rows:
-        if r["response"] == r["reference"]:
-            continue
-        n_padded += 1
-        assert r["response"].startswith(r["reference"] + " ")
-        fillers = r["response"][len(r["reference"]) + 1:]
-        used = [f.strip() for f in fillers.split(".")[:-1]]  # each filler is one sentence ending in "."
-        assert fillers == " ".join(f + "." for f in used)
-        assert 1 <= len(used) <= 3 and len(set(used)) == len(used) and {u + "." for u in used} <= set(world.FILLERS)
-        assert world.quality(r["prompt"], r["response"]) == pytest.approx(1 - 0.15 * len(used))
-    assert abs(n_padded / len(rows) - 0.5) < 0.03  # 4000 coin flips: 3% is ~4 standard deviations
-    assert summary["padded_demos"]["padded"] == n_padded
-
-
 def _fillers_after(answer, original):
     """How many filler sentences answer adds to original (one to three distinct ones original lacks), or None
     when answer is not original, as it is or so padded."""
@@ -126,6 +103,24 @@ def _fillers_after(answer, original):
     ok = (answer == " ".join([original] + added) and 1 <= len(added) <= 3 and len(set(added)) == len(added)
           and all(f in world.FILLERS and f not in original for f in added))
     return len(added) if ok else None
+
+
+def test_padded_demos_change_only_the_sft_responses(built, tmp_path):
+    """--padded_demos pads about that fraction of the SFT training answers, each the reference plus one to three
+    distinct fillers scored 1 - 0.15 per filler; every other file is the default world's, byte for byte."""
+    summary = world.build(tmp_path, seed=0, padded_demos=0.5)
+    default, padded = _files(built), _files(tmp_path)
+    assert {k for k in default if default[k] != padded[k]} == {"sft_train.jsonl", "world.json"}
+    rows, base = _read(tmp_path, "sft_train"), _read(built, "sft_train")
+    assert [{**r, "response": None} for r in rows] == [{**r, "response": None} for r in base]
+    n_padded = 0
+    for r in rows:
+        n_fillers = _fillers_after(r["response"], r["reference"])
+        assert n_fillers is not None, r
+        n_padded += n_fillers > 0
+        assert world.quality(r["prompt"], r["response"]) == pytest.approx(1 - 0.15 * n_fillers)
+    assert abs(n_padded / len(rows) - 0.5) < 0.03  # 4000 coin flips: 3% is ~4 standard deviations
+    assert summary["padded_demos"]["padded"] == n_padded
 
 
 def test_padded_prefs_pad_the_compared_answers_and_nothing_else(built, tmp_path):
