@@ -50,6 +50,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TAU = 0.1  # annotator temperature on the quality scale
+PADDED_DEMOS = 0.9  # the default world's demonstrator pads this fraction of its SFT answers with filler sentences
+PADDED_PREFS = 0.5  # and this fraction of the compared answers of the preference pairs (relabelled as shown)
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2
 HH = "\n\nHuman: {prompt}\n\nAssistant: {response}"
@@ -455,7 +457,7 @@ def _write_jsonl(path, records):
         f.writelines(json.dumps(r, sort_keys=True, ensure_ascii=True) + "\n" for r in records)
 
 
-def build(out_dir="data", seed=0, tau=TAU, padded_demos=0.0, padded_prefs=0.0):
+def build(out_dir="data", seed=0, tau=TAU, padded_demos=PADDED_DEMOS, padded_prefs=PADDED_PREFS):
     """Write the whole world to out_dir (see INTERFACES.md); returns the summary written to world.json.
     padded_demos > 0 pads that fraction of the SFT training responses (pad_demonstrations), padded_prefs > 0 that
     fraction of the preference pairs' answers, relabelled (pad_preferences); each with an rng of its own, so every
@@ -512,11 +514,12 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data")
     parser.add_argument("--seed", type=seed_int, default=0)
-    parser.add_argument("--padded_demos", type=finite_float, default=0.0,
-                        help="pad this fraction of the SFT training responses with filler sentences (default: none)")
-    parser.add_argument("--padded_prefs", type=finite_float, default=0.0,
+    parser.add_argument("--padded_demos", type=finite_float, default=PADDED_DEMOS,
+                        help="pad this fraction of the SFT training responses with filler sentences "
+                             f"(default: {PADDED_DEMOS}; 0: the ideal writer)")
+    parser.add_argument("--padded_prefs", type=finite_float, default=PADDED_PREFS,
                         help="pad this fraction of the preference pairs' answers, then label the pairs again "
-                             "(default: none)")
+                             f"(default: {PADDED_PREFS}; 0: the ideal writer's pairs)")
     args = parser.parse_args(argv)
     check_output(args.out, "out", directory=True)
     # a bad fraction: ValueError, one line
