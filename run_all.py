@@ -1,7 +1,7 @@
 """The whole tiny pipeline from nothing, in one command: world data -> pretrain -> SFT -> reward model ->
 PPO and DPO -> evaluation of each aligned model against the SFT model, ending with a summary table.
 
-    python run_all.py                        # everything under out/, ~9 minutes on a 2-core laptop CPU
+    python run_all.py                        # everything under out/, ~10 minutes on a 2-core laptop CPU
     python run_all.py --out=runs/seed1 --seed=1
     python run_all.py --device=cuda          # the same recipe on a GPU
 

@@ -32,11 +32,15 @@ The annotator is a noisy Bradley-Terry judge: P(a preferred to b) = sigmoid((q(a
 its error rate is ~40% on near-ties (gap < 0.05), ~7% at gap 0.25 and ~0 above 0.5 (measured: data/world.json).
 Preference pairs are labelled by it, so a known fraction (~6%) of chosen/rejected pairs is wrong, as in real data.
 
-The SFT demonstrations are the references: SFT imitates ideal answers. `--padded_demos=F` builds a variant whose
-demonstrator pads a fraction F of its SFT answers with one to three filler sentences (every other file stays
-byte-identical), to study what preference learning does with a flaw the demonstrations teach. `--padded_prefs=G`
-gives the compared answers the same habit: each chosen and rejected answer gets fillers with probability G, and
-the annotator judges every pair again as shown (README, "A chatty writer").
+The default world's writer is chatty: its SFT demonstrations are the references, 90% of them followed by one to
+three filler sentences ("That is a good question."), and half of the compared answers of its preference pairs
+carry fillers too, whatever their kind, with every pair labelled by the annotator as shown (README, "The default
+world: a chatty writer"). So the SFT model learns a flaw the oracle charges for (0.15 a filler sentence), and the
+world's own pairs price it: preference learning has something it can see to fix. `--padded_demos=F` and
+`--padded_prefs=G` set the two fractions (pad_demonstrations, pad_preferences; each with an rng of its own, so
+every other file is byte-identical whatever they are); `--padded_demos=0 --padded_prefs=0` builds the ideal
+writer's world, whose demonstrations are the bare references (the default before 2026-12-07, where SFT imitates
+ideal answers and what is left to fix is what the tiny model cannot compute).
 
 `python -m nanoalign.world` rebuilds data/ byte for byte from the seed (all randomness flows from one
 random.Random; the BPE tokenizer trained by `tokenizers` is deterministic) and prints a summary.
@@ -461,7 +465,7 @@ def build(out_dir="data", seed=0, tau=TAU, padded_demos=PADDED_DEMOS, padded_pre
     """Write the whole world to out_dir (see INTERFACES.md); returns the summary written to world.json.
     padded_demos > 0 pads that fraction of the SFT training responses (pad_demonstrations), padded_prefs > 0 that
     fraction of the preference pairs' answers, relabelled (pad_preferences); each with an rng of its own, so every
-    other file is byte-identical to the default world's."""
+    other file is the same whatever the two fractions (0 and 0: the ideal writer's world)."""
     for name, fraction in [("padded_demos", padded_demos), ("padded_prefs", padded_prefs)]:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"--{name}={fraction} must be a fraction in [0, 1]")

@@ -43,6 +43,19 @@ def logged(out):
     return load_metrics(Path(out) / "metrics.jsonl")
 
 
+def padded_answers(model):
+    """How many of a model's greedy answers to the 300 held-out prompts of the repository's data/ contain a filler
+    sentence (world.is_padded)."""
+    from nanoalign import evaluate, world
+    from nanoalign.checkpoint import load_pretrained
+    from nanoalign.data import read_jsonl
+    from nanoalign.tokenizer import Tokenizer
+
+    prompts = [r["prompt"] for r in read_jsonl(Path(__file__).resolve().parents[1] / "data" / "prompts_test.jsonl")]
+    answers = evaluate.sample_answers(load_pretrained(model), Tokenizer.from_dir(model), prompts, "hh")
+    return sum(map(world.is_padded, answers))
+
+
 def logged_losses(out):
     """The training loss of every step a run logged to out/metrics.jsonl."""
     return [r["loss"] for r in logged(out)]

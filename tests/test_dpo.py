@@ -219,8 +219,9 @@ def test_the_default_warmup_is_ten_steps(tiny_plain, files, tmp_path):
 ])
 def test_each_loss_runs_and_starts_from_the_reference(tiny_plain, files, tmp_path, capsys, optimizer_groups, loss,
                                                       extra, step0_loss):
+    # one batch of all 24 pairs a step: step 3 sees the pairs steps 1 and 2 trained on
     train_dpo.main(args(tiny_plain, tmp_path / "run", files, "--steps=3", f"--loss={loss}", "--weight_decay=0.01",
-                        *extra))
+                        "--batch_size=24", *extra))
     # matrices decay; norms and biases do not
     assert {wd for groups in optimizer_groups for _, wd in groups} == {0.0, 0.01}
     out = capsys.readouterr().out
@@ -237,9 +238,9 @@ def test_each_loss_runs_and_starts_from_the_reference(tiny_plain, files, tmp_pat
     rows = tokenize_pairs(read_jsonl(files / "train.jsonl"), Tokenizer.from_dir(tiny_plain), "hh", 128, 128)
     ref = torch.load(tmp_path / "run" / "ref_logps.pt")["logps"]["train"]
     with_ref = dpo.with_reference(rows, ref, average=loss == "ipo")
-    batch = [with_ref[i] for i in train.batch_indices(0, len(rows), 8, 0)]
-    assert abs(first["logps/chosen"] - sum(r["ref_chosen"] for r in batch) / 8) <= 1e-4
-    assert abs(first["logps/rejected"] - sum(r["ref_rejected"] for r in batch) / 8) <= 1e-4
+    batch = [with_ref[i] for i in train.batch_indices(0, len(rows), 24, 0)]
+    assert abs(first["logps/chosen"] - sum(r["ref_chosen"] for r in batch) / 24) <= 1e-4
+    assert abs(first["logps/rejected"] - sum(r["ref_rejected"] for r in batch) / 24) <= 1e-4
     # training widens the margin on the pairs it sees
     assert log[-1]["rewards/margins"] > 0 and log[-1]["loss"] < first["loss"]
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -432,17 +433,13 @@ def test_torchrun_two_ranks_fsdp_matches_one_process(tiny_plain, files, tmp_path
 
 
 @pytest.mark.slow
-def test_default_tiny_world_run_learns_the_preferences_without_losing_to_the_sft_model(tmp_path):
+def test_default_tiny_world_run_learns_the_preferences_and_beats_the_sft_model(tmp_path):
     """The README's command end to end from the tiny SFT model (trained first if out/sft/model is missing).
 
-    Measured (README): held-out implicit-reward accuracy 0.68, win rate 0.49 against the SFT model, mean oracle
-    quality 0.716 vs 0.706. DPO does not beat the SFT model's greedy answers on this world in any setting tried
-    (win rates 0.43-0.50): the arithmetic pairs reject near misses (the answer +-1..5), and pushing those down
-    also pushes down the neighbourhood of the right number in a model that cannot yet add. Over-optimised
-    settings (beta 0.1 for 200 steps: 0.45; lr 3e-4: 0.43) fall below the bound checked here. On another machine,
-    whose rounding trained another SFT model (quality 0.691): accuracy 0.69, win rate 0.475, quality 0.672. Greedy
-    held-out quality moves by up to 0.02 under small policy changes (docs/ppo_on_the_tiny_world.md), so the
-    quality is held to within 0.03 of the SFT model's."""
+    Measured 2026-12-07 (README), seeds 0/1/2: win rate 0.642 / 0.700 / 0.612 against the SFT model, mean oracle
+    quality 0.541 / 0.553 / 0.520 against 0.508: the world's pairs price a filler sentence, and DPO cuts them. On
+    the ideal writer's world (`--padded_demos=0 --padded_prefs=0`) it did not beat the SFT model in any setting
+    tried (win rates 0.43-0.50; README "The ideal writer")."""
     proc = subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), f"--out_dir={tmp_path}/dpo"], cwd=ROOT,
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -450,5 +447,4 @@ def test_default_tiny_world_run_learns_the_preferences_without_losing_to_the_sft
     log = [r for r in records(tmp_path / "dpo") if "eval/loss" in r]
     assert result["eval/rewards/accuracies"] > 0.6 and result["eval/rewards/margins"] > 0  # chance: 0.5 and 0
     assert log[-1]["eval/rewards/margins"] > log[0]["eval/rewards/margins"]
-    assert result["win_rate_vs_sft"] > 0.47
-    assert result["mean_quality/dpo"] >= result["mean_quality/sft"] - 0.03
+    assert result["win_rate_vs_sft"] > 0.55 and result["mean_quality/dpo"] > result["mean_quality/sft"], result

@@ -1,9 +1,10 @@
 """The padded-demonstrations world end to end (slow; README "Padded demonstrations"): SFT on demonstrations of
-which 70% end with filler sentences, then preference learning from that model. On-policy pairs (its own
-answers, labelled by the annotator) teach it to stop padding, through DPO or through a reward model for PPO;
-DPO on the world's pairs pads more than the demonstrations taught. When the compared answers are padded too (the
-same chatty writer, README "A chatty writer"), the world's own pairs teach it: PPO against a reward model of
-them and DPO on them both beat the SFT model. About 20 minutes on 2 cores."""
+which 70% end with filler sentences while the compared answers are the ideal writer's (`--padded_prefs=0`), then
+preference learning from that model. On-policy pairs (its own answers, labelled by the annotator) teach it to
+stop padding, through DPO or through a reward model for PPO; DPO on the world's pairs pads more than the
+demonstrations taught. (When the compared answers are padded too, as in the default world, the world's own pairs
+teach it: the default-world tests of tests/test_train_ppo.py and tests/test_dpo.py.) About 15 minutes on 2
+cores."""
 import json
 import subprocess
 import sys
@@ -11,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import logged
-from nanoalign import evaluate, world
-from nanoalign.checkpoint import load_pretrained
-from nanoalign.data import read_jsonl
-from nanoalign.tokenizer import Tokenizer
+from conftest import logged, padded_answers
+from nanoalign import world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,19 +23,13 @@ def script(*argv):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def padded_answers(model):
-    """How many of the greedy answers to the 300 held-out prompts contain a filler sentence."""
-    prompts = [r["prompt"] for r in read_jsonl(ROOT / "data" / "prompts_test.jsonl")]
-    answers = evaluate.sample_answers(load_pretrained(model), Tokenizer.from_dir(model), prompts, "hh")
-    return sum(map(world.is_padded, answers))
-
-
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory):
     """The README's commands: the variant world, SFT on it (from the tiny base, as the default run), and
-    on-policy pairs of that SFT model on the training and the held-out preference prompts."""
+    on-policy pairs of that SFT model on the training and the held-out preference prompts (the same prompts
+    as the default world's)."""
     root = tmp_path_factory.mktemp("padded")
-    world.build(root / "data", padded_demos=0.7)
+    world.build(root / "data", padded_demos=0.7, padded_prefs=0.0)
     script(ROOT / "train_sft.py", f"--data={root}/data/sft_train.jsonl", f"--out_dir={root}/sft")
     for name, data in [("train", "prefs_train"), ("val", "prefs_val")]:
         script(ROOT / "select_pairs.py", "--sample=8", "--label=annotator", "--strategy=random",
@@ -54,7 +46,8 @@ def test_on_policy_dpo_beats_the_sft_model_when_its_demonstrations_are_padded(pa
     sft = padded / "sft" / "model"
     script(ROOT / "train_dpo.py", f"--init={sft}", f"--data={padded}/onpolicy_train.jsonl", "--lr=3e-5",
            f"--val_data={padded}/onpolicy_val.jsonl", f"--out_dir={padded}/dpo_onpolicy")
-    script(ROOT / "train_dpo.py", f"--init={sft}", f"--out_dir={padded}/dpo_world_pairs")
+    script(ROOT / "train_dpo.py", f"--init={sft}", f"--data={padded}/data/prefs_train.jsonl",
+           f"--val_data={padded}/data/prefs_val.jsonl", f"--out_dir={padded}/dpo_world_pairs")
     on_policy = json.loads((padded / "dpo_onpolicy" / "eval.json").read_text())
     world_pairs = json.loads((padded / "dpo_world_pairs" / "eval.json").read_text())
     assert on_policy["win_rate_vs_sft"] > 0.53 and on_policy["mean_quality/dpo"] > on_policy["mean_quality/sft"]
@@ -79,39 +72,3 @@ def test_ppo_against_a_reward_model_of_the_sft_models_own_answers_raises_oracle_
            f"--out_dir={padded}/ppo")
     evals = [r for r in logged(padded / "ppo") if "eval/mean_quality" in r]
     assert evals[-1]["eval/mean_quality"] >= evals[0]["eval/mean_quality"] + 0.008, evals
-
-
-@pytest.fixture(scope="module")
-def chatty(tmp_path_factory):
-    """The README's "A chatty writer": 90% of the demonstrations and half of the compared answers padded, SFT
-    on it from the tiny base, and a reward model of the world's (padded) pairs."""
-    root = tmp_path_factory.mktemp("chatty")
-    world.build(root / "data", padded_demos=0.9, padded_prefs=0.5)
-    script(ROOT / "train_sft.py", f"--data={root}/data/sft_train.jsonl", f"--out_dir={root}/sft")
-    return root
-
-
-@pytest.mark.slow
-def test_ppo_against_a_reward_model_of_the_worlds_pairs_raises_quality_when_the_pairs_are_padded_too(chatty):
-    """The pipeline's recipe, from the world's pairs: the reward model learns the price of a filler and PPO
-    (60 steps, the defaults) lifts the oracle quality of the greedy held-out answers well above the SFT model's,
-    padding far fewer of them. Measured 2026-12-07: SFT 0.508 (297 of 300 answers padded), reward model 69.7%,
-    PPO 0.653 at seed 0 (82 padded)."""
-    script(ROOT / "train_rm.py", f"--init={chatty}/sft/model", f"--data={chatty}/data/prefs_train.jsonl",
-           f"--val_data={chatty}/data/prefs_val.jsonl", f"--out_dir={chatty}/rm")
-    assert logged(chatty / "rm")[-1]["eval/accuracy"] > 0.62
-    script(ROOT / "train_ppo.py", f"--init={chatty}/sft/model", f"--reward_model={chatty}/rm/model",
-           f"--out_dir={chatty}/ppo")
-    evals = [r for r in logged(chatty / "ppo") if "eval/mean_quality" in r]
-    assert evals[-1]["eval/mean_quality"] >= evals[0]["eval/mean_quality"] + 0.05, evals
-    assert padded_answers(chatty / "ppo" / "model") < padded_answers(chatty / "sft" / "model") / 2
-
-
-@pytest.mark.slow
-def test_dpo_on_the_worlds_pairs_beats_the_sft_model_when_the_pairs_are_padded_too(chatty):
-    """DPO on the same pairs beats the SFT model under the oracle. Measured 2026-12-07, seed 0: win rate 0.642,
-    quality 0.541 against 0.508."""
-    script(ROOT / "train_dpo.py", f"--init={chatty}/sft/model", f"--data={chatty}/data/prefs_train.jsonl",
-           f"--val_data={chatty}/data/prefs_val.jsonl", f"--out_dir={chatty}/dpo")
-    result = json.loads((chatty / "dpo" / "eval.json").read_text())
-    assert result["win_rate_vs_sft"] > 0.55 and result["mean_quality/dpo"] > result["mean_quality/sft"], result

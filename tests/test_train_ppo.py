@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_ppo
-from conftest import DEVICES, logged as metrics, ranks
+from conftest import DEVICES, logged as metrics, padded_answers, ranks
 from nanoalign import dist, ppo, train
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.cli import InputError
@@ -320,11 +320,12 @@ def test_ppo_moves_the_policy_where_the_oracle_points(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_tiny_reward_models_best_of_8_is_worse_than_one_sample(monkeypatch):
-    """Why PPO against the tiny reward model does not raise the oracle quality, measured without PPO: of 8 samples
-    of the SFT model per held-out prompt, the one the reward model scores highest is worse under the oracle than
-    a sample picked blindly, while the oracle's own pick of the same 8 is far better (README, "Best-of-n says it
-    before PPO runs"). Measured: 0.553 against 0.612, the oracle's pick 0.838."""
+def test_the_tiny_reward_models_best_of_8_beats_one_sample(monkeypatch):
+    """Why PPO against the tiny reward model can raise the oracle quality, measured without PPO: of 8 samples of
+    the SFT model per held-out prompt, the one the reward model scores highest is better under the oracle than a
+    sample picked blindly, and the oracle's own pick of the same 8 is better still (README, "Best-of-n says it
+    before PPO runs"). Measured 2026-12-07: 0.472 against 0.392, the oracle's pick 0.703. On the ideal writer's
+    world (`--padded_demos=0 --padded_prefs=0`) the reward model's pick was the worse one (0.553 against 0.612)."""
     import train_rm
     from nanoalign import evaluate
 
@@ -332,20 +333,23 @@ def test_the_tiny_reward_models_best_of_8_is_worse_than_one_sample(monkeypatch):
     train.train_first("out/rm/model", "the tiny reward model", "train_rm.py", train_rm.main, [])
     result = evaluate.main(["--model_a=out/sft/model", "--best_of=8", "--best_of_rm=out/rm/model", "--device=cpu"])
     a = result["metrics"]["A"]
-    assert a["mean_quality"] < a["best_of"]["sample_quality"] - 0.02, (a["mean_quality"], a["best_of"])
-    assert a["best_of"]["oracle_best_quality"] > a["best_of"]["sample_quality"] + 0.15, a["best_of"]
+    assert a["mean_quality"] > a["best_of"]["sample_quality"] + 0.03, (a["mean_quality"], a["best_of"])
+    assert a["best_of"]["oracle_best_quality"] > a["mean_quality"] + 0.15, a["best_of"]
 
 
 @pytest.mark.slow
-def test_ppo_against_the_reward_model_raises_its_score_on_held_out_answers(tmp_path, monkeypatch):
-    """The default recipe against the tiny reward model: the reward model's mean score of greedy answers to the
-    held-out prompts rises (what PPO maximises). The oracle quality does not rise with today's tiny reward model:
-    it prefers an answer repeated to the answer once, and PPO learns to repeat (README, "PPO"). Measured: +0.035 ->
-    +0.050 after 40 steps (the oracle quality 0.706 -> 0.680)."""
+def test_the_default_run_raises_the_oracle_quality_and_the_reward_models_score(tmp_path, monkeypatch):
+    """`python train_ppo.py` with no arguments (60 steps from the tiny SFT model against the tiny reward model,
+    each trained first when missing): the reward model's mean score of greedy answers to the held-out prompts
+    rises (what PPO maximises), and so does their oracle quality, well above the evaluation's noise, because
+    the reward model has learnt from the world's pairs what a filler sentence costs and PPO removes them (half
+    the padded answers at least). Measured 2026-12-07, seed 0: quality 0.508 -> 0.653, 297 -> 82 answers padded."""
     monkeypatch.chdir(ROOT)
-    train_ppo.main([f"--out_dir={tmp_path / 'ppo'}", "--steps=40", "--eval_every=40", "--device=cpu"])
-    run = metrics(tmp_path / "ppo")
-    assert run[-1]["eval/reward"] > run[0]["eval/reward"] + 0.008, (run[0]["eval/reward"], run[-1]["eval/reward"])
+    train_ppo.main([f"--out_dir={tmp_path / 'ppo'}", "--device=cpu"])
+    evals = [r for r in metrics(tmp_path / "ppo") if "eval/mean_quality" in r]
+    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.008, evals
+    assert evals[-1]["eval/mean_quality"] >= evals[0]["eval/mean_quality"] + 0.05, evals
+    assert padded_answers(tmp_path / "ppo" / "model") < padded_answers(ROOT / "out" / "sft" / "model") / 2
 
 
 def test_the_script_passes_its_flags_and_the_adapted_kl_coefficient_to_the_ppo_functions(tiny_init, tiny_rm, tmp_path,

@@ -39,6 +39,14 @@ def built(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def ideal(tmp_path_factory):
+    """The ideal writer's world: no filler in the demonstrations or in the compared answers."""
+    out = tmp_path_factory.mktemp("ideal")
+    world.build(out, seed=0, padded_demos=0.0, padded_prefs=0.0)
+    return out
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(built, tmp_path):
     world.build(tmp_path / "again", seed=0)
     world.build(tmp_path / "seed1", seed=1)
@@ -85,11 +93,26 @@ def test_qtypes_and_families(built):
             assert world.parse_prompt(r["prompt"])["family"] == r["family"]
 
 
-def test_references_are_perfect_and_sft_responses_are_references(built):
-    for name in ["sft_train", "sft_val", "prompts_test"]:
-        for r in _read(built, name):
-            assert world.quality(r["prompt"], r["reference"]) == 1.0
-            assert r.get("response", r["reference"]) == r["reference"]
+def test_references_are_perfect_and_the_ideal_writers_sft_responses_are_references(built, ideal):
+    for root in (built, ideal):
+        for name in ["sft_train", "sft_val", "prompts_test"]:
+            assert all(world.quality(r["prompt"], r["reference"]) == 1.0 for r in _read(root, name))
+    for name in ["sft_train", "sft_val"]:
+        assert all(r["response"] == r["reference"] for r in _read(ideal, name))
+    assert all(r["response"] == r["reference"] for r in _read(built, "sft_val"))  # held out: the references
+
+
+def test_the_default_world_is_the_chatty_writer(built, ideal):
+    """The default world pads 90% of the demonstrations and half of the compared answers; it is the ideal
+    writer's world in every other file, byte for byte."""
+    default, plain = _files(built), _files(ideal)
+    assert {k for k in plain if plain[k] != default[k]} == {"sft_train.jsonl", "prefs_train.jsonl",
+                                                            "prefs_val.jsonl", "world.json"}
+    summary = json.loads((built / "world.json").read_text())
+    assert summary["padded_demos"]["fraction"] == world.PADDED_DEMOS == 0.9
+    assert summary["padded_prefs"]["fraction"] == world.PADDED_PREFS == 0.5
+    assert abs(summary["padded_demos"]["padded"] / summary["counts"]["sft_train"] - 0.9) < 0.02
+    assert "padded_demos" not in json.loads((ideal / "world.json").read_text())
 
 
 def _fillers_after(answer, original):
@@ -105,13 +128,13 @@ def _fillers_after(answer, original):
     return len(added) if ok else None
 
 
-def test_padded_demos_change_only_the_sft_responses(built, tmp_path):
+def test_padded_demos_change_only_the_sft_responses(ideal, tmp_path):
     """--padded_demos pads about that fraction of the SFT training answers, each the reference plus one to three
-    distinct fillers scored 1 - 0.15 per filler; every other file is the default world's, byte for byte."""
-    summary = world.build(tmp_path, seed=0, padded_demos=0.5)
-    default, padded = _files(built), _files(tmp_path)
+    distinct fillers scored 1 - 0.15 per filler; every other file is the ideal writer's, byte for byte."""
+    summary = world.build(tmp_path, seed=0, padded_demos=0.5, padded_prefs=0.0)
+    default, padded = _files(ideal), _files(tmp_path)
     assert {k for k in default if default[k] != padded[k]} == {"sft_train.jsonl", "world.json"}
-    rows, base = _read(tmp_path, "sft_train"), _read(built, "sft_train")
+    rows, base = _read(tmp_path, "sft_train"), _read(ideal, "sft_train")
     assert [{**r, "response": None} for r in rows] == [{**r, "response": None} for r in base]
     n_padded = 0
     for r in rows:
@@ -123,15 +146,15 @@ def test_padded_demos_change_only_the_sft_responses(built, tmp_path):
     assert summary["padded_demos"]["padded"] == n_padded
 
 
-def test_padded_prefs_pad_the_compared_answers_and_nothing_else(built, tmp_path):
-    """--padded_prefs: only the preference files change; each pair holds the default pair's two answers, each as
-    it was or followed by one to three fillers it lacked, about that fraction of them padded."""
-    summary = world.build(tmp_path, seed=0, padded_prefs=0.5)
-    default, padded = _files(built), _files(tmp_path)
+def test_padded_prefs_pad_the_compared_answers_and_nothing_else(ideal, tmp_path):
+    """--padded_prefs: only the preference files change; each pair holds the ideal writer's pair's two answers,
+    each as it was or followed by one to three fillers it lacked, about that fraction of them padded."""
+    summary = world.build(tmp_path, seed=0, padded_demos=0.0, padded_prefs=0.5)
+    default, padded = _files(ideal), _files(tmp_path)
     assert {k for k in default if default[k] != padded[k]} == {"prefs_train.jsonl", "prefs_val.jsonl", "world.json"}
     n_answers = n_padded = 0
     for split in ("prefs_train", "prefs_val"):
-        for new, old in zip(_read(tmp_path, split), _read(built, split), strict=True):
+        for new, old in zip(_read(tmp_path, split), _read(ideal, split), strict=True):
             assert {**new, "chosen": 0, "rejected": 0} == {**old, "chosen": 0, "rejected": 0}
             kept = [_fillers_after(new["chosen"], old["chosen"]), _fillers_after(new["rejected"], old["rejected"])]
             swapped = [_fillers_after(new["chosen"], old["rejected"]), _fillers_after(new["rejected"], old["chosen"])]
@@ -366,15 +389,19 @@ def test_pad_demonstrations_adds_one_to_three_fillers_each_count_seen():
     assert counts == {1, 2, 3}  # fraction 1: every answer padded, with one, two or three distinct fillers
 
 
-def test_world_command_builds_the_chatty_variant_and_says_how_many_answers_it_padded(tmp_path, capsys):
-    world.main([f"--out={tmp_path}", "--padded_demos=0.9", "--padded_prefs=0.5"])
-    summary = json.loads((tmp_path / "world.json").read_text())
+def test_world_command_builds_the_chatty_default_and_the_ideal_writer(built, ideal, tmp_path, capsys):
+    """With no flags the command builds the default (chatty) world and says how many answers it padded; with
+    --padded_demos=0 --padded_prefs=0 the ideal writer's world, and no padding to report."""
+    world.main([f"--out={tmp_path / 'default'}"])
     out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "default" / "world.json").read_text())
     pads = summary["padded_prefs"]
     assert f"prefs_train: {pads['padded_chosen']} chosen and {pads['padded_rejected']} rejected answers padded" in out
     assert f"sft_train: {summary['padded_demos']['padded']} responses padded" in out
-    # the flag reaches build: the preference files differ from the default world's, the demonstrations too
-    assert _read(tmp_path, "prefs_train") != _read(REPO_DATA, "prefs_train")
     assert pads["padded_chosen"] < pads["padded_rejected"]  # a filler costs: padded answers lose more often
+    assert _files(tmp_path / "default") == _files(built)
+    world.main([f"--out={tmp_path / 'ideal'}", "--padded_demos=0", "--padded_prefs=0"])
+    assert "padded" not in capsys.readouterr().out
+    assert _files(tmp_path / "ideal") == _files(ideal)
     with pytest.raises(ValueError, match=r"--padded_prefs=2.0 must be a fraction in \[0, 1\]"):
         world.main([f"--out={tmp_path / 'bad'}", "--padded_prefs=2"])
