@@ -5,7 +5,7 @@ R3, built from an off-the-shelf relevance model and the reference answers alone 
 pairs), comes close to PPO with a reward model trained on preferences; and each regulariser is needed, since
 relevance alone is hacked (the policy copies the prompt, which is maximally relevant to itself, or rambles).
 
-    python experiments/r3.py                   # 7 arms x 3 seeds, ~23 minutes on a 2-core CPU
+    python experiments/r3.py                   # 7 arms x 3 seeds, ~27 minutes on a 2-core CPU
     python experiments/r3.py --quick           # 1 seed, tiny budgets: the whole recipe end to end (into exp/r3_quick)
     python experiments/r3.py --arms=rm,r3 --seeds=1 --out=exp/r3_try   # a subset
     python -m nanoalign.report exp/r3          # the training curves of every arm, overlaid, and the table
@@ -50,11 +50,13 @@ metrics.jsonl). Starting the two processes takes ~8 s, the evaluation of 100 pro
 each, for both models) ~8 s. So --steps=25: ~110 s a job for rm, length, oracle and ~130 s for the four
 relevance arms on idle cores, 11 x ~125 s = 23 minutes; measured on a machine busy with other work, the r3 job
 took 157 s (5.7 s a step), which would make ~27 minutes. 30 steps would not fit that margin. (train_ppo's own
-default is 60 steps: this experiment trains every arm for less than that, the same for all.) At train_ppo's
-learning rate (2e-5) the policies stay within KL ~0.1-0.4 of the SFT model, and the oracle arm, PPO on the true
-quality, ends at or above SFT: the loop works, and what separates the arms is small. --lr=1e-4 moves them
-further (KL 1-3.5) but in 25 steps every arm, the oracle's too, ends below SFT: at that step size the policies
-drift faster than any reward pulls them (the README shows both).
+default is 60 steps: this experiment trains every arm for less than that, the same for all.) Measured on the
+default world (1604 s): the policies move ~1-2 nats from the SFT model; rm, r3, relevance and the oracle arm
+remove the fillers the SFT model writes and beat it (win rates 0.77-0.86), while the three arms that pay for
+length on closed-ended questions (length, relevance_length, r3_no_branching) add fillers and lose (0.11-0.13).
+On the ideal writer's world (--padded_demos=0 --padded_prefs=0) the policies stayed within KL ~0.1-0.4 and every
+arm within a few points of the SFT model; --lr=1e-4 moved them further (KL 1-3.5) and every arm, the oracle's
+too, below SFT (README; docs/experiments_ideal_writer.md).
 
 Results: exp/r3/results.json and results.md (mean ± std over seeds); each run in exp/r3/<arm>/seed<k>/ (the PPO
 run's metrics.jsonl and model/, eval_vs_sft.json with the answers, commands.txt, log.txt). Rerunning skips the

@@ -5,7 +5,7 @@ about to be aligned and pick pairs by the cosine of their two embeddings. DPO on
 (easy, or the responses nearest two k-means centroids) beats random pairs, which beat the most similar (hard)
 pairs, because similar pairs carry more label errors: an annotator shown two near-identical answers guesses.
 
-    python experiments/real.py                 # 11 arms x 3 seeds, ~25 minutes on a 2-core laptop CPU
+    python experiments/real.py                 # 11 arms x 3 seeds, ~28 minutes on a 2-core laptop CPU
     python experiments/real.py --quick         # 1 seed, tiny budgets: a smoke run of the whole recipe (exp/real_quick)
     python -m nanoalign.report exp/real        # the curves of every arm, overlaid, and the table
 
@@ -18,9 +18,9 @@ Arms (select_pairs.py, then train_dpo.py on what it wrote, from the same SFT mod
   or random; pairs/<strategy>. 1500 pairs each, DPO for --pairs_steps x 32 pairs (~1 epoch).
 - on-policy (select_pairs.py --sample=8): 8 answers of the SFT model itself, sampled at temperature 1, to each of
   the 1240 distinct prompts of data/prefs_train.jsonl; one pair per prompt by easy, hard, random or centroid,
-  labelled by the annotator; sampled/<strategy>. 917-924 pairs each (a prompt whose 8 answers are all the
-  same text has no pair), DPO for --sampled_steps x 32 pairs (~3.5 epochs) at --sampled_lr (1e-4, the other
-  arms' rate, turns these into repeated phrases). The same seed samples the same answers for every strategy.
+  labelled by the annotator; sampled/<strategy>. 1240 pairs each (917-924 on the ideal writer's world, where a
+  prompt whose 8 answers are all the same text has no pair), DPO for --sampled_steps x 32 pairs (~3 epochs) at
+  --sampled_lr (1e-4, the other arms' rate, turns these into repeated phrases). The same seed samples the same answers for every strategy.
 Each seed changes the random selection, the annotator's coin flips and DPO's data order.
 
 Metrics per run:
@@ -64,7 +64,7 @@ class Config:
     seeds: int = 3              # seeds 0..seeds-1 per arm
     multi_steps: int = 30       # DPO steps on the ~500 pairs of a several-responses arm (x batch_size pairs)
     pairs_steps: int = 45       # DPO steps on the 1500 pairs of a one-pair-per-prompt arm
-    sampled_steps: int = 100    # DPO steps on the 917-924 on-policy pairs of a sampled/ arm
+    sampled_steps: int = 100    # DPO steps on the (up to 1240) on-policy pairs of a sampled/ arm
     sampled_lr: float = 3e-5    # DPO learning rate of the sampled/ arms (the others: train_dpo's default)
     batch_size: int = 32        # pairs per DPO step
     eval_prompts: int = 300     # held-out prompts the win rate is measured on (the first N of data/prompts_test.jsonl)
