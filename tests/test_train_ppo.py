@@ -297,15 +297,13 @@ def test_ppo_moves_the_policy_where_the_oracle_points(tmp_path, monkeypatch):
     """The default recipe (the tiny SFT model, trained first when missing) with the world's true quality as the
     reward, and with its negation. Held-out oracle quality of greedy answers to the 300 prompts, 40 steps:
 
-    - the oracle: 0.706 -> 0.733 on one machine (seed 0); 0.691 -> 0.679 / 0.703 / 0.704 (seeds 0/1/2) on
-      another, whose rounding trained another SFT model. The quality of greedy answers moves by up to 0.02
-      between evaluations while the policy stays ~0.1-0.2 nats from SFT, and upward the tiny model has little
-      room (what it gets wrong it mostly cannot compute), so a rise is not asserted;
-    - the negated oracle: 0.691 -> 0.544, the policy 1.4 nats away. Making answers worse is easy.
+    - the oracle: 0.508 -> 0.685 (measured 2026-12-07, seed 0): the SFT model pads nearly every answer with
+      filler sentences the oracle charges for, and PPO removes them. (On the ideal writer's world, where the
+      tiny model has little room upward, 0.706 -> 0.733 on one machine and 0.691 -> 0.679-0.704 on another.)
+    - the negated oracle: 0.508 -> 0.340. Making answers worse is easy.
 
-    So: maximising the quality costs no more than the evaluation's noise (0.03 allowed), minimising it costs
-    far more. An advantage, ratio or reward with the wrong sign fails the first; a PPO that did not move the
-    policy fails the second."""
+    An advantage, ratio or reward with the wrong sign fails the first; a PPO that did not move the policy fails
+    both."""
     monkeypatch.chdir(ROOT)
     flags = ["--reward=oracle", "--steps=40", "--eval_every=40", "--device=cpu"]
     train_ppo.main([f"--out_dir={tmp_path / 'up'}", *flags])
@@ -315,7 +313,7 @@ def test_ppo_moves_the_policy_where_the_oracle_points(tmp_path, monkeypatch):
     (up_before, up), (down_before, down) = ((r[0]["eval/mean_quality"], r[-1]["eval/mean_quality"])
                                             for r in (metrics(tmp_path / "up"), metrics(tmp_path / "down")))
     assert up_before == down_before  # the same SFT model
-    assert up >= up_before - 0.03, (up_before, up)
+    assert up >= up_before + 0.08, (up_before, up)
     assert down <= down_before - 0.08, (down_before, down)
 
 
