@@ -439,7 +439,7 @@ def test_default_tiny_world_run_learns_the_preferences_and_beats_the_sft_model(t
     Measured 2026-12-07 (README), seeds 0/1/2: win rate 0.642 / 0.700 / 0.612 against the SFT model, mean oracle
     quality 0.541 / 0.553 / 0.520 against 0.508: the world's pairs price a filler sentence, and DPO cuts them. On
     the ideal writer's world (`--padded_demos=0 --padded_prefs=0`) it did not beat the SFT model in any setting
-    tried (win rates 0.43-0.50; README "The ideal writer")."""
+    tried (win rates 0.43-0.50; README, "DPO")."""
     proc = subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), f"--out_dir={tmp_path}/dpo"], cwd=ROOT,
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]

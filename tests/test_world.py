@@ -132,8 +132,8 @@ def test_padded_demos_change_only_the_sft_responses(ideal, tmp_path):
     """--padded_demos pads about that fraction of the SFT training answers, each the reference plus one to three
     distinct fillers scored 1 - 0.15 per filler; every other file is the ideal writer's, byte for byte."""
     summary = world.build(tmp_path, seed=0, padded_demos=0.5, padded_prefs=0.0)
-    default, padded = _files(ideal), _files(tmp_path)
-    assert {k for k in default if default[k] != padded[k]} == {"sft_train.jsonl", "world.json"}
+    plain, padded = _files(ideal), _files(tmp_path)
+    assert {k for k in plain if plain[k] != padded[k]} == {"sft_train.jsonl", "world.json"}
     rows, base = _read(tmp_path, "sft_train"), _read(ideal, "sft_train")
     assert [{**r, "response": None} for r in rows] == [{**r, "response": None} for r in base]
     n_padded = 0
@@ -150,8 +150,8 @@ def test_padded_prefs_pad_the_compared_answers_and_nothing_else(ideal, tmp_path)
     """--padded_prefs: only the preference files change; each pair holds the ideal writer's pair's two answers,
     each as it was or followed by one to three fillers it lacked, about that fraction of them padded."""
     summary = world.build(tmp_path, seed=0, padded_demos=0.0, padded_prefs=0.5)
-    default, padded = _files(ideal), _files(tmp_path)
-    assert {k for k in default if default[k] != padded[k]} == {"prefs_train.jsonl", "prefs_val.jsonl", "world.json"}
+    plain, padded = _files(ideal), _files(tmp_path)
+    assert {k for k in plain if plain[k] != padded[k]} == {"prefs_train.jsonl", "prefs_val.jsonl", "world.json"}
     n_answers = n_padded = 0
     for split in ("prefs_train", "prefs_val"):
         for new, old in zip(_read(tmp_path, split), _read(ideal, split), strict=True):
