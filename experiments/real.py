@@ -19,8 +19,9 @@ Arms (select_pairs.py, then train_dpo.py on what it wrote, from the same SFT mod
 - on-policy (select_pairs.py --sample=8): 8 answers of the SFT model itself, sampled at temperature 1, to each of
   the 1240 distinct prompts of data/prefs_train.jsonl; one pair per prompt by easy, hard, random or centroid,
   labelled by the annotator; sampled/<strategy>. 1240 pairs each (917-924 on the ideal writer's world, where a
-  prompt whose 8 answers are all the same text has no pair), DPO for --sampled_steps x 32 pairs (~3 epochs) at
-  --sampled_lr (1e-4, the other arms' rate, turns these into repeated phrases). The same seed samples the same answers for every strategy.
+  prompt whose 8 answers are all the same text has no pair), DPO for --sampled_steps x 32 pairs (~2.6 epochs;
+  ~3.5 there) at --sampled_lr (1e-4, the other arms' rate, turns these into repeated phrases). The same seed
+  samples the same answers for every strategy.
 Each seed changes the random selection, the annotator's coin flips and DPO's data order.
 
 Metrics per run:
