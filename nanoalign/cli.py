@@ -29,7 +29,7 @@ def finite_float(s: str) -> float:
     return value
 
 
-SEED_MAX = 2**32 - 1  # numpy's range; the per-step seeds derived from it (seed * 1_000_003 + step ...) stay int64
+SEED_MAX = 2**32 - 1  # numpy's range; the per-epoch seeds derived from it (seed * 100_003 + epoch ...) stay int64
 
 
 def seed_int(s: str) -> int:

@@ -23,7 +23,9 @@ Design decisions and the gotchas they avoid (tests/test_ppo.py pins each):
   covers the generated tokens up to and including the stop token: KL, values and advantages are 0 after it.
 - Rollouts are a pure function of (seed, step, chunk of gen_batch_size prompts) and the weights: chunk c is
   sampled by rank c % world_size with its own generator, so 1 process and N processes sample the same global
-  batch, and a resumed run samples what the uninterrupted one did.
+  batch, and a resumed run samples what the uninterrupted one did. Every random stream of a step (this sampling,
+  the minibatch order, r3_random_qtype's query types) has a seed of its own, train.derived_seed(purpose, seed,
+  step, index), so no two of them draw the same numbers.
 - Everything normalised (score statistics, advantage whitening, the loss's token mean) is global: ranks
   exchange their rollouts, and a minibatch's loss is (sum over its tokens on this rank) / (its token count over
   all ranks), the SFT normalisation, so micro-batching and data parallelism give the same update.
@@ -108,7 +110,14 @@ def shape_scores(raw, stopped, stats: RunningMoments | None, clip: float, missin
 def rollout_generator(seed: int, step: int, chunk: int, device="cpu") -> torch.Generator:
     """The sampling generator of one chunk of prompts at one step: a pure function of (seed, step, chunk), so the
     samples do not depend on the number of ranks nor on where a run was resumed."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1009 + chunk)
+    return torch.Generator(device).manual_seed(train.derived_seed("rollout", seed, step, chunk))
+
+
+def minibatch_order(n: int, seed: int, step: int, epoch: int) -> torch.Tensor:
+    """The order in which update() reads the n rollouts of a step in one epoch: a pure function of (seed, step,
+    epoch), drawn from a stream of its own (not the sampler's)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(train.derived_seed("minibatch", seed, step,
+                                                                                         epoch)))
 
 
 @contextmanager
@@ -278,7 +287,7 @@ def text_scores(reward: str, prompts: list[dict], responses: list[str], *, encod
                             dtype=torch.float64)
     qtypes, variant = [p.get("qtype") for p in prompts], reward
     if reward == "r3_random_qtype":  # R3 with the query type drawn at random instead of read from the data
-        qtypes = [random.Random((seed * 1_000_003 + step) * 1_000_003 + i).choice(("OPENENDED", "CONSTRAINED"))
+        qtypes = [random.Random(train.derived_seed("qtype", seed, step, i)).choice(("OPENENDED", "CONSTRAINED"))
                   for i in index]
         variant = "r3"
     return r3_reward(encoder, [p["prompt"] for p in prompts], [p.get("reference") for p in prompts], responses,
@@ -383,7 +392,7 @@ def update(batch: dict, policy, critic, policy_opt, critic_opt, *, step: int, se
     penalties = []
     models = [policy, critic] if update_policy else [critic]
     for epoch in range(ppo_epochs):
-        order = torch.randperm(R, generator=torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + epoch))
+        order = minibatch_order(R, seed, step, epoch)
         for k in range(0, R, mini_batch_size):
             rows = order[k:k + mini_batch_size]
             n_tokens = batch["mask"][rows.to(batch["mask"].device)].sum().float()  # over all ranks: all hold it

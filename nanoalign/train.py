@@ -35,6 +35,7 @@ Design:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -105,6 +106,16 @@ def lr_at(step: int, total: int, peak: float, warmup_steps: int, min_lr_ratio: f
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def derived_seed(purpose: str, seed: int, *keys: int) -> int:
+    """The seed of one random stream, e.g. derived_seed("rollout", seed, step, chunk): a hash of the purpose, the
+    run's seed and the keys, so two streams of different purposes never start from the same generator state,
+    whatever their keys. (PPO's sampler for prompt chunk c and its minibatch order in epoch c once both used
+    (seed * 1_000_003 + step) * 1009 + c: the uniforms that picked chunk c's tokens also drew epoch c's
+    permutation.) 63 bits, which every torch and Python generator accepts."""
+    text = ":".join([purpose, str(seed), *map(str, keys)])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:

@@ -493,6 +493,16 @@ def test_each_chunk_has_its_own_generator():
     assert torch.equal(draw(1), draw(1))
 
 
+def test_the_sampler_and_the_minibatch_order_draw_from_different_streams():
+    # chunk c's sampler and epoch c's shuffle once shared a seed: the permutation its generator would draw was
+    # exactly the minibatch order
+    for seed, step, c in [(0, 0, 0), (0, 3, 1), (5, 0, 2), (7, 11, 3)]:
+        same_stream = torch.randperm(64, generator=ppo.rollout_generator(seed, step, c))
+        assert not torch.equal(same_stream, ppo.minibatch_order(64, seed, step, c))
+        assert torch.equal(ppo.minibatch_order(64, seed, step, c), ppo.minibatch_order(64, seed, step, c))
+        assert sorted(ppo.minibatch_order(64, seed, step, c).tolist()) == list(range(64))
+
+
 def test_identical_prompts_in_two_chunks_sample_different_answers(policy, prompts, tok):
     r = rollouts(policy, [prompts[1]] * 2, tok, 1.0, gen_batch_size=1)
     assert not torch.equal(r["tokens"][0], r["tokens"][1])
