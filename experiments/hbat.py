@@ -6,7 +6,7 @@ two-stage pipeline (all SFT, then all preference training) on both axes at once,
 ROUGE-L on summarisation) and preference (a higher win rate on dialogue); and the modified EWC (importance from
 how much each tensor moved) costs far less time and memory than Fisher EWC (per-example gradients).
 
-    python experiments/hbat.py                 # 10 arms x 3 seeds from the tiny base model, ~30 min on 2 cores
+    python experiments/hbat.py                 # 10 arms x 3 seeds from the tiny base model, 30-33 min on 2 cores
     python experiments/hbat.py --method=dpo    # the DPO half only (its table: exp/hbat/results_dpo.json)
     python experiments/hbat.py --quick         # 1 seed, tiny budgets: a smoke run of the whole recipe (exp/hbat_quick)
     python -m nanoalign.report exp/hbat/dpo exp/hbat/ppo   # curves of every arm, overlaid

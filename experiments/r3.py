@@ -51,9 +51,10 @@ each, for both models) ~8 s. So --steps=25: ~110 s a job for rm, length, oracle 
 relevance arms on idle cores, 11 x ~125 s = 23 minutes; measured on a machine busy with other work, the r3 job
 took 157 s (5.7 s a step), which would make ~27 minutes. 30 steps would not fit that margin. (train_ppo's own
 default is 60 steps: this experiment trains every arm for less than that, the same for all.) Measured on the
-default world (1604 s): the policies move ~1-2 nats from the SFT model; rm, r3, relevance and the oracle arm
-remove the fillers the SFT model writes and beat it (win rates 0.77-0.86), while the three arms that pay for
-length on closed-ended questions (length, relevance_length, r3_no_branching) add fillers and lose (0.11-0.13).
+default world (1604 s; 1804 s in a rerun after PPO's random streams got seeds of their own, a little over the
+30 minutes): the policies move ~0.5-2 nats from the SFT model; rm, r3, relevance and the oracle arm remove the
+fillers the SFT model writes and beat it (win rates 0.74-0.88), while the three arms that pay for length on
+closed-ended questions (length, relevance_length, r3_no_branching) add fillers and lose (0.11-0.12).
 On the ideal writer's world (--padded_demos=0 --padded_prefs=0) the policies stayed within KL ~0.1-0.4 and every
 arm within a few points of the SFT model; --lr=1e-4 moved them further (KL 1-3.5) and every arm, the oracle's
 too, below SFT (README; docs/experiments_ideal_writer.md).
