@@ -103,10 +103,22 @@ def win_rate(judge: Callable[[str, str], float], prompts: Sequence[str], answers
     if not prompts:
         raise ValueError("win_rate of zero prompts is undefined")
     points = 0.0
-    for prompt, a, b in zip(prompts, answers_a, answers_b):
+    for k, (prompt, a, b) in enumerate(zip(prompts, answers_a, answers_b)):
         score_a, score_b = judge(prompt, a), judge(prompt, b)
+        check_scores([score_a, score_b], 2, f"prompt {k}")
         points += 1.0 if score_a > score_b else 0.5 if score_a == score_b else 0.0
     return points / len(prompts)
+
+
+def check_scores(scores: Sequence[float], n: int, what: str) -> None:
+    """A judge's scores: one finite number per answer. A NaN is neither above, below nor equal to anything, so it
+    would count as a loss for whichever side it is on (and win_rate(A, B) + win_rate(B, A) would fall below 1);
+    a judge returning too few scores would shorten a comparison silently."""
+    if len(scores) != n:
+        raise ValueError(f"the judge returned {len(scores)} scores for the {n} answers of {what}")
+    for k, score in enumerate(scores):
+        if not math.isfinite(score):
+            raise ValueError(f"the judge scored answer {k} of {what} {score}: a score must be a finite number")
 
 
 def reward_accuracy(chosen_rewards, rejected_rewards) -> float:
@@ -342,6 +354,8 @@ def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequenc
     if not prompts:
         raise ValueError("compare of zero prompts is undefined")
     a, b = judge(prompts, answers_a), judge(prompts, answers_b)
+    check_scores(a, len(prompts), "model A")
+    check_scores(b, len(prompts), "model B")
     points = [0.5 if x == y or ya == yb else float(x > y) for x, y, ya, yb in zip(a, b, answers_a, answers_b)]
     n, rate = len(points), sum(points) / len(points)
     se = (sum((q - rate) ** 2 for q in points) / (n - 1) / n) ** 0.5 if n > 1 else None  # JSON null, not NaN

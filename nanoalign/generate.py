@@ -382,6 +382,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     (prepacked; False: the model's own nn.Linear calls)."""
     if problem := sampling_error(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(problem)
+    if vocab_size is not None and vocab_size < 1:  # a negative one would cut the top of the vocabulary silently
+        raise ValueError(f"vocab_size must be at least 1 (None: the model's), got {vocab_size}")
     param = next(model.parameters())
     device, cfg = param.device, model.cfg
     if cuda_graph and device.type != "cuda":

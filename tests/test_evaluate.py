@@ -99,6 +99,18 @@ def test_win_rate_rejects_mismatched_or_empty_inputs():
         win_rate(oracle_score, [], [], [])
 
 
+def test_a_judges_non_finite_or_missing_scores_are_refused():
+    """A NaN compares false with everything, so it would count as a loss for whichever side it is on; a judge
+    returning too few scores would shorten the comparison without a word."""
+    nan_for_x = lambda prompt, answer: math.nan if answer == "x" else 1.0  # noqa: E731
+    with pytest.raises(ValueError, match="answer 0 of prompt 1 nan"):
+        win_rate(nan_for_x, ["p", "q"], ["a", "x"], ["b", "c"])
+    with pytest.raises(ValueError, match="answer 1 of model B inf"):
+        compare(["p", "q"], ["a", "b"], ["c", "d"], lambda ps, ans: [0.0, math.inf] if ans[0] == "c" else [0.0, 1.0])
+    with pytest.raises(ValueError, match="returned 1 scores for the 2 answers of model A"):
+        compare(["p", "q"], ["a", "b"], ["c", "d"], lambda ps, ans: [1.0])
+
+
 def test_win_rate_with_the_oracle():
     prompts = [r["prompt"] for r in map(json.loads, (DATA / "prompts_test.jsonl").read_text().splitlines()[:20])]
     references = [world.reference(p) for p in prompts]

@@ -134,6 +134,8 @@ def test_context_length_is_enforced():
     (dict(top_k=-2), "top_k must be >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\] \(1 = off\), got 1.5"),
+    (dict(vocab_size=-8), r"vocab_size must be at least 1 \(None: the model's\), got -8"),  # cut 8 ids silently
+    (dict(vocab_size=0), "vocab_size must be at least 1"),
 ])
 def test_generate_refuses_bad_sampling_settings(kw, message):
     # without the check a negative temperature silently decodes greedily, max_new_tokens=0 returns nothing
