@@ -40,6 +40,10 @@ class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, eos_id: int, bos_id: int | None = None,
                  pad_id: int | None = None, add_bos: bool = False, stop_ids: list[int] | None = None,
                  template: str | None = None, config: dict | None = None, chat_template: str | None = None):
+        # text is only text: "</s>" written in a response is its characters, not the EOS id (tokenizers would read
+        # a special token's text as the token, as transformers does unless split_special_tokens=True); the ids of
+        # BOS, EOS and the pads are put in by hand (encode_prompt, encode_response, collate)
+        tok.encode_special_tokens = True
         self.tok = tok
         self.eos_id = eos_id
         self.bos_id = bos_id
@@ -97,6 +101,15 @@ class Tokenizer:
             # LLaMA-3 has no add_bos_token flag: its tokenizer.json post-processor prepends BOS instead
             add_bos = _post_processor_adds_bos(json.loads(tok_file.read_text()), ids["bos"], tok)
         stop_ids = [i for name in _ID_FILES for i in _as_list(configs[name].get("eos_token_id"))]
+        vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+        for kind, i in [(kind, ids[kind]) for kind in ("bos", "eos", "pad")] + [("eos", i) for i in stop_ids]:
+            # an id past the vocabulary is never sampled (an EOS there never stops a row); a negative one fails
+            # at the first padded batch. The pad may lie past it: a model may have more rows than the tokenizer ids
+            top = None if kind == "pad" else vocab_size
+            if i is not None and not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i
+                                      and (top is None or i < top)):
+                raise ValueError(f"{path}: {kind}_token_id {i!r} is not an id of its tokenizer.json "
+                                 f"(0 .. {vocab_size - 1}{'' if top else ' or a model row past them'})")
         template = configs["tokenizer_config.json"].get("nanoalign_template")
         if template is not None and template not in TEMPLATES:
             raise ValueError(f"{path / 'tokenizer_config.json'}: nanoalign_template {template!r} is not a template; "
@@ -144,6 +157,10 @@ class Tokenizer:
         other = Tokenizer.from_dir(model_dir)
         if other.tok.get_vocab() != self.tok.get_vocab():
             raise ValueError(f"{flag}: its tokenizer differs from the policy's, whose token ids it would read")
+        mine, its = ((t.eos_id, t.bos_id, t.add_bos) for t in (self, other))
+        if its != mine:  # it would score rollouts ending in another EOS, or starting with a BOS it never saw
+            raise ValueError(f"{flag}: its tokenizer's (eos id, bos id, adds BOS) {its} differ from the policy's "
+                             f"{mine}")
         if other.template and self.template and other.template != self.template:
             raise ValueError(f"{flag}: it was trained on {other.template!r}-formatted text and would read the policy's "
                              f"{self.template!r} prompts (pass --template={other.template}, or a reward model "

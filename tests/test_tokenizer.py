@@ -10,7 +10,8 @@ import pytest
 from conftest import reference
 from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from nanoalign.tokenizer import TEMPLATES, Tokenizer, encode_example, encode_prompt, format_prompt
+from nanoalign.tokenizer import (TEMPLATES, Tokenizer, encode_example, encode_prompt, encode_response,
+                                 format_prompt)
 
 CORPUS = [
     "Human: What is the capital of France?",
@@ -391,6 +392,35 @@ def test_a_second_model_must_read_the_same_vocabulary_and_template(tmp_path, tok
         tok.check_reads_the_same(alpaca, "--reward_model=alpaca")
     tok.template = "alpaca"
     tok.check_reads_the_same(alpaca, "--reward_model=alpaca")
+    # the same vocabulary with another EOS, or adding a BOS the policy's rollouts do not start with
+    for name, config in [("eos", {**STANDARD_CONFIG, "eos_token": "<pad>", "pad_token": "</s>"}),
+                         ("bos", {**STANDARD_CONFIG, "add_bos_token": True})]:
+        d = make_tokenizer_dir(tmp_path / name, config=config)
+        with pytest.raises(ValueError, match=rf"^--reward_model={name}: its tokenizer's \(eos id, bos id, adds BOS\) "
+                                             r"\(\d, 0, (True|False)\) differ from the policy's \(1, 0, False\)$"):
+            tok.check_reads_the_same(d, f"--reward_model={name}")
+
+
+def test_text_that_spells_a_special_token_is_text(tok):
+    """'</s>' written in a response must not become the EOS id mid-answer (nor '<pad>' the pad): the ids of
+    the special tokens come only from where they are put by hand."""
+    for text in ("a</s>b", "<s> x <pad>"):
+        ids = tok.encode(text)
+        assert not set(ids) & {tok.bos_id, tok.eos_id, tok.pad_id} and tok.decode(ids) == text
+    assert encode_response(tok, "a</s>b", "hh").count(tok.eos_id) == 1  # the one at the end
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"eos_token_id": 100000}, "eos_token_id 100000 is not an id of its tokenizer.json"),  # never sampled
+    ({"eos_token_id": [1, -3]}, "eos_token_id -3 is not an id"),
+    ({"eos_token_id": 1, "pad_token_id": -1}, "pad_token_id -1 is not an id"),  # failed at the first padded batch
+    ({"eos_token_id": 1, "bos_token_id": "1"}, "bos_token_id '1' is not an id"),
+])
+def test_special_ids_of_config_json_must_be_ids_of_the_tokenizer(tmp_path, config, message):
+    make_tokenizer_dir(tmp_path)  # no tokenizer_config.json: the ids come from config.json
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"^{tmp_path}: {message}"):
+        Tokenizer.from_dir(tmp_path)
 
 
 # --- found by mutation testing: behaviours the tests above did not pin
