@@ -21,6 +21,7 @@ Gotchas:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -60,7 +61,13 @@ def _rope(hf: dict, key_base: str, key_pct: str | None = None):
         raise NotImplementedError(f"config.json asks for rope scaling {rope_type!r}; nanoalign implements "
                                   f"default, {', '.join(ROPE_SCALING_KEYS)}")
     rope_scaling = None
+    if rope_type == "llama3":  # the pretraining length: a top-level key wins, else the context length (transformers)
+        pretrained = hf.get("original_max_position_embeddings", scaling.get("original_max_position_embeddings",
+                                                                             hf.get("max_position_embeddings")))
+        scaling = {**scaling, "original_max_position_embeddings": pretrained}
     if rope_type != "default":
+        if missing := [k for k in ROPE_SCALING_KEYS[rope_type] if scaling.get(k) is None]:
+            raise KeyError(f"rope_scaling.{missing[0]}")  # config_from_hf names the file
         rope_scaling = {"rope_type": rope_type, **{k: scaling[k] for k in ROPE_SCALING_KEYS[rope_type]}}
     base = scaling.get("rope_theta", hf.get(key_base, 10000.0))
     pct = scaling.get("partial_rotary_factor", hf.get(key_pct)) if key_pct else None
@@ -283,7 +290,7 @@ def tensor_files(ckpt: Path) -> dict[str, Path]:
     if single.exists():
         with open_tensors(single) as f:
             return {k: single for k in f.keys()}
-    if any(ckpt.glob("*.bin")):
+    if any(ckpt.glob("*.bin")) or (ckpt / "pytorch_model.bin.index.json").exists():  # (a hub download has the index)
         raise FileNotFoundError(f"{ckpt} holds only PyTorch .bin weights; nanoalign reads safetensors "
                                 "(convert once with transformers: model.save_pretrained(dir, safe_serialization=True))")
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {ckpt}")
@@ -352,14 +359,20 @@ def _checked_config(ckpt: Path):
                          f"of {emb_name} in {files[emb_name]}")
     cfg = config_from_hf(hf_cfg, vocab_size=rows, where=ckpt / "config.json")
 
-    names = hf_names(cfg)
-    # a tied checkpoint may also store its head (transformers writes it): never read, but it must be the head of
-    # this model, under this family's name and in the embedding's shape
+    # a tied checkpoint may also store its head (transformers writes it): the head of this model, under this
+    # family's name and in the embedding's shape. Equal to the embedding, it is not read; different (a fine-tune
+    # whose tooling untied the head but kept the config), the model is read untied, with that head, as
+    # transformers reads it
     head = "lm_head.weight" if cfg.model_type == "llama" else "embed_out.weight"
+    if cfg.tie_embeddings and head in files:
+        if (shape := _shape(files[head], head)) != [rows, cfg.dim]:
+            raise ValueError(f"tensor {head} in {files[head]} has shape {shape}, expected [{rows}, {cfg.dim}] "
+                             f"(the embedding's, to which the config ties it)")
+        with open_tensors(files[head]) as f, open_tensors(files[emb_name]) as g:
+            if not torch.equal(f.get_tensor(head), g.get_tensor(emb_name)):
+                cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    names = hf_names(cfg)
     optional = {head} if cfg.tie_embeddings else set()
-    if head in optional and head in files and (shape := _shape(files[head], head)) != [rows, cfg.dim]:
-        raise ValueError(f"tensor {head} in {files[head]} has shape {shape}, expected [{rows}, {cfg.dim}] "
-                         f"(the embedding's, to which the config ties it)")
     if "score.weight" in files and head not in files:  # a reward model (or critic) where a language model is read
         kinds = ", ".join(hf_cfg.get("architectures") or []) or "a sequence classifier"
         raise ValueError(f"{ckpt} is a reward model ({kinds}: a score.weight head, no {head}), not a language model; "

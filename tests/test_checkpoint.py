@@ -446,6 +446,35 @@ def test_a_tied_checkpoint_may_also_store_the_head_and_rotary_buffers(tmp_path):
         assert torch.equal(load_pretrained(d)(x), model(x))
 
 
+def test_a_tied_checkpoint_storing_another_head_is_read_untied_with_it_as_transformers_reads_it(tmp_path):
+    """A fine-tune whose tooling untied the head but kept tie_word_embeddings: the stored head was ignored, and
+    the logits differed from transformers' (which unties the two) by tens."""
+    transformers = reference("transformers")
+    _, d = saved(tmp_path, tie_embeddings=True)
+    head = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
+    rewrite(d, lambda t: t.update({"lm_head.weight": head}))
+    model = load_pretrained(d)
+    assert not model.cfg.tie_embeddings and torch.equal(model.lm_head.weight, head)
+    assert not torch.equal(model.tok_emb.weight, head)
+    ids = torch.arange(30)[None] % 50
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
+        torch.testing.assert_close(model(ids), ref, atol=1e-4, rtol=0)
+    again = load_pretrained(save_pretrained(model, tmp_path / "again"))  # saved untied, read back the same
+    assert not again.cfg.tie_embeddings and torch.equal(again.lm_head.weight, head)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "pytorch_model.bin.index.json"])
+def test_a_checkpoint_of_pytorch_bin_weights_says_how_to_convert_it(tmp_path, name):
+    """A hub download fetches no .bin file, only the index of sharded ones: that index says it too."""
+    _, d = saved(tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / name).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(d))} holds only PyTorch .bin weights; nanoalign "
+                                                r"reads safetensors \(convert once with transformers"):
+        load_pretrained(d)
+
+
 def test_a_nan_weight_is_refused_naming_the_tensor(tmp_path):
     _, d = saved(tmp_path)
     rewrite(d, lambda t: t["model.norm.weight"].__setitem__(0, float("nan")))
@@ -687,6 +716,26 @@ def test_shards_are_packed_in_order_up_to_the_limit(tmp_path):
     sizes = [nbytes(name) for name in files]
     assert all(a + b > limit for a, b in zip(sizes, sizes[1:])), sizes
     assert index["metadata"]["total_size"] == sum(sizes) == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_llama3_rope_without_its_pretraining_length_takes_the_context_length_as_transformers_does(tmp_path):
+    """rope_scaling of type llama3 without original_max_position_embeddings: transformers reads the top-level key
+    of that name, else max_position_embeddings (it was refused here); a missing factor is named in rope_scaling."""
+    transformers = reference("transformers")
+    _, d = saved(tmp_path)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    ids = torch.arange(30)[None] % 50
+    for top in ({}, {"original_max_position_embeddings": 8}):
+        edit(d, lambda c: {**c, **top, "rope_scaling": llama3})
+        model = load_pretrained(d)
+        assert model.cfg.rope_scaling["original_max_position_embeddings"] == top.get(
+            "original_max_position_embeddings", model.cfg.max_seq_len)
+        with torch.no_grad():
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
+            torch.testing.assert_close(model(ids), ref, atol=1e-4, rtol=0)
+    path = edit(d, lambda c: {**c, "rope_scaling": {k: v for k, v in llama3.items() if k != "low_freq_factor"}})
+    with pytest.raises(KeyError, match=f"{re.escape(str(path))}: missing key 'rope_scaling.low_freq_factor'"):
+        load_pretrained(d)
 
 
 def test_a_non_numeric_llama3_rope_value_is_named(tmp_path):

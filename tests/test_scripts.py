@@ -123,7 +123,7 @@ def test_tiny_world_sft_run_answers_held_out_questions(tmp_path):
     ({"rms_norm_eps": "1e-5"}, "key 'rms_norm_eps' must be a positive number, got '1e-5'"),
     ({"max_position_embeddings": 0}, "key 'max_position_embeddings' must be a positive integer, got 0"),
     ({"num_key_value_heads": 3}, "n_head=2 must be a multiple of n_kv_head=3"),
-    ({"rope_scaling": {"rope_type": "linear"}}, "missing key 'factor'"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "missing key 'rope_scaling.factor'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "config.json asks for rope scaling 'yarn'"),
 ])
 def test_a_bad_config_value_is_one_line_naming_the_file_and_key(ckpt, tmp_path, capsys, edit, message):
