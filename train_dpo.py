@@ -245,6 +245,10 @@ def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
     stages = hbat.plan(cfg, "dpo")
+    # the records are read first: a malformed one is named before minutes of training the default SFT model
+    pairs = {name: read_pairs(getattr(cfg, name), cfg.format) if getattr(cfg, name) else [] for name in ("data", "val_data")}
+    sft_examples = train_sft.load_sft_examples(cfg.sft_data, "auto") if cfg.sft_data else []
+    train.check_held_out(cfg, pairs["val_data"], "pairs")
     if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT):
         hbat.train_init_first(cfg.init, cfg.device, train_sft.main)
     d = dist.init_dist(cfg.device)
@@ -269,13 +273,11 @@ def main(argv=None):
     tok.template = template  # saved with the checkpoint: the generate CLI uses it
 
     # --- data: the pairs (and Hbat's SFT examples), each in --splits disjoint parts
-    train_rows = tokenize_pairs(read_pairs(cfg.data, cfg.format), tok, template, cfg.max_len, cfg.max_response_len)
-    val_rows = tokenize_pairs(read_pairs(cfg.val_data, cfg.format), tok, template, cfg.max_len,
-                              cfg.max_response_len) if cfg.val_data else []
+    train_rows, val_rows = (tokenize_pairs(pairs[name], tok, template, cfg.max_len, cfg.max_response_len)
+                            for name in ("data", "val_data"))
     if not train_rows:
         raise InputError(f"--data={cfg.data}: no preference pairs left after tokenizing")
-    sft_rows = tokenize_sft(train_sft.load_sft_examples(cfg.sft_data, "auto"), tok, template, cfg.max_len,
-                            cfg.max_response_len) if cfg.sft_data else []
+    sft_rows = tokenize_sft(sft_examples, tok, template, cfg.max_len, cfg.max_response_len)
     data = {"dpo": hbat.split(train_rows, cfg.splits, "data"),
             "sft": hbat.split(sft_rows, cfg.splits, "sft_data") if cfg.sft_data else []}
     dist.print0(d, f"{cfg.loss.upper()} (beta {cfg.beta}) from {init_dir} on {cfg.data}: {len(train_rows)} pairs, "

@@ -161,6 +161,9 @@ def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
     stages = hbat.plan(cfg, "ppo")
+    # the records are read first: a malformed one is named before minutes of training the default models
+    rows, eval_rows = ppo.load_prompts(cfg.data, cfg.eval_data, cfg.eval_prompts, cfg.reward)
+    sft_examples = train_sft.load_sft_examples(cfg.sft_data, "auto") if cfg.sft_data else []
     prerequisites(cfg)
     d = dist.init_dist(cfg.device)
     dist.seed_everything(cfg.seed)
@@ -214,11 +217,10 @@ def main(argv=None):
                    f"{f' ({cfg.reward_model})' if reward_model is not None else ''}, template {cfg.template!r}")
 
     # --- data: the prompts (and Hbat's SFT examples), each in --splits disjoint parts
-    rows, eval_rows = ppo.load_prompts(cfg.data, cfg.eval_data, cfg.eval_prompts, cfg.reward)
     sft_cfg = train_sft.Config(lr=cfg.sft_lr, batch_size=hbat.SFT_BATCH_SIZE, micro_batch_size=cfg.micro_batch_size,
                                save_every=cfg.save_every, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
-    sft_rows = tokenize_sft(train_sft.load_sft_examples(cfg.sft_data, "auto"), tok, cfg.template, min(
-        sft_cfg.max_len, policy.cfg.max_seq_len), sft_cfg.max_response_len) if cfg.sft_data else []
+    sft_rows = tokenize_sft(sft_examples, tok, cfg.template, min(sft_cfg.max_len, policy.cfg.max_seq_len),
+                            sft_cfg.max_response_len)
     data = {"ppo": hbat.split(rows, cfg.splits, "data"),
             "sft": hbat.split(sft_rows, cfg.splits, "sft_data") if cfg.sft_data else []}
     dist.print0(d, f"{len(rows)} prompts from {cfg.data}; {len(eval_rows)} held out from {cfg.eval_data}"

@@ -141,6 +141,10 @@ def normalize_offset(rm, rows, cfg, d, pad_id, amp) -> tuple[float, float]:
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
+    # the records are read first: a malformed one is named before minutes of training the default SFT model
+    pairs = {name: read_pairs(getattr(cfg, name), cfg.format) if getattr(cfg, name) else [] for name in ("data", "val_data")}
+    offset_records = read_jsonl(cfg.offset_data, required=("prompt", "response")) if cfg.offset_data else []
+    train.check_held_out(cfg, pairs["val_data"], "pairs")
     if cfg.init == Config.init and not cfg.resume:
         import train_sft  # the repository's SFT script, beside this one
         train.train_first(cfg.init, "the tiny SFT model", "train_sft.py", train_sft.main, [f"--device={cfg.device}"])
@@ -168,11 +172,9 @@ def main(argv=None):
                    f"template {cfg.template!r}")
 
     # --- data
-    train_rows = tokenize_pairs(read_pairs(cfg.data, cfg.format), tok, cfg.template, cfg.max_len, cfg.max_response_len)
-    val_rows = tokenize_pairs(read_pairs(cfg.val_data, cfg.format), tok, cfg.template, cfg.max_len,
-                              cfg.max_response_len) if cfg.val_data else []
-    offset_rows = tokenize_sft(read_jsonl(cfg.offset_data, required=("prompt", "response")), tok, cfg.template,
-                               cfg.max_len, cfg.max_response_len) if cfg.offset_data else []
+    train_rows, val_rows = (tokenize_pairs(pairs[name], tok, cfg.template, cfg.max_len, cfg.max_response_len)
+                            for name in ("data", "val_data"))
+    offset_rows = tokenize_sft(offset_records, tok, cfg.template, cfg.max_len, cfg.max_response_len)
     if not train_rows:
         raise InputError(f"--data={cfg.data}: no training pairs left after tokenizing (see the counts above)")
     if cfg.offset_data and not offset_rows:

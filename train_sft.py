@@ -262,6 +262,8 @@ def main(argv=None):
     # the SFT data's records are read now, so that a malformed one is named before minutes of pretraining
     sft_examples = {name: load_sft_examples(getattr(cfg, name), cfg.format) if getattr(cfg, name) else []
                     for name in ("data", "val_data")} if cfg.mode != "pretrain" else {}
+    if sft_examples:  # (pretraining reads no SFT data)
+        train.check_held_out(cfg, sft_examples["val_data"], "demonstrations")
     if pretraining:
         train.check_files(cfg, "pretrain_data")
         train.check_files(cfg, "tokenizer", directory=True)

@@ -88,8 +88,21 @@ def _check_record(record, required, where: str) -> None:
     # read where present (evaluation's ROUGE-L, R3): a number or a list there failed after the models had answered
     if (reference := record.get("reference")) is not None and not isinstance(reference, str):
         raise ValueError(f"{where}: key 'reference' must be a string, got {reference!r:.80}")
-    if "responses" in record and "scores" in record and len(record["responses"]) != len(record["scores"]):
-        raise ValueError(f"{where}: {len(record['responses'])} responses but {len(record['scores'])} scores")
+    for key, value in record.items():  # valid JSON ("\\ud800") but no text: the tokenizer would fail without a line
+        if any(isinstance(v, str) and not _is_unicode_text(v) for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"{where}: key {key!r} holds a lone surrogate escape (\\ud800-\\udfff), which is not "
+                             f"text: {value!r:.80}")
+    responses, scores = record.get("responses"), record.get("scores")
+    if isinstance(responses, list) and isinstance(scores, list) and len(responses) != len(scores):
+        raise ValueError(f"{where}: {len(responses)} responses but {len(scores)} scores")
+
+
+def _is_unicode_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _iter_jsonl(path: Path, lines=None):
@@ -225,7 +238,7 @@ def read_alpaca(path: str | Path) -> list[dict]:
             skipped += 1
             continue
         extras = {k: v for k, v in r.items() if k not in ("instruction", "input", "output")}
-        records.append({"prompt": prompt, "response": output, **extras})
+        records.append({**extras, "prompt": prompt, "response": output})  # the Alpaca fields make the example
     _report_skipped("read_alpaca", len(records), {"empty output": skipped} if skipped else {})
     return records
 
@@ -235,7 +248,7 @@ def _alpaca_prompt(r: dict, where: str) -> str:
         _check_record(r, ("input",), where)
         return r["input"]
     _check_record(r, ("instruction",), where)
-    extra = r.get("input") or ""
+    extra = "" if r.get("input") is None else r["input"]  # absent or null: no input (0, [] or false: refused)
     if not isinstance(extra, str):
         raise ValueError(f"{where}: key 'input' must be a string, got {extra!r:.80}")
     return r["instruction"] + (INPUT_MARKER + extra if extra.strip() else "")

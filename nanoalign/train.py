@@ -63,13 +63,18 @@ STATE_FILE = "train_state.pt"
 
 # --- inputs
 
+REQUIRED_PATHS = ("data", "prompts", "pretrain_data")  # the flags a run cannot do without; the others may be empty
+
+
 def check_files(cfg, *names: str, directory: bool = False) -> None:
-    """Each named path flag (skipped when empty) must be an existing file (directory=True: a directory). A relative
-    default such as data/sft_train.jsonl is relative to the directory the script runs in; say so when it is the
-    repository's data/ that is meant."""
+    """Each named path flag must be an existing file (directory=True: a directory); an empty one is skipped (off),
+    unless it is one of REQUIRED_PATHS. A relative default such as data/sft_train.jsonl is relative to the
+    directory the script runs in; say so when it is the repository's data/ that is meant."""
     for name in names:
         value = getattr(cfg, name)
         if not value:
+            if name in REQUIRED_PATHS:
+                raise InputError(f"--{name}=: this run needs a file here")
             continue
         if Path(value).exists():
             if Path(value).is_dir() != directory:
@@ -81,6 +86,13 @@ def check_files(cfg, *names: str, directory: bool = False) -> None:
             hint = (f"; the default data/ paths are relative to the repository: run from {REPO_ROOT} "
                     f"or pass --{name}={REPO_ROOT / value}")
         raise InputError(f"--{name}={value}: not found (looked in {Path.cwd()}){hint}")
+
+
+def check_held_out(cfg, records: list, what: str) -> None:
+    """--val_data naming a file that holds nothing: the run would go on without a word of held-out evaluation
+    (an empty flag is how to ask for that)."""
+    if cfg.val_data and not records:
+        raise InputError(f"--val_data={cfg.val_data}: no {what} (pass --val_data= to skip the held-out evaluation)")
 
 
 def check_prompt_file(cfg, name: str) -> None:

@@ -543,3 +543,35 @@ def test_tokenize_pretrain_puts_a_bos_before_every_document(tok):
     paris, blue = tok.encode("Paris."), tok.encode("Blue.")
     [block] = tokenize_pretrain(["Paris.", "Blue."], tok, block_size=12)
     assert block["ids"] == [tok.bos_id] + paris + [tok.eos_id] + [tok.bos_id] + blue + [tok.eos_id]
+
+
+def test_read_alpaca_the_alpaca_fields_make_the_example_and_a_falsy_input_is_refused(tmp_path):
+    """A record's own "prompt" or "response" key rode in with the extras and replaced the built ones (a number there
+    failed in the tokenizer, a string trained on another prompt); an input of 0, [] or false read as no input."""
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi.", "prompt": "Say bye.", "response": 5,
+                                 "qtype": "OPENENDED"}]))
+    assert read_alpaca(path) == [{"prompt": "Say hi.", "response": "Hi.", "qtype": "OPENENDED"}]
+    for falsy in (0, [], False):
+        path.write_text(json.dumps([{"instruction": "Say hi.", "input": falsy, "output": "Hi."}]))
+        with pytest.raises(ValueError, match=r"alpaca_data\.json\[0\]: key 'input' must be a string, got "):
+            read_alpaca(path)
+
+
+def test_responses_and_scores_that_are_not_required_are_not_measured(tmp_path):
+    """A pairs file whose lines also carry "responses" and "scores" of other types: their lengths were compared
+    before their types were known (a TypeError traceback naming no line)."""
+    path = _jsonl(tmp_path / "p.jsonl", {"prompt": "p", "chosen": "a", "rejected": "b", "responses": "x", "scores": 3})
+    assert read_jsonl(path, required=("prompt", "chosen", "rejected"))[0]["scores"] == 3
+
+
+def test_a_lone_surrogate_escape_is_named_with_its_line_and_key(tmp_path):
+    r"""'\ud800' is valid JSON but no text: the tokenizer failed on it without naming the file."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p\\ud800", "chosen": "a", '
+                    '"rejected": "b"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: key 'prompt' holds a lone surrogate escape"):
+        read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    path.write_text('{"prompt": "p", "responses": ["a", "b\\udfff"]}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: key 'responses' holds a lone surrogate escape"):
+        read_jsonl(path, required=("prompt", "responses"))

@@ -157,6 +157,21 @@ def test_empty_prompt_or_offset_files_are_refused(ckpt, tmp_path):
     assert not (tmp_path / "ppo").exists() and not (tmp_path / "rm" / "model").exists()
 
 
+@pytest.mark.parametrize("script, what", [("train_sft", "demonstrations"), ("train_rm", "pairs"), ("train_dpo", "pairs")])
+def test_an_empty_held_out_file_is_refused(ckpt, tmp_path, script, what):
+    """An empty --val_data file ran without a word of held-out evaluation; --val_data= is how to ask for that."""
+    import importlib
+
+    from nanoalign.cli import InputError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match=f"^--val_data={empty}: no {what} \\(pass --val_data= to skip the held-out "):
+        importlib.import_module(script).main([f"--init={ckpt[2]}", f"--val_data={empty}", f"--out_dir={tmp_path / 'run'}",
+                                              "--steps=1", "--device=cpu"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_hub_id_that_cannot_be_fetched_is_one_line_naming_it():
     from nanoalign.checkpoint import resolve_dir
 
@@ -174,6 +189,11 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line_naming_it():
     ("train_dpo.py", ["--init="], "--init=: an empty path names no checkpoint directory or hub id"),
     ("train_ppo.py", ["--init="], "--init=: an empty path names no checkpoint directory or hub id"),
     ("select_pairs.py", ["--model="], "--model=: an empty path names no checkpoint directory or hub id"),
+    ("train_rm.py", ["--data="], "--data=: this run needs a file here"),  # it read "." as a directory
+    ("train_dpo.py", ["--data="], "--data=: this run needs a file here"),
+    ("train_ppo.py", ["--data="], "--data=: this run needs a file here"),
+    ("train_sft.py", ["--data="], "--data=: this run needs a file here"),  # it failed after pretraining
+    ("select_pairs.py", ["--data="], "--data=: this run needs a file here"),
     ("train_dpo.py", ["--init=nanoalign-tests/no-such-model"],
      "--init=nanoalign-tests/no-such-model: nanoalign-tests/no-such-model: neither a local directory nor a Hugging "
      "Face hub id"),

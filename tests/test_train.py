@@ -459,6 +459,32 @@ def test_a_malformed_sft_record_is_named_before_pretraining(tmp_path, monkeypatc
     assert not (tmp_path / "base").exists()
 
 
+@pytest.mark.parametrize("script, flags", [
+    ("train_rm", ["--val_data=", "--offset_data="]),
+    ("train_dpo", ["--val_data=", "--eval_prompts="]),
+    ("train_ppo", ["--eval_data="]),
+])
+def test_a_malformed_record_is_named_before_the_default_models_are_trained(tmp_path, monkeypatch, script, flags):
+    """With the default --init missing, the reward-model, DPO and PPO scripts train the tiny SFT (and reward)
+    model first: a bad record of --data was found only after those minutes."""
+    import importlib
+
+    import train_rm
+    run = importlib.import_module(script).main
+    for trainer in (train_sft, train_rm):
+        monkeypatch.setattr(trainer, "main", lambda *a, **k: pytest.fail("a default model was trained"))
+    monkeypatch.chdir(tmp_path)  # no out/sft/model, no out/rm/model here
+    bad = tmp_path / "bad.jsonl"
+    record = {"prompt": "What is 1 plus 2?", "chosen": 5, "rejected": "3."}
+    if script == "train_ppo":
+        record = {"prompt": ["What is 1 plus 2?"]}
+    bad.write_text('{"prompt": "What is 2 plus 2?", "chosen": "4.", "rejected": "5."}\n' + json.dumps(record) + "\n")
+    key = "prompt" if script == "train_ppo" else "chosen"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}:2: key '{key}' must be a non-empty string"):
+        run([f"--data={bad}", "--device=cpu", *flags])
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_script_prints_a_bad_flag_as_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--batch_size=0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
