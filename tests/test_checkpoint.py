@@ -446,7 +446,7 @@ def test_a_tied_checkpoint_may_also_store_the_head_and_rotary_buffers(tmp_path):
         assert torch.equal(load_pretrained(d)(x), model(x))
 
 
-def test_a_tied_checkpoint_storing_another_head_is_read_untied_with_it_as_transformers_reads_it(tmp_path):
+def test_a_tied_config_storing_another_head_is_read_untied(tmp_path):
     """A fine-tune whose tooling untied the head but kept tie_word_embeddings: the stored head was ignored, and
     the logits differed from transformers' (which unties the two) by tens."""
     transformers = reference("transformers")
@@ -718,7 +718,7 @@ def test_shards_are_packed_in_order_up_to_the_limit(tmp_path):
     assert index["metadata"]["total_size"] == sum(sizes) == sum(p.numel() * 4 for p in model.parameters())
 
 
-def test_llama3_rope_without_its_pretraining_length_takes_the_context_length_as_transformers_does(tmp_path):
+def test_llama3_rope_defaults_its_pretraining_length_as_transformers(tmp_path):
     """rope_scaling of type llama3 without original_max_position_embeddings: transformers reads the top-level key
     of that name, else max_position_embeddings (it was refused here); a missing factor is named in rope_scaling."""
     transformers = reference("transformers")
