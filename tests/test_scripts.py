@@ -157,7 +157,8 @@ def test_empty_prompt_or_offset_files_are_refused(ckpt, tmp_path):
     assert not (tmp_path / "ppo").exists() and not (tmp_path / "rm" / "model").exists()
 
 
-@pytest.mark.parametrize("script, what", [("train_sft", "demonstrations"), ("train_rm", "pairs"), ("train_dpo", "pairs")])
+@pytest.mark.parametrize("script, what", [("train_sft", "demonstrations"), ("train_rm", "pairs"),
+                                          ("train_dpo", "pairs")])
 def test_an_empty_held_out_file_is_refused(ckpt, tmp_path, script, what):
     """An empty --val_data file ran without a word of held-out evaluation; --val_data= is how to ask for that."""
     import importlib
@@ -167,8 +168,8 @@ def test_an_empty_held_out_file_is_refused(ckpt, tmp_path, script, what):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(InputError, match=f"^--val_data={empty}: no {what} \\(pass --val_data= to skip the held-out "):
-        importlib.import_module(script).main([f"--init={ckpt[2]}", f"--val_data={empty}", f"--out_dir={tmp_path / 'run'}",
-                                              "--steps=1", "--device=cpu"])
+        importlib.import_module(script).main([f"--init={ckpt[2]}", f"--val_data={empty}",
+                                              f"--out_dir={tmp_path / 'run'}", "--steps=1", "--device=cpu"])
     assert not (tmp_path / "run").exists()
 
 
