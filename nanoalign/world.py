@@ -19,7 +19,8 @@ words, wrong city, a false fact), `off_topic` (the answer to another prompt), `r
 The oracle `quality(prompt, response)` is in [0, 1]; the reference always scores 1.0 and every corruption less.
 It splits the response into sentences and prefers, in this order:
   closed-ended: the exact reference sentence (1.0) > the bare right answer (0.6) > a near miss (up to 0.4: a number
-      within 10 of the answer, some words in the right place, a city from the prompt) > anything else (0.0);
+      within 10 of the answer, some words in the right place, a city from the prompt) > anything else (0.0), and a
+      response that states two different answers scores 0.0 (a hedge answers nothing);
   open-ended: min(k, n) / n for k distinct true facts about the topic when n were asked for (n = 3 by default);
   then it subtracts 0.15 per extra sentence (closed) or off-topic/false sentence (open), 0.15 per repeated
   sentence, 0.05 per fact beyond n, and 0.3 for copying the question; the result is clipped to [0, 1].
@@ -223,8 +224,32 @@ def _sentences(text):
     return [" ".join(s.lower().split()) for s in re.findall(r"[^.?!]+[.?!]?", text) if s.strip()]
 
 
+def _stated_answers(p, response):
+    """Every answer a closed-ended response states, in the world's spelling, outside a copy of the question: the
+    numbers after "is" (or a bare number), the lists of words, the asked person's cities (or a bare city of the
+    prompt's)."""
+    question = _sentences(p["question"])[-1]
+    answers = set()
+    for s in _sentences(response):
+        if s == question:
+            continue
+        bare = s.rstrip(".?!")
+        if p["family"] == "arithmetic":
+            answers |= set(re.findall(r"\bis (\d+)", s)) | set(re.findall(r"^(\d+)$", bare))
+        elif p["family"] in ("reverse", "sort"):
+            answers |= set(re.findall(r"[a-z]+(?:, [a-z]+)+", s))
+        else:
+            answers |= set(re.findall(rf"\b{p['name'].lower()} lives in ([a-z]+)", s))
+            answers |= {bare} & {c.lower() for c in p["cities"]}
+    return answers
+
+
 def _correctness(prompt, p, response):
-    """1.0 for the exact reference sentence, 0.6 for the bare right answer, up to 0.4 for a near miss."""
+    """1.0 for the exact reference sentence, 0.6 for the bare right answer, up to 0.4 for a near miss; 0.0 for a
+    response that states two different answers (a hedge such as "17 plus 25 is 41. 17 plus 25 is 42." answers
+    nothing, and would otherwise score the reference sentence's 1.0 less one extra sentence)."""
+    if len(_stated_answers(p, response)) > 1:
+        return 0.0
     if _sentences(reference(prompt))[0] in _sentences(response):
         return 1.0
     family, bare = p["family"], response.strip().rstrip(".")
@@ -289,7 +314,8 @@ def is_world_prompt(prompt):
 
 def is_correct(prompt, response):
     """Did the response get the task right? Closed-ended: it states the right answer (the reference sentence or
-    the bare answer) without copying the question. Open-ended: it states at least the n distinct true facts asked for."""
+    the bare answer), and no other one, without copying the question. Open-ended: it states at least the n distinct
+    true facts asked for."""
     p = parse_prompt(prompt)
     if _sentences(p["question"])[-1] in _sentences(response):  # copying the question is never an answer
         return False

@@ -307,6 +307,31 @@ def test_nanoalign_tokenizer_loads_the_world(built):
     assert tok.decode(tok.encode(text)) == text
 
 
+def test_a_response_that_states_two_answers_answers_nothing():
+    """A hedge held the reference sentence, so it scored 1.0 less one extra sentence (0.85, above the bare right
+    answer's 0.6) and counted as correct: PPO rewarded by the oracle is paid to state every answer it hesitates
+    between. Now its correctness is 0. A copy of the question, a repeat and a filler are no second answer."""
+    q, ok = world.quality, world.is_correct
+    lookup = "Mia lives in Oslo. Tom lives in Rome. Where does Tom live?"
+    cases = [("What is 17 plus 25?", "17 plus 25 is 41. 17 plus 25 is 42.", 0.0),
+             ("What is 17 plus 25?", "42. 17 plus 25 is 43.", 0.0),
+             (lookup, "Tom lives in Oslo. Tom lives in Rome.", 0.0),
+             (lookup, "Oslo. Tom lives in Rome.", 0.0),
+             ("Sort the words: lemon, tiger, cloud.",
+              "The sorted list is cloud, tiger, lemon. The sorted list is cloud, lemon, tiger.", 0.0),
+             # one answer, stated alongside a copy of the question, a repeat or a filler: as before
+             ("What is 17 plus 25?", "What is 17 plus 25? 17 plus 25 is 42.", 0.55),
+             ("What is 17 plus 25?", "17 plus 25 is 42. 17 plus 25 is 42.", 0.85),
+             ("What is 17 plus 25?", "42. 17 plus 25 is 42.", 0.85),
+             (lookup, "Mia lives in Oslo. Tom lives in Rome.", 0.85),
+             ("Sort the words: lemon, tiger, cloud.", "The sorted list is cloud, lemon, tiger. I hope this helps.",
+              0.85)]
+    for prompt, response, quality in cases:
+        assert q(prompt, response) == quality, (prompt, response)
+        # (copying the question is never correct, whatever follows)
+        assert ok(prompt, response) == (quality > 0 and not response.startswith("What")), (prompt, response)
+
+
 def test_is_correct_by_hand():
     from nanoalign.world import is_correct
 
