@@ -6,9 +6,11 @@ PPO and DPO -> evaluation of each aligned model against the SFT model, ending wi
     python run_all.py --device=cuda          # the same recipe on a GPU
 
 Run it from the repository root: the stages read the tiny world's data/ files by their default relative paths.
-Resumable: a stage whose result (its eval.json) exists is skipped, and a stage that was interrupted after a
-checkpoint continues from it (--resume), once its saved config shows the flags run_all passes (a quick run of a
-script left in out/, --steps=5, is refused, not tabulated). Only with the same --seed: out/run_all.json records the seed the
+Resumable: a stage whose result (its eval.json, describing the checkpoint beside it) exists is skipped, and a
+stage that was interrupted after a checkpoint continues from it (--resume), once its saved config shows the flags
+run_all passes (a quick run of a script left in out/, --steps=5, is refused, not tabulated). A finished stage is
+reused only while the data and the earlier models it was trained from are the same bytes (out/run_all.json keeps
+their sha256): rebuild data/ or retrain a stage, and the stages trained from the old ones are refused. Only with the same --seed: out/run_all.json records the seed the
 directory was made with, and another one is refused (its stages would be the other seed's models). Each stage
 is the flat script of the same name, run with its own defaults and this run's paths; read those scripts for the
 recipes. The final table compares PPO and DPO with
@@ -18,6 +20,7 @@ references, the fraction of answers that copy the prompt, and the mean answer le
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -113,10 +116,58 @@ def _inside(path, root) -> Path | None:
         return None
 
 
+def finished(run_dir: Path) -> bool:
+    """Does run_dir hold a finished run: its eval.json, describing the checkpoint that is there now? (A later run
+    of the script into the same directory, interrupted or stopped early, leaves the old eval.json beside its own
+    part-trained checkpoint: that stage is resumed, not tabulated.)"""
+    if not (run_dir / "eval.json").exists():
+        return False
+    described = json.loads((run_dir / "eval.json").read_text()).get("checkpoint_step")
+    state = train.find_checkpoint(run_dir / "model", resume=True, required=False)
+    return described is None or state is None or state["step"] == described  # (None: written before the step was)
+
+
+def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
+    """What a stage was trained from, as a sha256 of each input's bytes: the world's data (data/world.json records
+    how it was built) and the earlier stages' models it reads (by content, so a moved or copied --out matches)."""
+    out = Path(cfg.out)
+    paths = {"data/world.json": train.REPO_ROOT / "data" / "world.json"}
+    for earlier in {"sft": ["base"], "rm": ["sft"], "ppo": ["sft", "rm"], "dpo": ["sft"]}[stage]:
+        paths[earlier] = out / earlier / "model"
+    digests = {}
+    for name, path in paths.items():
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path] if path.exists() else []:
+            if f.is_file():
+                h.update(str(f.relative_to(path) if f != path else "").encode() + b"\0" + f.read_bytes())
+        digests[name] = h.hexdigest()
+    return digests
+
+
+def check_same_inputs(cfg: Config, stage: str) -> None:
+    """A finished stage is reused only while what it was trained from is unchanged (the fingerprint recorded in
+    out/run_all.json when it finished): after `python -m nanoalign.world` rebuilt data/, or an earlier stage was
+    retrained, its model would be tabulated against models of other data."""
+    recorded = json.loads((Path(cfg.out) / "run_all.json").read_text()).get("inputs", {}).get(stage)
+    if recorded is not None and recorded != stage_inputs(cfg, stage):
+        raise InputError(f"--out={cfg.out}: {Path(cfg.out) / stage} was trained from other data or other earlier "
+                         f"models than those there now (data/ rebuilt, or a stage retrained); remove it (and the "
+                         f"stages after it), or pass another --out")
+
+
+def record_inputs(cfg: Config, stage: str) -> None:
+    record = Path(cfg.out) / "run_all.json"
+    made = json.loads(record.read_text())
+    made.setdefault("inputs", {})[stage] = stage_inputs(cfg, stage)
+    record.write_text(json.dumps(made) + "\n")
+
+
 def run_stage(cfg: Config, stage: str, script) -> None:
     run_dir = Path(cfg.out) / stage
     check_same_recipe(cfg, stage, script)
-    if (run_dir / "eval.json").exists():
+    if finished(run_dir):
+        check_same_inputs(cfg, stage)
+        record_inputs(cfg, stage)  # (a stage finished before inputs were recorded: from now on)
         print(f"[{stage}] done already ({run_dir / 'eval.json'}): skipped", flush=True)
         return
     argv = stage_args(cfg, stage)
@@ -126,6 +177,7 @@ def run_stage(cfg: Config, stage: str, script) -> None:
     print(f"\n[{stage}] python {Path(script.__file__).name} {' '.join(argv)}", flush=True)
     t0 = time.time()
     script.main(argv)
+    record_inputs(cfg, stage)
     print(f"[{stage}] finished in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -73,7 +73,9 @@ def _script_text(job: Job) -> str:
 
 def inputs(job: Job) -> list[Path]:
     """What the job's commands name outside its own directory and that exists: the checkpoints and data files
-    it reads (flag values and bare arguments that are paths; the scripts themselves are not counted)."""
+    it reads (flag values and bare arguments that are paths; the scripts themselves are not counted), and
+    data/world.json: the scripts read the world's files by default (the held-out prompts of every evaluation,
+    R3's PPO prompts) without naming them, and a rebuilt world rewrites it."""
     own, found = Path(job.run_dir).resolve(), []
     for command in job.commands:
         for arg in command[1:]:
@@ -81,7 +83,8 @@ def inputs(job: Job) -> list[Path]:
             path = Path(value).resolve() if value and not value.endswith(".py") else None
             if path is not None and path.exists() and own not in (path, *path.parents) and path not in found:
                 found.append(path)
-    return found
+    world_file = (REPO_ROOT / "data" / "world.json").resolve()
+    return found + [world_file] if world_file.exists() and world_file not in found else found
 
 
 def fingerprint(paths) -> dict:

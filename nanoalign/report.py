@@ -408,7 +408,7 @@ def fallback_results(arms: dict[str, list[dict]]) -> dict | None:
         values: dict[str, list] = {}
         for r in runs:
             final = {name: float(v[-1]) for name, (_, v) in r["series"].items() if name.startswith("eval")}
-            final.update({k: v for k, v in r["eval"].items() if _is_number(v)})
+            final.update({k: v for k, v in r["eval"].items() if _is_number(v) and k != "checkpoint_step"})  # no metric
             for k, v in final.items():
                 values.setdefault(k, []).append(v)
         if values:

@@ -514,9 +514,13 @@ class MetricsLog:
 
 def save_eval(run_dir, result: dict) -> Path:
     """A finished run's final numbers, run_dir/eval.json (written whole or not at all: run_all.py skips a stage that
-    has one, so a half-written file must never appear)."""
+    has one, so a half-written file must never appear), with the step of the checkpoint they describe
+    (checkpoint_step, from run_dir/model): a later run into the same directory, interrupted, leaves this file
+    beside a checkpoint it does not describe, and run_all.py must see that."""
     path = Path(run_dir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if (state := find_checkpoint(Path(run_dir) / "model", resume=True, required=False)) is not None:
+        result = {**result, "checkpoint_step": state["step"]}
     tmp = path.with_name(f".eval.json.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)

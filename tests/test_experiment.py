@@ -121,16 +121,18 @@ def test_a_finished_job_runs_again_when_an_input_it_names_is_rewritten(tmp_path)
                                                        f"os.makedirs(sys.argv[-1].split('=', 1)[1], exist_ok=True)") + [
             f"--init={model}", f"--ref_model={model}", f"--out_dir={tmp_path / 'a' / 'run'}"]])
 
-    assert experiment.inputs(job()) == [model]  # its own directory's paths are outputs, not inputs; named once
+    world_file = (experiment.REPO_ROOT / "data" / "world.json").resolve()  # read by default, named by no flag
+    assert experiment.inputs(job()) == [model, world_file]  # its own directory's paths are outputs; named once
     # the script a command runs is not an input (editing train_dpo.py does not rerun every experiment)
     script_job = experiment.Job("b", tmp_path / "b", [experiment.script("train_dpo.py", f"--init={model}")])
-    assert experiment.inputs(script_job) == [model]
+    assert experiment.inputs(script_job) == [model, world_file]
     experiment.run_jobs([job()])
-    assert experiment.inputs(job()) == [model]  # its --out_dir exists now, and is still its own
+    assert experiment.inputs(job()) == [model, world_file]  # its --out_dir exists now, and is still its own
     done = json.loads((tmp_path / "a" / experiment.DONE).read_text())
-    assert done["inputs"] == {str(model): [  # every file under a directory, nested ones included, by relative path
+    assert done["inputs"][str(model)] == [  # every file under a directory, nested ones included, by relative path
         ["tokenizer/vocab", 3, (model / "tokenizer" / "vocab").stat().st_mtime_ns],
-        ["weights", 2, (model / "weights").stat().st_mtime_ns]]}
+        ["weights", 2, (model / "weights").stat().st_mtime_ns]]
+    assert sorted(done["inputs"]) == sorted([str(model), str(world_file)])
     experiment.run_jobs([job()])
     assert out.read_text() == "ran "  # unchanged inputs: skipped
     (model / "weights").write_text("v1")  # retrained to the same bytes: another modification time
@@ -143,6 +145,23 @@ def test_a_finished_job_runs_again_when_an_input_it_names_is_rewritten(tmp_path)
     (model / "tokenizer" / "vocab").write_text("abcd")  # a nested file rewritten
     experiment.run_jobs([job()])
     assert out.read_text() == "ran ran ran ran "
+
+
+def test_a_finished_job_runs_again_when_the_world_is_rebuilt(tmp_path, monkeypatch):
+    """The scripts read the held-out prompts (and R3 its PPO prompts) from data/ by default, naming no path: a
+    world rebuilt with other fractions left every job skipped as done."""
+    monkeypatch.setattr(experiment, "REPO_ROOT", tmp_path / "repo")
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    world_file = tmp_path / "repo" / "data" / "world.json"
+    world_file.write_text('{"padded_demos": 0.9}')
+    out = tmp_path / "x"
+    job = experiment.Job("a", tmp_path / "a", [py(f"open('{out}', 'a').write('ran ')")])
+    experiment.run_jobs([job])
+    experiment.run_jobs([job])
+    assert out.read_text() == "ran "
+    world_file.write_text('{"padded_demos": 0.7}')
+    experiment.run_jobs([job])
+    assert out.read_text() == "ran ran "
 
 
 def test_a_job_that_writes_a_path_it_names_outside_its_directory_is_finished(tmp_path):

@@ -95,14 +95,65 @@ def test_bad_flags(tmp_path, recorded, flag, message):
 
 def test_the_tiny_world_is_built_only_when_missing(tmp_path, recorded, monkeypatch):
     built = []
-    monkeypatch.setattr(run_all.world, "build", built.append)
+
+    def build(out):  # as the real one, it writes data/world.json
+        built.append(out)
+        (Path(out) / "world.json").write_text("{}")
+    monkeypatch.setattr(run_all.world, "build", build)
     monkeypatch.setattr(run_all.train, "REPO_ROOT", tmp_path / "repo")
     (tmp_path / "repo" / "data").mkdir(parents=True)
     run_all.main([f"--out={tmp_path / 'run'}"])
     assert built == [str(tmp_path / "repo" / "data")]
-    (tmp_path / "repo" / "data" / "world.json").write_text("{}")
     run_all.main([f"--out={tmp_path / 'run'}"])
     assert len(built) == 1
+
+
+def test_a_finished_stage_whose_checkpoint_moved_on_is_resumed_not_tabulated(tmp_path, recorded):
+    """A later run of train_ppo.py into out/ppo, stopped at step 10, left the finished run's eval.json (step 60)
+    beside its own checkpoint: that was tabulated as the pipeline's PPO. The eval.json names the step it describes."""
+    out = tmp_path / "run"
+    cfg = run_all.parse_config(run_all.train_ppo.Config, run_all.stage_args(run_all.Config(out=str(out)), "ppo"))
+    run_all.train_ppo.check_config(cfg)
+    (out / "ppo" / "model").mkdir(parents=True)
+    (out / "ppo" / "eval.json").write_text(json.dumps({"checkpoint_step": 60}))
+    for step, resumed in ((10, True), (60, False)):
+        torch.save({"step": step, "rng": [{}], "extra": {}, "config": {**asdict(cfg), "stop_at": 10}},
+                   out / "ppo" / "model" / "train_state.pt")
+        recorded.clear()
+        run_all.main([f"--out={out}"])
+        assert [argv for stage, argv in recorded if stage == "ppo"] == ([run_all.stage_args(
+            run_all.Config(out=str(out)), "ppo") + ["--resume"]] if resumed else [])
+
+
+def test_save_eval_names_the_checkpoint_step_it_describes(tmp_path):
+    from nanoalign import train
+
+    (tmp_path / "model").mkdir()
+    torch.save({"step": 7, "rng": [{}], "extra": {}}, tmp_path / "model" / "train_state.pt")
+    assert json.loads(train.save_eval(tmp_path, {"eval/x": 1.0}).read_text()) == {"eval/x": 1.0, "checkpoint_step": 7}
+
+
+def test_a_stage_trained_from_other_data_or_other_models_is_refused(tmp_path, recorded, monkeypatch):
+    """After `python -m nanoalign.world` rebuilt data/ (other fractions), or a stage was retrained, the finished
+    stages trained from the old ones were reused and tabulated against the new. A copied --out still matches."""
+    monkeypatch.setattr(run_all.train, "REPO_ROOT", tmp_path / "repo")
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "world.json").write_text('{"padded_demos": 0.9}')
+    out = tmp_path / "run"
+    (out / "sft" / "model").mkdir(parents=True)
+    (out / "sft" / "model" / "model.safetensors").write_bytes(b"sft weights")
+    run_all.main([f"--out={out}"])
+    shutil.copytree(out, tmp_path / "copy")
+    recorded.clear()
+    run_all.main([f"--out={tmp_path / 'copy'}"])  # moved or copied: the same bytes
+    assert [c[0] for c in recorded] == ["evaluate", "evaluate"]
+    (out / "sft" / "model" / "model.safetensors").write_bytes(b"retrained sft weights")
+    with pytest.raises(InputError, match=rf"^--out={out}: {out}/rm was trained from other data or other earlier "
+                                         r"models than those there now"):
+        run_all.main([f"--out={out}"])
+    (tmp_path / "repo" / "data" / "world.json").write_text('{"padded_demos": 0.7}')
+    with pytest.raises(InputError, match=rf"{out}/sft was trained from other data"):
+        run_all.main([f"--out={out}"])
 
 
 def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, recorded):
@@ -126,9 +177,12 @@ def test_a_stage_made_with_other_flags_is_refused_not_tabulated(tmp_path, record
         else:  # the same recipe (where it ran and how often it saved do not count): skipped as done
             run_all.main([f"--out={out}"])
             assert [c[0] for c in recorded] == ["rm", "ppo", "dpo", "evaluate", "evaluate"]
-    # what it evaluated on does not count either, nor where the directory is: a copy holds the same stages
+    # what it evaluated on does not count either, nor where the directory is: a copy holds the same stages (the
+    # stages after it go: rewritten, the SFT checkpoint is another input to them, test_a_stage_trained_from_...)
     torch.save({**state, "config": {**asdict(sft), "eval_data": "", "val_data": "other.jsonl"}},
                out / "sft" / "model" / "train_state.pt")
+    for later in ("rm", "ppo", "dpo"):
+        shutil.rmtree(out / later)
     shutil.copytree(out, tmp_path / "copy")
     for where in (out, tmp_path / "copy"):
         recorded.clear()
