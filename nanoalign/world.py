@@ -20,7 +20,7 @@ The oracle `quality(prompt, response)` is in [0, 1]; the reference always scores
 It splits the response into sentences and prefers, in this order:
   closed-ended: the exact reference sentence (1.0) > the bare right answer (0.6) > a near miss (up to 0.4: a number
       within 10 of the answer, some words in the right place, a city from the prompt) > anything else (0.0), and a
-      response that states two different answers scores 0.0 (a hedge answers nothing);
+      response that states two different answers to the question scores 0.0 (a hedge answers nothing);
   open-ended: min(k, n) / n for k distinct true facts about the topic when n were asked for (n = 3 by default);
   then it subtracts 0.15 per extra sentence (closed) or off-topic/false sentence (open), 0.15 per repeated
   sentence, 0.05 per fact beyond n, and 0.3 for copying the question; the result is clipped to [0, 1].
@@ -224,10 +224,14 @@ def _sentences(text):
     return [" ".join(s.lower().split()) for s in re.findall(r"[^.?!]+[.?!]?", text) if s.strip()]
 
 
+_CITY_NAMES = {c.lower() for c in CITIES}
+
+
 def _stated_answers(p, response):
-    """Every answer a closed-ended response states, in the world's spelling, outside a copy of the question: the
-    numbers after "is" (or a bare number), the lists of words, the asked person's cities (or a bare city of the
-    prompt's)."""
+    """The answers to this question that a closed-ended response states, in the world's spelling, outside a copy of
+    the question: "A op B is N" with the prompt's own A op B (or a bare number), a list of the prompt's words in
+    some order, the city where the asked person lives (or a bare city of the prompt's). A sentence about something
+    else ("12 plus 29 is 41." to "What is 12 plus 27?", "Kim lives in an engine.") answers no question here."""
     question = _sentences(p["question"])[-1]
     answers = set()
     for s in _sentences(response):
@@ -235,11 +239,13 @@ def _stated_answers(p, response):
             continue
         bare = s.rstrip(".?!")
         if p["family"] == "arithmetic":
-            answers |= set(re.findall(r"\bis (\d+)", s)) | set(re.findall(r"^(\d+)$", bare))
+            answers |= set(re.findall(rf"\b{p['a']} {p['op']} {p['b']} is (\d+)", s))
+            answers |= set(re.findall(r"^(\d+)$", bare))
         elif p["family"] in ("reverse", "sort"):
-            answers |= set(re.findall(r"[a-z]+(?:, [a-z]+)+", s))
+            lists = re.findall(r"[a-z]+(?:, [a-z]+)+", s)
+            answers |= {m for m in lists if sorted(m.split(", ")) == sorted(p["answer"])}
         else:
-            answers |= set(re.findall(rf"\b{p['name'].lower()} lives in ([a-z]+)", s))
+            answers |= set(re.findall(rf"\b{p['name'].lower()} lives in ([a-z]+)", s)) & _CITY_NAMES
             answers |= {bare} & {c.lower() for c in p["cities"]}
     return answers
 

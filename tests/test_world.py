@@ -310,26 +310,28 @@ def test_nanoalign_tokenizer_loads_the_world(built):
 def test_a_response_that_states_two_answers_answers_nothing():
     """A hedge held the reference sentence, so it scored 1.0 less one extra sentence (0.85, above the bare right
     answer's 0.6) and counted as correct: PPO rewarded by the oracle is paid to state every answer it hesitates
-    between. Now its correctness is 0. A copy of the question, a repeat and a filler are no second answer."""
-    q, ok = world.quality, world.is_correct
+    between. Now its correctness is 0. A copy of the question, a repeat, a filler or a sentence about something
+    else is no second answer."""
     lookup = "Mia lives in Oslo. Tom lives in Rome. Where does Tom live?"
-    cases = [("What is 17 plus 25?", "17 plus 25 is 41. 17 plus 25 is 42.", 0.0),
-             ("What is 17 plus 25?", "42. 17 plus 25 is 43.", 0.0),
-             (lookup, "Tom lives in Oslo. Tom lives in Rome.", 0.0),
-             (lookup, "Oslo. Tom lives in Rome.", 0.0),
-             ("Sort the words: lemon, tiger, cloud.",
-              "The sorted list is cloud, tiger, lemon. The sorted list is cloud, lemon, tiger.", 0.0),
-             # one answer, stated alongside a copy of the question, a repeat or a filler: as before
-             ("What is 17 plus 25?", "What is 17 plus 25? 17 plus 25 is 42.", 0.55),
-             ("What is 17 plus 25?", "17 plus 25 is 42. 17 plus 25 is 42.", 0.85),
-             ("What is 17 plus 25?", "42. 17 plus 25 is 42.", 0.85),
-             (lookup, "Mia lives in Oslo. Tom lives in Rome.", 0.85),
-             ("Sort the words: lemon, tiger, cloud.", "The sorted list is cloud, lemon, tiger. I hope this helps.",
-              0.85)]
-    for prompt, response, quality in cases:
-        assert q(prompt, response) == quality, (prompt, response)
-        # (copying the question is never correct, whatever follows)
-        assert ok(prompt, response) == (quality > 0 and not response.startswith("What")), (prompt, response)
+    cases = [  # (prompt, response, quality, is_correct)
+        ("What is 17 plus 25?", "17 plus 25 is 41. 17 plus 25 is 42.", 0.0, False),
+        ("What is 17 plus 25?", "42. 17 plus 25 is 43.", 0.0, False),
+        (lookup, "Tom lives in Oslo. Tom lives in Rome.", 0.0, False),
+        (lookup, "Oslo. Tom lives in Rome.", 0.0, False),
+        ("Sort the words: lemon, tiger, cloud.",
+         "The sorted list is cloud, tiger, lemon. The sorted list is cloud, lemon, tiger.", 0.0, False),
+        # one answer with a copy of the question, a repeat, a filler or another question's sentence: as before
+        ("What is 17 plus 25?", "What is 17 plus 25? 17 plus 25 is 42.", 0.55, False),  # a copy is never correct
+        ("What is 17 plus 25?", "17 plus 25 is 42. 17 plus 25 is 42.", 0.85, True),
+        ("What is 17 plus 25?", "42. 17 plus 25 is 42.", 0.85, True),
+        ("What is 12 plus 27?", "12 plus 29 is 41. 17 plus 25 is 43.", 0.17, False),  # the near miss 41, one extra
+        (lookup, "Mia lives in Oslo. Tom lives in Rome.", 0.85, True),
+        (lookup, "Tom lives in Rome. Tom lives in an engine.", 0.85, True),  # sampled at temperature 1: no city
+        ("Sort the words: lemon, tiger, cloud.", "The sorted list is cloud, lemon, tiger. I hope this helps.", 0.85,
+         True),
+        ("Sort the words: lemon, tiger, cloud.", "The sorted list is cloud, lemon, tiger. Cats, dogs.", 0.85, True)]
+    for prompt, response, quality, correct in cases:
+        assert (world.quality(prompt, response), world.is_correct(prompt, response)) == (quality, correct), response
 
 
 def test_is_correct_by_hand():
