@@ -63,7 +63,8 @@ def test_ppo_against_a_reward_model_of_the_sft_models_own_answers_raises_oracle_
     chance on held-out ones), and PPO against it raises the oracle quality of the greedy held-out answers
     above the SFT model's. Measured: held-out accuracy 64.7%, quality 0.637 -> 0.653 after 60 steps; 0.637 -> 0.666
     on 2026-11-26, after the CPU sampler began prepacking its weights (its rounding differs, so the rollouts can
-    take another path); 0.637 -> 0.665 on 2026-12-07, after PPO's random streams got seeds of their own."""
+    take another path); 0.637 -> 0.665 on 2026-12-07, after PPO's random streams got seeds of their own (seeds 1
+    and 2: 0.658, 0.669)."""
     script(ROOT / "train_rm.py", f"--init={padded}/sft/model", f"--data={padded}/onpolicy_train.jsonl",
            f"--val_data={padded}/onpolicy_val.jsonl", f"--out_dir={padded}/rm_onpolicy")
     rm = logged(padded / "rm_onpolicy")
