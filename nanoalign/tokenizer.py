@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
+import tokenizers.processors
 
 from .checkpoint import read_json
 
@@ -169,8 +170,18 @@ class Tokenizer:
     def save(self, dir: str | Path) -> None:
         dir = Path(dir)
         dir.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(dir / "tokenizer.json"))
-        name = self.tok.id_to_token
+        tok, name = self.tok, self.tok.id_to_token
+        if self.add_bos and not _post_processor_adds_bos(json.loads(tok.to_str()), self.bos_id, tok):
+            # add_bos_token in tokenizer_config.json alone: transformers' PreTrainedTokenizerFast, the class written
+            # below, would not add the BOS this model was trained after (LlamaTokenizerFast rebuilt the
+            # post-processor from the flag). A post-processor that adds it makes the saved directory say so itself
+            tok = tokenizers.Tokenizer.from_str(tok.to_str())
+            bos = name(self.bos_id)
+            template = tokenizers.processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                                special_tokens=[(bos, self.bos_id)])
+            tok.post_processor = template if tok.post_processor is None else \
+                tokenizers.processors.Sequence([tok.post_processor, template])
+        tok.save(str(dir / "tokenizer.json"))
         config = {k: v for k, v in self.config.items() if k != "nanoalign_template"}  # the source's other keys
         config |= {
             # lets transformers.AutoTokenizer load the same directory

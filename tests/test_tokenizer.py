@@ -286,6 +286,27 @@ def test_save_round_trip_keeps_filler_pad(tmp_path):
     assert Tokenizer.from_dir(tmp_path / "b").pad_id == tok.pad_id != tok.eos_id
 
 
+@pytest.mark.parametrize("post_processor", [False, True])
+def test_a_bos_added_by_the_flag_alone_is_added_by_transformers_after_saving(tmp_path, post_processor):
+    """add_bos_token in tokenizer_config.json and no post-processor adding it (LlamaTokenizerFast rebuilt one from
+    the flag): nanoalign adds BOS, and its saved directory, read by transformers' PreTrainedTokenizerFast, did
+    not. A byte-level post-processor already there stays."""
+    transformers = reference("transformers")
+    src = make_tokenizer_dir(tmp_path / "src", config={**STANDARD_CONFIG, "add_bos_token": True})
+    if post_processor:
+        raw = RustTokenizer.from_file(str(src / "tokenizer.json"))
+        raw.post_processor = processors.ByteLevel(trim_offsets=True)
+        raw.save(str(src / "tokenizer.json"))
+    tok = Tokenizer.from_dir(src)
+    tok.save(tmp_path / "saved")
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    again = Tokenizer.from_dir(tmp_path / "saved")
+    for text in TEXTS:
+        assert auto(text).input_ids == encode_prompt(tok, text, "plain") == encode_prompt(again, text, "plain")
+        assert encode_prompt(tok, text, "plain")[0] == tok.bos_id and again.encode(text) == tok.encode(text)
+    assert again.add_bos
+
+
 def test_transformers_loads_saved_tokenizer(tok, tmp_path):
     transformers = reference("transformers")
     tok.template = "hh"  # the extra nanoalign_template key must not disturb transformers
