@@ -102,22 +102,20 @@ class Tokenizer:
             # LLaMA-3 has no add_bos_token flag: its tokenizer.json post-processor prepends BOS instead
             add_bos = _post_processor_adds_bos(json.loads(tok_file.read_text()), ids["bos"], tok)
         stop_ids = [i for name in _ID_FILES for i in _as_list(configs[name].get("eos_token_id"))]
-        vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
-        for kind, i in [(kind, ids[kind]) for kind in ("bos", "eos", "pad")] + [("eos", i) for i in stop_ids]:
-            # an id past the vocabulary is never sampled (an EOS there never stops a row); a negative one fails
-            # at the first padded batch. The pad may lie past it: a model may have more rows than the tokenizer ids
-            top = None if kind == "pad" else vocab_size
-            if i is not None and not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i
-                                      and (top is None or i < top)):
-                raise ValueError(f"{path}: {kind}_token_id {i!r} is not an id of its tokenizer.json "
-                                 f"(0 .. {vocab_size - 1}{'' if top else ' or a model row past them'})")
         template = configs["tokenizer_config.json"].get("nanoalign_template")
         if template is not None and template not in TEMPLATES:
             raise ValueError(f"{path / 'tokenizer_config.json'}: nanoalign_template {template!r} is not a template; "
                              f"choose one of {sorted(TEMPLATES)}")
         jinja = path / "chat_template.jinja"
-        return cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids, template,
+        made = cls(tok, ids["eos"], ids["bos"], ids["pad"], bool(add_bos), stop_ids, template,
                    config=configs["tokenizer_config.json"], chat_template=jinja.read_text() if jinja.is_file() else None)
+        for kind, i in [(kind, ids[kind]) for kind in ("bos", "eos", "pad")] + [("eos", i) for i in stop_ids]:
+            # an id past the vocabulary is never sampled (an EOS there never stops a row); a negative one fails
+            # at the first padded batch. The pad may lie past it: a model may have more rows than the tokenizer ids
+            if i is not None and not (type(i) is int and 0 <= i and (kind == "pad" or i < made.vocab_size)):
+                raise ValueError(f"{path}: {kind}_token_id {i!r} is not an id of its tokenizer.json (0 .. "
+                                 f"{made.vocab_size - 1}{' or a model row past them' if kind == 'pad' else ''})")
+        return made
 
     @functools.cached_property
     def vocab_size(self) -> int:
