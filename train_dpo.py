@@ -246,10 +246,8 @@ def main(argv=None):
     check_config(cfg)
     stages = hbat.plan(cfg, "dpo")
     # the records are read first: a malformed one is named before minutes of training the default SFT model
-    pairs = {name: read_pairs(getattr(cfg, name), cfg.format) if getattr(cfg, name) else []
-             for name in ("data", "val_data")}
+    pairs = train.read_train_and_val(cfg, lambda path: read_pairs(path, cfg.format), "pairs")
     sft_examples = train_sft.load_sft_examples(cfg.sft_data, "auto") if cfg.sft_data else []
-    train.check_held_out(cfg, pairs["val_data"], "pairs")
     if cfg.init in (hbat.SFT_INIT, hbat.BASE_INIT):
         hbat.train_init_first(cfg.init, cfg.device, train_sft.main)
     d = dist.init_dist(cfg.device)

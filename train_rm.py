@@ -142,10 +142,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
     # the records are read first: a malformed one is named before minutes of training the default SFT model
-    pairs = {name: read_pairs(getattr(cfg, name), cfg.format) if getattr(cfg, name) else []
-             for name in ("data", "val_data")}
+    pairs = train.read_train_and_val(cfg, lambda path: read_pairs(path, cfg.format), "pairs")
     offset_records = read_jsonl(cfg.offset_data, required=("prompt", "response")) if cfg.offset_data else []
-    train.check_held_out(cfg, pairs["val_data"], "pairs")
     if cfg.init == Config.init and not cfg.resume:
         import train_sft  # the repository's SFT script, beside this one
         train.train_first(cfg.init, "the tiny SFT model", "train_sft.py", train_sft.main, [f"--device={cfg.device}"])

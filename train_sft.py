@@ -260,10 +260,8 @@ def main(argv=None):
             raise InputError(f"--resume: no checkpoint to resume from (looked for "
                              f"{' and '.join(str(c / train.STATE_FILE) for c in looked)})")
     # the SFT data's records are read now, so that a malformed one is named before minutes of pretraining
-    sft_examples = {name: load_sft_examples(getattr(cfg, name), cfg.format) if getattr(cfg, name) else []
-                    for name in ("data", "val_data")} if cfg.mode != "pretrain" else {}
-    if sft_examples:  # (pretraining reads no SFT data)
-        train.check_held_out(cfg, sft_examples["val_data"], "demonstrations")
+    sft_examples = train.read_train_and_val(cfg, lambda path: load_sft_examples(path, cfg.format),
+                                            "demonstrations") if cfg.mode != "pretrain" else {}
     if pretraining:
         train.check_files(cfg, "pretrain_data")
         train.check_files(cfg, "tokenizer", directory=True)

@@ -88,11 +88,14 @@ def check_files(cfg, *names: str, directory: bool = False) -> None:
         raise InputError(f"--{name}={value}: not found (looked in {Path.cwd()}){hint}")
 
 
-def check_held_out(cfg, records: list, what: str) -> None:
-    """--val_data naming a file that holds nothing: the run would go on without a word of held-out evaluation
-    (an empty flag is how to ask for that)."""
-    if cfg.val_data and not records:
+def read_train_and_val(cfg, read, what: str) -> dict[str, list]:
+    """{"data": records, "val_data": records} of the two flags (none for an empty one), read(path) each, before any
+    model is loaded or trained: a malformed record is named in seconds. A --val_data file that holds nothing is
+    refused: the run would go on without a word of held-out evaluation (an empty flag is how to ask for that)."""
+    records = {name: read(getattr(cfg, name)) if getattr(cfg, name) else [] for name in ("data", "val_data")}
+    if cfg.val_data and not records["val_data"]:
         raise InputError(f"--val_data={cfg.val_data}: no {what} (pass --val_data= to skip the held-out evaluation)")
+    return records
 
 
 def check_prompt_file(cfg, name: str) -> None:
