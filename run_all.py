@@ -10,8 +10,9 @@ Resumable: a stage whose result (its eval.json, describing the checkpoint beside
 stage that was interrupted after a checkpoint continues from it (--resume), once its saved config shows the flags
 run_all passes (a quick run of a script left in out/, --steps=5, is refused, not tabulated). A finished stage is
 reused only while the data and the earlier models it was trained from are the same bytes (out/run_all.json keeps
-their sha256): rebuild data/ or retrain a stage, and the stages trained from the old ones are refused. Only with the same --seed: out/run_all.json records the seed the
-directory was made with, and another one is refused (its stages would be the other seed's models). Each stage
+their sha256): rebuild data/ or retrain a stage, and the stages trained from the old ones are refused. Only with
+the same --seed: out/run_all.json records the seed the directory was made with, and another one is refused (its
+stages would be the other seed's models). Each stage
 is the flat script of the same name, run with its own defaults and this run's paths; read those scripts for the
 recipes. The final table compares PPO and DPO with
 the SFT model on the held-out prompts (data/prompts_test.jsonl), greedy decoding, judged by the world's
@@ -144,21 +145,17 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
     return digests
 
 
-def check_same_inputs(cfg: Config, stage: str) -> None:
-    """A finished stage is reused only while what it was trained from is unchanged (the fingerprint recorded in
-    out/run_all.json when it finished): after `python -m nanoalign.world` rebuilt data/, or an earlier stage was
-    retrained, its model would be tabulated against models of other data."""
-    recorded = json.loads((Path(cfg.out) / "run_all.json").read_text()).get("inputs", {}).get(stage)
-    if recorded is not None and recorded != stage_inputs(cfg, stage):
+def record_inputs(cfg: Config, stage: str, reused: bool) -> None:
+    """Keep the stage's inputs (stage_inputs) in out/run_all.json. A finished stage being reused (reused=True)
+    must have been trained from the inputs there now, when they were recorded: after `python -m nanoalign.world`
+    rebuilt data/, or an earlier stage was retrained, its model would be tabulated against models of other data."""
+    record = Path(cfg.out) / "run_all.json"
+    made, now = json.loads(record.read_text()), stage_inputs(cfg, stage)
+    if reused and made.get("inputs", {}).get(stage, now) != now:
         raise InputError(f"--out={cfg.out}: {Path(cfg.out) / stage} was trained from other data or other earlier "
                          f"models than those there now (data/ rebuilt, or a stage retrained); remove it (and the "
                          f"stages after it), or pass another --out")
-
-
-def record_inputs(cfg: Config, stage: str) -> None:
-    record = Path(cfg.out) / "run_all.json"
-    made = json.loads(record.read_text())
-    made.setdefault("inputs", {})[stage] = stage_inputs(cfg, stage)
+    made.setdefault("inputs", {})[stage] = now  # (a stage finished before inputs were recorded: from now on)
     record.write_text(json.dumps(made) + "\n")
 
 
@@ -166,8 +163,7 @@ def run_stage(cfg: Config, stage: str, script) -> None:
     run_dir = Path(cfg.out) / stage
     check_same_recipe(cfg, stage, script)
     if finished(run_dir):
-        check_same_inputs(cfg, stage)
-        record_inputs(cfg, stage)  # (a stage finished before inputs were recorded: from now on)
+        record_inputs(cfg, stage, reused=True)
         print(f"[{stage}] done already ({run_dir / 'eval.json'}): skipped", flush=True)
         return
     argv = stage_args(cfg, stage)
@@ -177,7 +173,7 @@ def run_stage(cfg: Config, stage: str, script) -> None:
     print(f"\n[{stage}] python {Path(script.__file__).name} {' '.join(argv)}", flush=True)
     t0 = time.time()
     script.main(argv)
-    record_inputs(cfg, stage)
+    record_inputs(cfg, stage, reused=False)
     print(f"[{stage}] finished in {time.time() - t0:.0f} s", flush=True)
 
 
