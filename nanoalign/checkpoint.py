@@ -293,7 +293,12 @@ def tensor_files(ckpt: Path) -> dict[str, Path]:
     if any(ckpt.glob("*.bin")) or (ckpt / "pytorch_model.bin.index.json").exists():  # (a hub download has the index)
         raise FileNotFoundError(f"{ckpt} holds only PyTorch .bin weights; nanoalign reads safetensors "
                                 "(convert once with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {ckpt}")
+    hint = ""
+    if len(ckpt.parts) >= 3 and ckpt.parts[-2] == "snapshots" and ckpt.parts[-3].startswith("models--"):
+        # resolve_dir's hub download fetches no .bin: a repository holding one pytorch_model.bin arrives without it
+        hint = (" (a hub download fetches safetensors weights only; if the repository has only pytorch_model.bin, "
+                "convert once with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {ckpt}{hint}")
 
 
 def _shape(file: Path, name: str) -> list[int]:

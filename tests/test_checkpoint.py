@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -472,6 +473,22 @@ def test_a_checkpoint_of_pytorch_bin_weights_says_how_to_convert_it(tmp_path, na
     (d / name).write_text("{}")
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(d))} holds only PyTorch .bin weights; nanoalign "
                                                 r"reads safetensors \(convert once with transformers"):
+        load_pretrained(d)
+
+
+def test_a_hub_download_without_safetensors_says_it_may_hold_only_a_bin_file(tmp_path):
+    """resolve_dir downloads no .bin: a hub repository of one pytorch_model.bin arrives as config and tokenizer
+    only, in the cache's models--owner--name/snapshots/<revision> layout. A local directory keeps the plain message."""
+    _, d = saved(tmp_path)
+    (d / "model.safetensors").unlink()
+    snapshot = tmp_path / "hub" / "models--owner--name" / "snapshots" / "0123abc"
+    shutil.copytree(d, snapshot)
+    with pytest.raises(FileNotFoundError, match=r"^no model\.safetensors or model\.safetensors\.index\.json in .*0123abc "
+                                                r"\(a hub download fetches safetensors weights only; if the repository "
+                                                r"has only pytorch_model\.bin, convert once with transformers"):
+        load_pretrained(snapshot)
+    with pytest.raises(FileNotFoundError, match=f"^no model\\.safetensors or model\\.safetensors\\.index\\.json in "
+                                                f"{re.escape(str(d))}$"):
         load_pretrained(d)
 
 
