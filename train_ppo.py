@@ -137,6 +137,10 @@ def check_config(cfg: Config) -> None:
     if cfg.out_dir != "auto":
         check_output(cfg.out_dir, "out_dir", directory=True)
     hbat.check_config(cfg, "ppo")
+    if cfg.value_warmup_steps >= (stage_steps := cfg.steps // cfg.splits):  # (the smallest PPO stage's steps)
+        per_stage = f" (--steps={cfg.steps} over --splits={cfg.splits} PPO stages)" if cfg.splits > 1 else ""
+        raise InputError(f"--value_warmup_steps={cfg.value_warmup_steps}: a PPO stage of {stage_steps} steps{per_stage} "
+                         "would never update the policy; warm up the critic for fewer steps")
 
 
 def check_world(cfg: Config, world_size: int) -> None:
