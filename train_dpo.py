@@ -116,8 +116,7 @@ def check_config(cfg: Config) -> None:
     check_choice(cfg, "loss", ("dpo", "cdpo", "ipo"))
     check_choice(cfg, "format", ("jsonl", "hh"))
     check_choice(cfg, "template", ("auto", *TEMPLATES))
-    if cfg.format == "hh" and cfg.template not in ("auto", "hh"):
-        raise InputError(f"--template={cfg.template}: HH-RLHF transcripts (--format=hh) use the hh template")
+    train.check_hh_template(cfg)
     check_positive(cfg, "beta", "steps", "batch_size", "micro_batch_size", "lr", "max_len", "max_response_len",
                    "eval_every", "max_new_tokens")
     if cfg.loss == "cdpo" and not 0 < cfg.label_smoothing <= 0.5:
@@ -197,6 +196,8 @@ def dpo_stage(cfg: Config, d, tok, val_rows, run_dir: Path, amp, stage: hbat.Sta
     splits = {"train": rows, **({"val": val_rows} if val_rows else {})}
     cache = run_dir / ("ref_logps.pt" if stage.index == 0 else f"ref_logps_stage{stage.index + 1}.pt")
     ref = dpo.reference_logps(stage.start_dir, splits, tok.pad_id, cache, d, cfg.micro_batch_size, cfg.dtype)
+    if stage.state:
+        dpo.check_resumed_reference((stage.state.get("extra") or {}).get("reference_logps"), ref["train"], stage.index)
     average = cfg.loss == "ipo"
     rows = dpo.with_reference(rows, ref["train"], average)
     val_rows = dpo.with_reference(val_rows, ref["val"], average) if val_rows else []
@@ -236,7 +237,8 @@ def dpo_stage(cfg: Config, d, tok, val_rows, run_dir: Path, amp, stage: hbat.Sta
         stage.log.log(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['rewards/margins']:.2f}", lr=f"{lr:.1e}")
         if train.should_save(step + 1, cfg.save_every, stage.last):
-            stage.save(d, step + 1, {"model": (model, opt)}, tokenizer=tok)
+            stage.save(d, step + 1, {"model": (model, opt)}, tokenizer=tok,
+                       extra={"reference_logps": {"stage": stage.index, "logps": ref["train"]}})
     bar.close()
     return record
 
@@ -256,10 +258,6 @@ def main(argv=None):
     run_dir, ckpt = Path(cfg.out_dir), Path(cfg.out_dir) / "model"
     train.clean_stale(ckpt, d)
     state = train.find_checkpoint(ckpt, cfg.resume)
-    # (--steps and Hbat's flags: hbat.run_schedule)
-    train.check_resumed_flags(cfg, state, ("init", "data", "format", "template", "loss", "beta", "label_smoothing",
-                                           "lr", "seed", "batch_size", "min_lr_ratio", "warmup_steps", "weight_decay",
-                                           "grad_clip", "max_len", "max_response_len"))
     init_dir = train.checkpoint_dir(cfg, "init")
     tok = Tokenizer.from_dir(init_dir)
     mcfg = model_config(init_dir)
@@ -268,8 +266,13 @@ def main(argv=None):
     if cfg.max_len > context or (cfg.eval_prompts and cfg.max_new_tokens >= context):
         flag = "max_len" if cfg.max_len > context else "max_new_tokens"
         raise InputError(f"--{flag}={getattr(cfg, flag)}: does not fit the context of {init_dir} ({context} tokens)")
-    template = "hh" if cfg.format == "hh" else cfg.template if cfg.template != "auto" else tok.template or "hh"
-    tok.template = template  # saved with the checkpoint: the generate CLI uses it
+    if cfg.template == "auto":
+        cfg.template = "hh" if cfg.format == "hh" else tok.template or "hh"
+    template = tok.template = cfg.template  # saved with the checkpoint: the generate CLI uses it
+    # (--steps and Hbat's flags: hbat.run_schedule; the template compared as resolved from auto)
+    train.check_resumed_flags(cfg, state, ("init", "data", "format", "template", "loss", "beta", "label_smoothing",
+                                           "lr", "seed", "batch_size", "min_lr_ratio", "warmup_steps", "weight_decay",
+                                           "grad_clip", "max_len", "max_response_len"))
 
     # --- data: the pairs (and Hbat's SFT examples), each in --splits disjoint parts
     train_rows, val_rows = (tokenize_pairs(pairs[name], tok, template, cfg.max_len, cfg.max_response_len)

@@ -79,6 +79,7 @@ def check_config(cfg: Config) -> None:
     train.check_divides_world(cfg, "batch_size")
     check_choice(cfg, "format", ("jsonl", "hh"))
     check_choice(cfg, "template", ("auto", *TEMPLATES))
+    train.check_hh_template(cfg)
     if cfg.dtype not in ("float32", "bfloat16"):
         raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
     check_positive(cfg, "batch_size", "micro_batch_size", "max_len", "max_response_len", "lr", "eval_every")
@@ -165,7 +166,7 @@ def main(argv=None):
     if cfg.max_len > rm.cfg.max_seq_len:
         raise InputError(f"--max_len={cfg.max_len}: the model's context length is {rm.cfg.max_seq_len}")
     if cfg.template == "auto":
-        cfg.template = tok.template or "hh"
+        cfg.template = "hh" if cfg.format == "hh" else tok.template or "hh"
     tok.template = cfg.template
     dist.print0(d, f"reward model from {init_dir} ({rm.num_params() / 1e6:.2f}M parameters) on {cfg.data}, "
                    f"template {cfg.template!r}")

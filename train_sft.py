@@ -124,6 +124,7 @@ def check_config(cfg: Config) -> None:
     check_choice(cfg, "mode", ("auto", "pretrain", "sft"))
     check_choice(cfg, "format", ("auto", "jsonl", "alpaca", "hh"))
     check_choice(cfg, "template", ("auto", *TEMPLATES))
+    train.check_hh_template(cfg)
     if cfg.dtype not in ("float32", "bfloat16"):
         # fp16 would need loss scaling (a GradScaler); bf16 has fp32's range and does not
         raise InputError(f"--dtype={cfg.dtype}: train in bfloat16 or float32")
@@ -136,7 +137,7 @@ def check_config(cfg: Config) -> None:
     if cfg.dim % cfg.n_head or (cfg.dim // cfg.n_head) % 2:
         raise InputError(f"--dim={cfg.dim}: must be a multiple of --n_head={cfg.n_head}, with an even quotient "
                          f"(each head's rotary dimensions turn in pairs)")
-    train.check_files(cfg, "data", "val_data", "eval_data")
+    train.check_files(cfg, *(("data", "val_data") if cfg.mode != "pretrain" else ()), "eval_data")
     check_output(cfg.out_dir, "out_dir", directory=True)
     check_output(cfg.base_dir, "base_dir", directory=True)
     train.check_prompt_file(cfg, "eval_data")

@@ -31,6 +31,7 @@ import torch
 
 from . import dist, train
 from .checkpoint import tensor_files
+from .cli import InputError
 from .data import IGNORE_INDEX, collate_pairs
 from .losses import sequence_logps, shift_mask, token_logprobs
 
@@ -111,6 +112,26 @@ def _read_cache(path: Path, key: str, splits: dict) -> tuple[dict | None, str]:
                                         for k, rows in splits.items()):
         return None, f"{path} holds other splits"
     return logps, ""
+
+
+def check_resumed_reference(saved: dict | None, logps: torch.Tensor, stage: int) -> None:
+    """A resumed DPO stage must go on against the reference log-probs it trained with. They are recomputed when
+    the cache no longer matches (its file removed, or --init's weights or --data's pairs changed since): the same
+    reference gives the same numbers, another one would silently swap the target of the remaining steps.
+    logps: the training pairs' (N, 2) now; saved: what the checkpoint recorded ({"stage": index, "logps": (N, 2)}),
+    None for a checkpoint written without them. The tolerance only admits float reordering (a GPU kernel)."""
+    if not saved or saved.get("stage") != stage:
+        return
+    before = saved["logps"]
+    if before.shape != logps.shape:
+        detail = f"{before.shape[0]} pairs then, {logps.shape[0]} now"
+    elif not torch.allclose(before, logps, rtol=1e-4, atol=1e-3):
+        detail = f"by up to {(before - logps).abs().max().item():.3g} nats"
+    else:
+        return
+    raise InputError(f"--init/--data: the reference log-probs of the training pairs differ from those the checkpoint "
+                     f"to resume trained with ({detail}): the reference model or the pairs changed since; resume "
+                     "with the interrupted run's inputs, or start a new run")
 
 
 @torch.no_grad()

@@ -189,6 +189,13 @@ def check_given(cfg, *names: str) -> None:
             checkpoint_dir(cfg, name)  # raises: an empty path names no checkpoint
 
 
+def check_hh_template(cfg) -> None:
+    """HH-RLHF transcripts (--format=hh) are split at their "Assistant:" turns and rebuilt with the hh template;
+    another --template would wrap the transcripts' prompts in turns they were never written in."""
+    if cfg.format == "hh" and cfg.template not in ("auto", "hh"):
+        raise InputError(f"--template={cfg.template}: HH-RLHF transcripts (--format=hh) use the hh template")
+
+
 def train_first(path, what: str, script: str, train_main: Callable[[list[str]], None], argv: list[str]) -> None:
     """Train a missing default model before a script reads it. With no arguments every script runs on the tiny
     world, whose models come from the scripts before it (out/sft/model from train_sft.py, out/rm/model from

@@ -267,7 +267,10 @@ def test_resume_continues_exactly(tiny_plain, files, tmp_path, capsys):
         train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=8", "--resume"))
     with pytest.raises(InputError, match="^--beta=0.5: the checkpoint to resume was written with --beta=0.25"):
         train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume", "--beta=0.5"))
-    train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume"))
+    with pytest.raises(InputError, match="^--template=plain: the checkpoint to resume was written with --template=hh"):
+        train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume", "--template=plain"))
+    # the interrupted run's --template=auto was hh: naming it is the same run
+    train_dpo.main(args(tiny_plain, tmp_path / "cut", files, "--steps=4", "--resume", "--template=hh"))
     out = capsys.readouterr().out
     assert "reference log-probs: reused" in out and "resumed from" in out
     full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
@@ -279,6 +282,30 @@ def test_resume_continues_exactly(tiny_plain, files, tmp_path, capsys):
     a, b = load_pretrained(tmp_path / "full" / "model"), load_pretrained(tmp_path / "cut" / "model")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def test_a_resume_against_another_reference_is_refused(tiny_plain, files, tmp_path, capsys):
+    """The cache is recomputed when it no longer matches; a resumed run then goes on only if the numbers are the ones
+    it trained with (its cache removed: yes; its --init's weights changed since: refused, checkpoint untouched)."""
+    init = save_pretrained(load_pretrained(tiny_plain), tmp_path / "init", tokenizer=Tokenizer.from_dir(tiny_plain))
+    run = tmp_path / "run"
+    flags = args(init, run, files, "--steps=4", "--eval_prompts=")
+    train_dpo.main(flags + ["--stop_at=2"])
+    (run / "ref_logps.pt").unlink()
+    capsys.readouterr()
+    train_dpo.main(flags + ["--resume", "--stop_at=3"])
+    assert "reference log-probs: computing" in capsys.readouterr().out
+    model = load_pretrained(init)
+    with torch.no_grad():
+        model.layers[0].mlp.up.weight.mul_(3)
+    save_pretrained(model, init, tokenizer=Tokenizer.from_dir(tiny_plain))
+    before = (run / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(InputError, match=r"^--init/--data: the reference log-probs of the training pairs differ from "
+                                         r"those the checkpoint to resume trained with \(by up to [0-9.e+-]+ nats\): "
+                                         r"the reference model or the pairs changed since"):
+        train_dpo.main(flags + ["--resume"])
+    assert (run / "model" / "model.safetensors").read_bytes() == before
+    assert torch.load(run / "model" / "train_state.pt", weights_only=False)["step"] == 3
 
 
 def test_an_unchanged_policy_ties_with_the_reference_on_every_prompt(tiny_plain, files, tmp_path, tiny_tok):

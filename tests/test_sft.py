@@ -235,6 +235,7 @@ def test_no_init_pretrains_a_base_then_fine_tunes_and_scores(tmp_path, capsys):
     (["--dim=20", "--n_head=4"], "--dim=20: must be a multiple of --n_head=4, with an even quotient"),  # 5 a head
     (["--dim=30", "--n_head=4"], "--dim=30: must be a multiple of --n_head=4, with an even quotient"),
     (["--base_dir={file}/base"], "--base_dir={file}/base: {file} is a file, not a directory"),
+    (["--format=hh", "--template=alpaca"], "--template=alpaca: HH-RLHF transcripts (--format=hh) use the hh template"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flags, message):
     (tmp_path / "file").write_text("not a directory\n")
@@ -351,6 +352,7 @@ def test_pretraining_holds_out_one_block_in_fifty_and_trains_on_the_rest(tmp_pat
     monkeypatch.setattr(train_sft, "fit", fit)
     train_sft.main([f"--base_dir={tmp_path}/base", f"--out_dir={tmp_path}/sft", "--mode=pretrain", "--dim=32",
                     "--n_layer=1", "--n_head=2", "--hidden_dim=64", "--max_len=96", "--eval_data=",
+                    "--data=", "--val_data=no/such.jsonl",  # pretraining reads no SFT data: not checked
                     f"--pretrain_data={ROOT}/data/pretrain.jsonl", f"--tokenizer={TOK}"])
     blocks = tokenize_pretrain([r["text"] for r in read_jsonl(ROOT / "data" / "pretrain.jsonl")], tiny_tok, 96)
     assert len(split["val"]) == len(blocks) // 50 > 1 and split["val"] + split["rows"] == blocks

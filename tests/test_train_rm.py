@@ -205,7 +205,8 @@ def test_a_tie_is_not_a_correct_pair_and_evaluate_reports_the_mean_margin(tiny_p
 
 def test_an_epoch_by_default_from_the_seeds_head_in_the_runs_template(tiny_plain, tiny_tok, files, tmp_path,
                                                                       optimizer_groups, capsys):
-    """--steps=0: one epoch, a last short batch included (40 pairs in 3 steps of 16); the held-out accuracy at every
+    """--steps=0: one epoch rounded up to whole steps (40 pairs in 3 steps of 16, the third completed from the next
+    epoch's order: train.batch_indices); the held-out accuracy at every
     --eval_every and at the end; the first step's gradient norm is that of the step's mean loss; the head comes from
     --seed and the matrices decay by --weight_decay; the demonstrations that set the offset use --template."""
     train_rm.main(args(tiny_plain, files, tmp_path / "run", "--steps=0", "--batch_size=16", "--micro_batch_size=8",
@@ -236,6 +237,24 @@ def test_the_default_flags_read_the_tiny_worlds_pairs_and_hh_reads_both_files(ti
     train_rm.main(args(tiny_plain, files, tmp_path / "run", "--format=hh", f"--data={hh}", f"--val_data={hh}",
                        "--steps=1"))
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["n_val_pairs"] == 3
+
+
+def test_hh_transcripts_take_the_hh_template(tiny_plain, tiny_tok, files, tmp_path):
+    """--format=hh: --template=auto is hh whatever template the init was saved with (its transcripts are rebuilt in
+    hh's turns), and another --template is refused before any work."""
+    from nanoalign.checkpoint import load_pretrained, save_pretrained
+
+    hh = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl"
+    alpaca_tok = copy.deepcopy(tiny_tok)
+    alpaca_tok.template = "alpaca"
+    init = save_pretrained(load_pretrained(tiny_plain), tmp_path / "init", tokenizer=alpaca_tok)
+    flags = args(init, files, tmp_path / "run", "--format=hh", f"--data={hh}", f"--val_data={hh}", "--steps=1",
+                 "--offset_data=")
+    with pytest.raises(InputError, match=r"^--template=plain: HH-RLHF transcripts \(--format=hh\) use the hh template"):
+        train_rm.main(flags + ["--template=plain"])
+    assert not (tmp_path / "run").exists()
+    train_rm.main(flags)
+    assert Tokenizer.from_dir(tmp_path / "run" / "model").template == "hh"
 
 
 @pytest.mark.slow
