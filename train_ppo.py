@@ -127,6 +127,9 @@ def check_config(cfg: Config) -> None:
     check_range(cfg, "lam", 0.0, 1.0)
     check_range(cfg, "min_lr_ratio", 0.0, 1.0)
     check_learning_rates(cfg, "lr", "critic_lr")
+    if cfg.adaptive_kl and cfg.kl_coef == 0:  # the controller scales beta: from 0 it never moves
+        raise InputError(f"--kl_coef={cfg.kl_coef}: the adaptive KL controller (--adaptive_kl) only scales beta, which "
+                         "would stay 0; use --kl_coef > 0, or --adaptive_kl=0 for no KL penalty")
     for name in ("mini_batch_size", "gen_batch_size"):
         if cfg.rollout_batch_size % getattr(cfg, name):
             raise InputError(f"--{name}={getattr(cfg, name)} must divide --rollout_batch_size={cfg.rollout_batch_size}")
@@ -148,6 +151,14 @@ def check_world(cfg: Config, world_size: int) -> None:
     if n_chunks % world_size or cfg.mini_batch_size % world_size:
         raise InputError(f"--rollout_batch_size / --gen_batch_size = {n_chunks} sampling chunks and "
                          f"--mini_batch_size={cfg.mini_batch_size} must both be divisible by the world size {world_size}")
+
+
+def check_vocab(tok: Tokenizer, model, flag: str) -> None:
+    """A model that reads the policy's token ids (the reward model, the critic) must have a row for each of them."""
+    try:
+        tok.check_vocab(model.cfg.vocab_size)
+    except ValueError as e:
+        raise InputError(f"{flag}: {e}") from None
 
 
 def prerequisites(cfg: Config) -> None:
@@ -206,6 +217,9 @@ def main(argv=None):
         tok.check_reads_the_same(rm_dir, f"--reward_model={cfg.reward_model}")
         reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
                                                     build=RewardModel.from_config), d, trainable=False)
+        # one saved without a tokenizer.json was taken on trust above: a smaller vocabulary would read the policy's
+        # ids out of range in the first rollouts' forward
+        check_vocab(tok, reward_model, f"--reward_model={cfg.reward_model}")
         if (n := cfg.max_prompt_len + cfg.max_new_tokens) > reward_model.cfg.max_seq_len:  # it reads whole rollouts
             raise InputError(f"--reward_model={cfg.reward_model}: its context of {reward_model.cfg.max_seq_len} tokens "
                              f"is shorter than --max_prompt_len + --max_new_tokens = {n}")

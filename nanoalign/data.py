@@ -27,6 +27,7 @@ import gzip
 import json
 import math
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,11 +117,12 @@ def _iter_jsonl(path: Path, lines=None):
             raise ValueError(f"{path}:{lineno}: malformed JSON at column {e.colno} ({json_reason(e)})") from None
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """One dict a line (blank lines skipped, .gz allowed). Errors say file:line and the bad key."""
+def read_jsonl(path: str | Path, required: tuple[str, ...] | Callable[[object], tuple[str, ...]] = ()) -> list[dict]:
+    """One dict a line (blank lines skipped, .gz allowed). Errors say file:line and the bad key. required: the keys
+    every record must have, or a function of the record giving the keys that one must have."""
     records = []
     for where, record in _iter_jsonl(Path(path)):
-        _check_record(record, required, where)
+        _check_record(record, required(record) if callable(required) else required, where)
         records.append(record)
     return records
 

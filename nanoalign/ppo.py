@@ -47,7 +47,7 @@ from .data import read_jsonl
 from .generate import generate, left_pad
 from .losses import (entropy_from_logits, explained_variance, gae, logprobs_from_logits, masked_mean,
                      ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
-from .r3 import r3_reward
+from .r3 import CLOSED, r3_reward
 from .evaluate import evaluate_answers, reward_judge, sample_answers
 from .tokenizer import encode_prompt
 
@@ -480,12 +480,20 @@ def save_results(run_dir, last: dict | None, log_path, wall_s: float) -> Path | 
 
 # --- prompts and held-out evaluation
 
+def prompt_keys(reward: str, row) -> tuple[str, ...]:
+    """The keys of a prompt row that the reward reads, each required (and checked) when the prompts are read: R3
+    branches on "qtype" and reads the "reference" of a closed-ended row only; r3_random_qtype draws the query type
+    instead of reading it, so any row may be closed-ended and needs its reference; the other ablations and the
+    oracle read the prompt alone."""
+    if reward == "r3":
+        return ("prompt", "qtype", *(("reference",) if isinstance(row, dict) and row.get("qtype") == CLOSED else ()))
+    return ("prompt", "reference") if reward == "r3_random_qtype" else ("prompt",)
+
+
 def load_prompts(data: str, eval_data: str, eval_prompts: int, reward: str) -> tuple[list[dict], list[dict]]:
-    """PPO's prompts (.jsonl rows) and the first eval_prompts held-out ones ("" for none). R3 (and its random-qtype
-    ablation) reads each row's "qtype" and "reference" too; the oracle reward, and the held-out evaluation, judge
-    only tiny-world prompts."""
-    rows = read_jsonl(data, required=("prompt", "qtype", "reference") if reward in ("r3", "r3_random_qtype")
-                      else ("prompt",))
+    """PPO's prompts (.jsonl rows, each with the keys the reward reads: prompt_keys) and the first eval_prompts
+    held-out ones ("" for none). The oracle reward, and the held-out evaluation, judge only tiny-world prompts."""
+    rows = read_jsonl(data, required=lambda row: prompt_keys(reward, row))
     if not rows:
         raise InputError(f"--data={data}: no prompts")
     if reward == "oracle" and not all(world.is_world_prompt(r["prompt"]) for r in rows):

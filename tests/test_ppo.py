@@ -282,6 +282,8 @@ def test_value_warmup_minibatch_leaves_the_policy_without_gradient(policy, criti
                pad_id=tok.pad_id, cliprange=0.2, cliprange_value=0.2, vf_coef=1.0, amp=NO_AMP)
     assert all(torch.equal(v, pol.state_dict()[k]) for k, v in before_p.items())
     assert not p_opt.state  # the policy's optimizer never stepped
+    # ... and no policy loss was backpropagated (its gradients would be computed for nothing, and left behind)
+    assert all(p.grad is None for p in pol.parameters())
     assert not torch.equal(before_c["score.weight"], cri.state_dict()["score.weight"])
 
 
@@ -631,6 +633,50 @@ def test_r3_prompts_with_an_unknown_query_type_are_refused_when_read(tmp_path):
     with pytest.raises(ValueError, match=rf"^{path}:2: key 'qtype' must be OPENENDED or CONSTRAINED, got 'closed'"):
         ppo.load_prompts(str(path), "", 0, "r3")
     assert len(ppo.load_prompts(str(path), "", 0, "relevance")[0]) == 2  # rewards that ignore qtype read it as is
+
+
+def test_prompt_rows_need_a_reference_and_a_qtype_only_where_the_reward_reads_them(tmp_path):
+    """R3 reads the qtype of every row and the reference of a closed-ended one only; r3_random_qtype draws the
+    qtype, so it never reads the data's, and may draw any row closed-ended; the other ablations read the prompt
+    alone. Each reward takes exactly the rows it can score, and refuses the others naming file:line and the key."""
+    closed = {"prompt": "What is 3 plus 4?", "qtype": "CONSTRAINED", "reference": "3 plus 4 is 7."}
+    opened = {"prompt": "Tell me about bees.", "qtype": "OPENENDED"}  # no reference
+    untyped = {"prompt": "What is 2 plus 2?", "reference": "2 plus 2 is 4."}  # no qtype
+
+    def write(name, *rows):  # a blank line before the last row: the line numbers count it
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + "\n" + json.dumps(rows[-1]) + "\n")
+        return str(path)
+
+    class BagOfWords:
+        def embed(self, texts):
+            return torch.stack([torch.tensor([float(len(t)), float(t.count("e")), 1.0]) for t in texts])
+
+    def scores(reward, rows):  # what the run does with the rows it read: scoring them must not fail either
+        return ppo.text_scores(reward, rows, ["Bees make honey."] * len(rows), encoder=BagOfWords(),
+                               max_new_tokens=48, seed=0, step=0, index=list(range(len(rows))))
+
+    mixed = write("mixed.jsonl", closed, opened)
+    rows = ppo.load_prompts(mixed, "", 0, "r3")[0]
+    assert rows == [closed, opened] and torch.isfinite(scores("r3", rows)).all()
+    with pytest.raises(ValueError, match=rf"^{mixed}:3: missing key 'reference'"):  # it may draw bees closed-ended
+        ppo.load_prompts(mixed, "", 0, "r3_random_qtype")
+    bare_closed = write("closed.jsonl", opened, {**closed, "reference": None})
+    with pytest.raises(ValueError, match=rf"^{bare_closed}:3: key 'reference' must be a non-empty string, got None"):
+        ppo.load_prompts(bare_closed, "", 0, "r3")
+    no_reference = write("no_reference.jsonl", opened, {k: v for k, v in closed.items() if k != "reference"})
+    with pytest.raises(ValueError, match=rf"^{no_reference}:3: missing key 'reference'"):
+        ppo.load_prompts(no_reference, "", 0, "r3")
+    typeless = write("typeless.jsonl", closed, untyped)
+    rows = ppo.load_prompts(typeless, "", 0, "r3_random_qtype")[0]
+    assert rows == [closed, untyped] and torch.isfinite(scores("r3_random_qtype", rows)).all()
+    with pytest.raises(ValueError, match=rf"^{typeless}:3: missing key 'qtype'"):
+        ppo.load_prompts(typeless, "", 0, "r3")
+    # the ablations without branching read neither key
+    prompt_only = write("prompt_only.jsonl", {"prompt": "Tell me about bees."}, {"prompt": "What is 3 plus 4?"})
+    for reward in ("rm", "relevance", "length", "relevance_length", "r3_no_branching"):
+        rows = ppo.load_prompts(prompt_only, "", 0, reward)[0]
+        assert len(rows) == 2 and (reward == "rm" or torch.isfinite(scores(reward, rows)).all())
 
 
 def test_the_missing_eos_penalty_is_not_clipped_with_the_scores():

@@ -217,6 +217,9 @@ def test_text_rewards_run_with_a_zero_initialised_critic(tiny_init, tmp_path, re
     ("--critic_lr=5", "--critic_lr=5.0: must be in (0.0, 1.0]"),
     ("--eval_data=/dev/null", "--eval_data=/dev/null: no prompts"),
     ("--max_prompt_len=120", "--max_prompt_len + --max_new_tokens = 130 exceeds the model's context length 128"),
+    # the controller multiplies beta: from 0 it would stay 0 for the whole run
+    ("--kl_coef=0", "--kl_coef=0.0: the adaptive KL controller (--adaptive_kl) only scales beta, which would stay 0; "
+                    "use --kl_coef > 0, or --adaptive_kl=0 for no KL penalty"),
 ])
 def test_bad_flags_are_refused_with_one_line(tiny_init, tiny_rm, tmp_path, flag, message):
     with pytest.raises(InputError, match=re.escape(message)):
@@ -241,6 +244,25 @@ def test_a_reward_model_or_relevance_model_that_cannot_serve_is_named_before_any
         train_ppo.main(args(tiny_init, "", tmp_path / "r3", "--reward=relevance", f"--relevance_model={tiny_init}",
                             "--eval_data="))
     assert not (tmp_path / "rm" / "model").exists() and not (tmp_path / "r3" / "model").exists()
+
+
+def test_a_reward_model_with_a_smaller_vocabulary_is_named_before_any_rollout(tiny_init, tiny_tok, tmp_path,
+                                                                              monkeypatch):
+    """A reward model saved without a tokenizer.json is taken on trust by check_reads_the_same; one with half the
+    policy's vocabulary (it is also the critic's start) failed in the first rollouts' critic forward with a bare
+    IndexError. Refused once loaded, naming --reward_model, before any sampling and with nothing saved."""
+    from nanoalign.model import ModelConfig
+
+    torch.manual_seed(0)
+    n = tiny_tok.vocab_size
+    half = RewardModel(ModelConfig(vocab_size=n // 2, dim=32, n_layer=1, n_head=2, hidden_dim=64,
+                                   max_seq_len=128)).save_pretrained(tmp_path / "rm_half")
+    assert not (half / "tokenizer.json").exists()
+    monkeypatch.setattr(ppo, "sample_rollouts", lambda *a, **kw: pytest.fail("sampled rollouts"))
+    with pytest.raises(InputError, match=rf"^--reward_model={half}: tokenizer vocab size {n} \(ids up to {n - 1}\) "
+                                         rf"does not fit the model's vocab size {n // 2}"):
+        train_ppo.main(args(tiny_init, half, tmp_path / "run", "--eval_data="))
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_a_world_size_the_rollouts_cannot_split_into_is_refused_before_any_prerequisite(tmp_path, monkeypatch):
