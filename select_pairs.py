@@ -19,10 +19,11 @@ Two kinds of input, detected from the records (or --format):
   chosen/rejected labels it came with: relabelling it would throw away the only preference the data states,
   so --label does not apply (only the default is accepted).
 - several responses per prompt, {prompt, responses, scores} (SHP-style, or --format=shp): one pair per prompt,
-  easy / hard = the least / most similar pair, centroid = the responses nearest the two k-means centroids,
-  random = any pair. Which one is chosen is decided by --label: scores = the higher score (equal scores: the
-  prompt is skipped and counted), annotator = the tiny world's noisy Bradley-Terry annotator, seeded per
-  prompt. Never by the order of the list (the authors' script takes list order: a bug).
+  so --fraction does not apply (only the default is accepted); easy / hard = the least / most similar pair,
+  centroid = the responses nearest the two k-means centroids, random = any pair. Which one is chosen is decided
+  by --label: scores = the higher score (equal scores: the prompt is skipped and counted), annotator = the tiny
+  world's noisy Bradley-Terry annotator, seeded per prompt. Never by the order of the list (the authors' script
+  takes list order: a bug).
 - --sample=K: the responses are not read but generated: K answers to each distinct prompt of --data (any JSONL
   with a "prompt"), sampled from --model at --temperature; their distinct non-empty texts are the prompt's
   responses, and the rest is the several-responses path above with --label=annotator (sampled answers carry
@@ -98,6 +99,7 @@ def check_config(cfg: Config) -> None:
     check_choice(cfg, "dtype", ("float32", "bfloat16"))
     check_range(cfg, "fraction", 0.0, 1.0, low_open=True)
     check_positive(cfg, "max_len", "max_response_len", "batch_size", "max_new_tokens")
+    check_max_len(cfg, add_bos=False)  # again with the tokenizer's BOS once it is read
     check_non_negative(cfg, "sample")
     if cfg.sample:
         check_positive(cfg, "temperature")
@@ -105,12 +107,25 @@ def check_config(cfg: Config) -> None:
             raise InputError(f"--sample={cfg.sample}: a pair needs at least 2 answers per prompt")
         if cfg.label != "annotator":
             raise InputError(f"--label={cfg.label}: sampled answers have no scores; --sample needs --label=annotator")
+        if cfg.fraction != Config.fraction:
+            raise InputError(f"--fraction={cfg.fraction}: --sample writes one pair per prompt; --fraction applies to "
+                             "pairs input")
         if cfg.format not in ("auto", "pairs", "multi"):
             raise InputError(f"--format={cfg.format}: --sample reads the prompts of a .jsonl with a \"prompt\" field")
     check_device(cfg)
     train.check_files(cfg, "data")
     if cfg.out:
         check_output(cfg.out, "out", directory=False)
+
+
+def check_max_len(cfg: Config, add_bos: bool, ckpt: Path | None = None) -> None:
+    """--max_len leaves room for one prompt token and one response token (and the BOS, where the tokenizer adds
+    one): with less, every response is cut to nothing and the embedding has no token to average."""
+    need = 2 + add_bos
+    if cfg.max_len < need:
+        bos = f", plus the BOS that the tokenizer of {ckpt} adds" if add_bos else ""
+        raise InputError(f"--max_len={cfg.max_len}: needs room for one prompt token and one response token{bos}: "
+                         f"at least {need}")
 
 
 # --- data
@@ -151,6 +166,9 @@ def load_records(cfg: Config) -> tuple[str, list[dict]]:
             raise InputError(f"--label={cfg.label}: pairs keep the chosen/rejected labels they came with; --label "
                              "applies to several responses per prompt")
         return "pairs", read_hh(cfg.data) if fmt == "hh" else read_jsonl(cfg.data, ("prompt", "chosen", "rejected"))
+    if cfg.fraction != Config.fraction:
+        raise InputError(f"--fraction={cfg.fraction}: several responses per prompt give one pair per prompt; "
+                         "--fraction applies to pairs input")
     required = ("prompt", "responses", "scores") if cfg.label == "scores" else ("prompt", "responses")
     records = read_shp(cfg.data, multi=True) if fmt == "shp" else read_jsonl(cfg.data, required)
     check_world_prompts(cfg, records)
@@ -223,8 +241,9 @@ def main(argv=None):
         import train_sft  # the repository's SFT script, beside this one
         train.train_first(cfg.model, "the tiny SFT model", "train_sft.py", train_sft.main, [f"--device={cfg.device}"])
     ckpt = train.checkpoint_dir(cfg, "model")
+    tok = Tokenizer.from_dir(ckpt)  # before the model: its BOS decides the smallest --max_len
+    check_max_len(cfg, tok.add_bos, ckpt)
     model = load_pretrained(ckpt, device=cfg.device, dtype=getattr(torch, cfg.dtype)).eval()
-    tok = Tokenizer.from_dir(ckpt)
     tok.check_vocab(model.cfg.vocab_size)
     template = (tok.template or "hh") if cfg.template == "auto" else cfg.template
     max_len = min(cfg.max_len, model.cfg.max_seq_len)

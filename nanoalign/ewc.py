@@ -15,7 +15,7 @@ Fisher of the previous stage's data; and Hbat-Freeze, requires_grad=False on the
 Gotchas:
 - S_u is about 1e20·Δ², so at T = 1 (the authors' setting, our default) the softmax is one-hot: only the
   most changed tensor is anchored. Log omega_entropy (0 nats: one-hot, log n: uniform); a T near max S
-  spreads Ω. The softmax runs in float64 with the max subtracted.
+  spreads Ω. The softmax runs in float64, with the max subtracted before the division by T.
 - FSDP2 (nanoalign.dist.shard): parameters are DTensors and each rank holds one shard. Every per-tensor
   sum is all-reduced, so all ranks get the same scores and Ω, and penalty values are global. Call these
   functions between optimizer steps, never between a forward and its backward (FSDP then swaps some
@@ -91,9 +91,11 @@ def accumulate(total: dict | None, scores: dict) -> dict[str, float]:
 def importance(scores: dict, lambda_max: float = 100.0, temperature: float = 1.0) -> dict[str, float]:
     """Ω_u = λ_max · softmax_u(S_u / T), so Σ_u Ω_u = λ_max."""
     names = list(scores)
-    z = torch.tensor([scores[n] for n in names], dtype=torch.float64) / temperature
-    # the scores are ~1e20: exp would overflow without the shift, which leaves the softmax unchanged
-    e = (z - z.max()).exp()
+    s = torch.tensor([scores[n] for n in names], dtype=torch.float64)
+    # the scores are ~1e20: exp would overflow without the shift, which leaves the softmax unchanged. Shifted
+    # BEFORE dividing: S / T overflows to inf for a tiny T (inf - inf = NaN), while (S - max S) / T is 0 for the
+    # largest and at worst -inf for the others, so Ω stays one-hot as T -> 0
+    e = ((s - s.max()) / temperature).exp()
     return {n: w for n, w in zip(names, (lambda_max * e / e.sum()).tolist())}
 
 

@@ -57,6 +57,19 @@ def test_importance_is_one_hot_at_t1_and_spreads_with_temperature():
     assert ewc.omega_entropy(ewc.importance(s, temperature=1e40)) == pytest.approx(math.log(2))  # uniform
 
 
+def test_importance_stays_one_hot_at_extreme_temperatures_and_is_the_softmax_otherwise():
+    # S / T overflowed to inf before the max was subtracted (inf - inf: NaN); (S - max S) / T does not
+    assert ewc.importance({"a": 1e20, "b": 3e18}, 100.0, 1e-300) == {"a": 100.0, "b": 0.0}
+    assert ewc.importance({"a": 1.5e308, "b": 1e308}, 100.0, 0.5) == {"a": 100.0, "b": 0.0}
+    assert ewc.importance({"a": 3.0, "b": 3.0, "c": 1.0}, 100.0, 1e-300) == {"a": 50.0, "b": 50.0, "c": 0.0}
+    # a sane T: λ_max exp(S_u / T) / Σ_v exp(S_v / T), by hand
+    omega = ewc.importance({"a": 3.0, "b": 1.0, "c": 0.0}, lambda_max=10.0, temperature=2.0)
+    z = math.exp(1.5) + math.exp(0.5) + 1.0
+    assert omega["a"] == pytest.approx(10 * math.exp(1.5) / z, rel=1e-12)
+    assert omega["b"] == pytest.approx(10 * math.exp(0.5) / z, rel=1e-12)
+    assert omega["c"] == pytest.approx(10 / z, rel=1e-12)
+
+
 def test_importance_at_t1_is_one_hot_for_realistic_updates():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))

@@ -86,8 +86,20 @@ def test_hbat_quick_runs_every_arm_for_dpo_and_ppo(tmp_path, monkeypatch, tiny_i
         if arm.split("/")[1] in ("hbat", "hbat_freeze", "fisher"):
             expected += ["ewc_setup_s", "ewc_memory_mb"]
         assert sorted(results["arms"][arm]) == sorted(expected), arm
-    # the SFT model compared with is the two-stage run after its SFT stage: against itself, exactly one half
-    assert results["arms"]["dpo/sft"]["win_rate"] == [0.5]
+    # the model every arm is judged against is the two-stage run after its SFT stage: the --model_b of each arm's
+    # evaluation command and of the evaluation that ran (the tiny quick models all answer alike, so the answers
+    # themselves cannot tell which model B was)
+    for method in ("dpo", "ppo"):
+        two_stage = out.resolve() / method / "two_stage" / "seed0"
+        assert [s["kind"] for s in read_jsonl(two_stage / "stages.jsonl")] == ["sft", method]
+        assert (two_stage / "stage1_sft" / "config.json").is_file()
+        for arm in hbat.ARMS:
+            eval_dir = out / method / arm / "seed0" / "eval"
+            (command,) = (eval_dir / "commands.txt").read_text().splitlines()
+            flags = dict(a.split("=", 1) for a in command.split() if a.startswith("--"))
+            assert flags["--model_b"] == str(two_stage / "stage1_sft"), (method, arm)
+            vs_sft = json.loads((eval_dir / "vs_sft.json").read_text())
+            assert vs_sft["config"]["model_b"] == str(two_stage / "stage1_sft"), (method, arm)
     stages = read_jsonl(out / "dpo" / "hbat" / "seed0" / "stages.jsonl")
     assert [s["kind"] for s in stages] == ["sft", "dpo", "sft", "dpo"]
     # Fisher keeps θ* and F, the modified EWC θ* alone: twice the memory

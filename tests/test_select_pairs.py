@@ -266,6 +266,58 @@ def test_bad_flags(flags, message, tiny_plain, monkeypatch):
         select_pairs.main([f"--model={tiny_plain}", *flags])
 
 
+def no_model_load(monkeypatch):
+    """Makes loading a model fail the test: the error must come before that expensive step."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad flag was refused")
+
+    monkeypatch.setattr(select_pairs, "load_pretrained", load)
+
+
+def test_max_len_needs_a_prompt_and_a_response_token_before_any_model_is_loaded(tmp_path, tiny_plain, tiny_tok,
+                                                                                 monkeypatch):
+    """--max_len=1 (or 2 with a BOS) left no response token: every response was cut to nothing, and the run failed
+    after loading the model, with an error about labels. The smallest --max_len that fits runs."""
+    import copy
+
+    from nanoalign.checkpoint import save_pretrained
+    assert not tiny_tok.add_bos
+    bos_tok = copy.copy(tiny_tok)
+    bos_tok.add_bos = True
+    bos_model = save_pretrained(load_pretrained(tiny_plain), tmp_path / "bos_model", tokenizer=bos_tok)
+    data = write_jsonl(tmp_path / "pairs.jsonl", read_jsonl(DATA / "prefs_train.jsonl")[:4])
+    with monkeypatch.context() as m:
+        no_model_load(m)
+        with pytest.raises(InputError, match=r"^--max_len=1: needs room for one prompt token and one response "
+                                             r"token: at least 2$"):
+            select(tmp_path, data, tiny_plain, "--max_len=1")
+        with pytest.raises(InputError, match=rf"^--max_len=2: needs room for one prompt token and one response "
+                                             rf"token, plus the BOS that the tokenizer of {re.escape(str(bos_model))} "
+                                             rf"adds: at least 3$"):
+            select(tmp_path, data, bos_model, "--max_len=2")
+    assert not (tmp_path / "out.jsonl").exists()
+    for model, max_len in ((tiny_plain, 2), (bos_model, 3)):
+        result, pairs = select(tmp_path, data, model, f"--max_len={max_len}", "--fraction=1", name=f"{max_len}.jsonl")
+        assert result["pairs"] == len(pairs) == 4
+
+
+@pytest.mark.parametrize("data, flags, message", [
+    ("multi_train.jsonl", ["--fraction=0.25"], "--fraction=0.25: several responses per prompt give one pair per "
+                                               "prompt; --fraction applies to pairs input"),
+    ("multi_train.jsonl", ["--fraction=1", "--format=multi"], "--fraction=1.0: several responses per prompt give "
+                                                              "one pair per prompt; --fraction applies to pairs input"),
+    ("prefs_train.jsonl", ["--fraction=0.25", "--sample=4", "--label=annotator"], "--fraction=0.25: --sample writes "
+                                                                                 "one pair per prompt; --fraction "
+                                                                                 "applies to pairs input"),
+])
+def test_fraction_is_refused_where_one_pair_per_prompt_is_written(data, flags, message, tiny_plain, monkeypatch):
+    """--fraction keeps a share of the pairs input; with several responses per prompt, read or sampled, every prompt
+    gives its one pair and the flag was silently ignored. Refused like --label on pairs, before any model loads."""
+    no_model_load(monkeypatch)
+    with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
+        select_pairs.main([f"--data={DATA / data}", f"--model={tiny_plain}", *flags])
+
+
 def test_annotator_refuses_prompts_outside_the_world(tmp_path, tiny_plain):
     data = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "Tell me a joke.", "responses": ["No.", "Why not."],
                                                "scores": [1, 2]}])
