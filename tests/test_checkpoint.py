@@ -11,7 +11,7 @@ from conftest import reference
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanoalign.checkpoint import fuse_qkv, load_pretrained, save_pretrained, split_qkv
+from nanoalign.checkpoint import fuse_qkv, load_pretrained, save_pretrained, split_qkv, write_pretrained
 from nanoalign.model import ModelConfig, Transformer
 
 
@@ -415,7 +415,8 @@ def test_hub_id_goes_through_snapshot_download(fake_hub, hub_id):
     calls, model, _ = fake_hub
     again = load_pretrained(hub_id)
     assert [repo for repo, _ in calls] == [hub_id]
-    assert {"*.json", "*.safetensors"} <= set(calls[0][1])  # config.json and the weights
+    # config.json and the weights, a sentencepiece tokenizer.model, a vocab .txt, chat_template.jinja; no .bin
+    assert set(calls[0][1]) == {"*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"}
     assert torch.equal(again.tok_emb.weight, model.tok_emb.weight)
 
 
@@ -431,9 +432,10 @@ def edit(d, fn):
     return path
 
 
-@pytest.mark.parametrize("kw", [dict(attn_bias=True, rope_base=500.0),
-                                dict(NEOX, mlp="gelu_tanh", rotary_pct=1.0, parallel_residual=False)])
+@pytest.mark.parametrize("kw", [dict(attn_bias=True, rope_base=500.0, norm_eps=0.05),
+                                dict(NEOX, mlp="gelu_tanh", rotary_pct=1.0, parallel_residual=False, norm_eps=0.05)])
 def test_the_config_round_trips(tmp_path, kw):
+    """Every field, the norm's eps included (saved as rms_norm_eps or layer_norm_eps; not the 1e-5 default)."""
     model, d = saved(tmp_path, **kw)
     assert load_pretrained(d).cfg == model.cfg
 
@@ -442,9 +444,13 @@ def test_a_tied_checkpoint_may_also_store_the_head_and_rotary_buffers(tmp_path):
     model, d = saved(tmp_path, tie_embeddings=True)
     rewrite(d, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone(),
                                    "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    again = load_pretrained(d)
+    # the stored head equals the embedding: still one tied matrix (read untied, the logits would be the same, but
+    # training would update the two apart)
+    assert again.cfg.tie_embeddings and again.lm_head.weight is again.tok_emb.weight
     x = torch.randint(0, 50, (1, 6))
     with torch.no_grad():
-        assert torch.equal(load_pretrained(d)(x), model(x))
+        assert torch.equal(again(x), model(x))
 
 
 def test_a_tied_config_storing_another_head_is_read_untied(tmp_path):
@@ -510,6 +516,9 @@ def test_config_values_must_be_positive(tmp_path, key, value):
 
 @pytest.mark.parametrize("key, value, message", [
     ("tie_word_embeddings", "false", "must be true or false, got 'false'"),  # a non-empty string would read as true
+    ("attention_bias", "false", "must be true or false, got 'false'"),
+    ("mlp_bias", "false", "must be true or false, got 'false'"),
+    ("use_parallel_residual", "false", "must be true or false, got 'false'"),  # checked whatever the family
     ("rope_scaling", "linear", "must be an object or null, got 'linear'"),
     ("rope_parameters", 5, "must be an object or null, got 5"),
     ("rope_scaling", {"type": "linear", "factor": "x"}, "'factor' must be a positive number, got 'x'")])
@@ -632,20 +641,28 @@ def test_a_config_with_both_rope_keys_gives_transformers_logits(tmp_path, kw, to
 
 def test_every_file_reaches_the_disk_before_the_renames(tmp_path, monkeypatch):
     """A power loss must not find the new names over unwritten data: each file and directory of the new checkpoint
-    is fsynced before it is renamed into place, and the parent directory (the renames) before the old one goes."""
+    is fsynced before it is renamed into place, those in a sub-directory too (train.save_checkpoint writes PPO's
+    critic there), and the parent directory (the renames) before the old one goes."""
     import nanoalign.checkpoint as ckpt_mod
 
     events = []
     real_replace = ckpt_mod.os.replace
     monkeypatch.setattr(ckpt_mod, "_sync", lambda p: events.append(("sync", Path(p))))
     monkeypatch.setattr(ckpt_mod.os, "replace", lambda a, b: (events.append(("rename", Path(b))), real_replace(a, b)))
-    model, d = saved(tmp_path)  # a first save, then one over it
+    model, d = saved(tmp_path)  # a first save, then one over it holding a second model in a sub-directory
+
+    def critic(tmp):
+        (tmp / "critic").mkdir()
+        write_pretrained(model, tmp / "critic")
+
     events.clear()
-    save_pretrained(model, d)
+    save_pretrained(model, d, extra=critic)
     renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
-    synced = {p.name for kind, p in events[:renames[0]] if kind == "sync"}
-    assert {p.name for p in d.iterdir()} <= synced and len(renames) == 2
-    assert any(name.startswith(".ckpt.tmp-") for name in synced)  # the directory itself
+    synced = [p for kind, p in events[:renames[0]] if kind == "sync"]
+    [tmp] = [p for p in synced if p.name.startswith(".ckpt.tmp-")]  # the directory itself
+    on_disk = {p.relative_to(d) for p in d.rglob("*")}
+    assert Path("critic", "model.safetensors") in on_disk and Path("critic", "config.json") in on_disk
+    assert on_disk <= {p.relative_to(tmp) for p in synced if p != tmp} and len(renames) == 2
     assert events[renames[-1] + 1] == ("sync", d.parent)
 
 
@@ -717,7 +734,8 @@ def test_an_older_neox_checkpoints_attention_buffers_are_ignored(tmp_path):
 
 
 def test_shards_are_packed_in_order_up_to_the_limit(tmp_path):
-    """Greedy packing: no empty shard, two neighbouring shards never fit in one, and the index's total_size is
+    """Greedy packing: no empty shard, no shard over the limit unless it holds one tensor alone (the embedding,
+    6400 bytes, and each MLP matrix, 6144), two neighbouring shards never fit in one, and the index's total_size is
     the bytes of every tensor."""
     model, _ = saved(tmp_path)
     limit = 5_000
@@ -726,11 +744,14 @@ def test_shards_are_packed_in_order_up_to_the_limit(tmp_path):
     files = sorted(p.name for p in d.glob("*.safetensors"))
     assert files == sorted(set(index["weight_map"].values())) and len(files) > 2
 
-    def nbytes(name):
+    def tensor_bytes(name):
         with safe_open(d / name, framework="pt") as f:
-            return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+            return [f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()]
 
-    sizes = [nbytes(name) for name in files]
+    shards = [tensor_bytes(name) for name in files]
+    sizes = [sum(shard) for shard in shards]
+    assert all(size <= limit or len(shard) == 1 for size, shard in zip(sizes, shards)), shards
+    assert any(size > limit for size in sizes)  # the case the exception is for was met
     assert all(a + b > limit for a, b in zip(sizes, sizes[1:])), sizes
     assert index["metadata"]["total_size"] == sum(sizes) == sum(p.numel() * 4 for p in model.parameters())
 

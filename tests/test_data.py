@@ -311,9 +311,12 @@ def test_tokenize_sft_untouched_prints_nothing(tok, capsys):
 
 def test_tokenize_pairs_shares_the_prompt(tok, capsys):
     long_prompt = "The capital of France is Paris. " * 10 + "Capital?"
-    examples = [{"prompt": long_prompt, "chosen": "Paris.", "rejected": "The capital of France is Paris, I think."}]
+    examples = [{"prompt": long_prompt, "chosen": "Paris.", "rejected": "The capital of France is Paris, I think."},
+                # the longer response alone fills max_len: no room for the prompt, the pair is dropped
+                {"prompt": "Hi", "chosen": "Paris.", "rejected": "The capital of France is Paris. " * 10}]
     [row] = tokenize_pairs(examples, tok, "hh", max_len=40)
-    assert "tokenize_pairs: 1/1 examples truncated" in capsys.readouterr().out
+    assert ("tokenize_pairs: 1/2 examples truncated to 40 tokens, 1 dropped (response left no room for the prompt)\n"
+            in capsys.readouterr().out)
     n_chosen, n_rejected = row["chosen_mask"].index(1), row["rejected_mask"].index(1)
     assert n_chosen == n_rejected
     assert row["chosen_ids"][:n_chosen] == row["rejected_ids"][:n_rejected]

@@ -336,6 +336,27 @@ def test_one_prompts_comparison_has_no_standard_error_and_stays_valid_json():
     json.dumps(c, allow_nan=False)  # NaN is not JSON: --out wrote it
 
 
+def test_evaluate_answers_counts_an_answer_quoting_its_prompt_as_a_copy():
+    """copies_prompt(prompt, answer): the prompt's 4-grams are all in the answer, while the answer's are mostly
+    not in the prompt (asked the other way round, it is no copy)."""
+    prompt = "What is 17 plus 25?"
+    answer = ("Let me think about this for a while before I answer. What is 17 plus 25? It is 42, because 17 and 25 "
+              "make 42.")
+    assert evaluate_answers([{"prompt": prompt}], [answer])["copy_rate"] == 1.0  # 1 copy of 1
+    assert not copies_prompt(answer, prompt)
+
+
+def test_closed_accuracy_is_over_the_closed_ended_prompts_only():
+    # closed: right, wrong (6 for 5), right; open: right, not counted -> 2 of 3 (not 2 of 4, nor 3 of 4)
+    records = [{"prompt": p} for p in ("What is 17 plus 25?", "What is 2 plus 3?",
+                                       "Reverse the list: lemon, tiger, cloud.", "Tell me two facts about bees.")]
+    answers = ["17 plus 25 is 42.", "2 plus 3 is 6.", "The reversed list is cloud, tiger, lemon.",
+               "Bees make honey. Bees visit flowers."]
+    m = evaluate_answers(records, answers)
+    assert m["n_closed"] == 3 and m["closed_accuracy"] == pytest.approx(2 / 3)
+    assert world.is_correct(records[3]["prompt"], answers[3])  # the open one is right: it would raise the count
+
+
 def test_evaluate_answers_an_empty_reference_is_no_reference():
     m = evaluate_answers([{"prompt": "Hi.", "reference": ""}, {"prompt": "Yo.", "reference": "a b"}], ["a b", "a b"])
     assert m["rouge_l"] == 1.0 and m["n_reference"] == 1  # "" counted would halve the mean with a 0

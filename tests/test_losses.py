@@ -51,6 +51,10 @@ def test_token_logprobs_equal_a_naive_loop_over_positions(model):
     # temperature divides the logits before the softmax
     close(token_logprobs(model, ids, torch.ones_like(ids), temperature=0.7), naive_logprobs(model, ids, 0.7))
     assert not torch.allclose(token_logprobs(model, ids, temperature=0.7), lp, atol=1e-3)
+    # 0 would divide the logits by zero (greedy sampling has no log-probs), a negative one flip them
+    for temperature in (0.0, -0.7):
+        with pytest.raises(ValueError, match=f"^temperature must be > 0 for log-probs, got {temperature}$"):
+            token_logprobs(model, ids, temperature=temperature)
 
 
 @torch.no_grad()
@@ -116,8 +120,13 @@ def test_masked_mean_and_var_ignore_padding_and_survive_an_empty_mask():
     close(masked_var(x, mask), 2.5)  # (4 + 1 + 0 + 1 + 4) / (5 - 1)
     close(masked_var(x, mask, unbiased=False), 2.0)
     close(masked_mean(x, torch.zeros_like(mask)), 0.0)  # not NaN
-    with pytest.raises(ValueError):
-        masked_var(x, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]))
+    # one valid entry: the biased variance is 0 (its spread around itself), the unbiased one is undefined (0 / 0)
+    one = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]])
+    close(masked_var(x, one, unbiased=False), 0.0, 0)
+    with pytest.raises(ValueError, match="^masked_var needs at least 2 valid entries, the mask has 1$"):
+        masked_var(x, one)
+    with pytest.raises(ValueError, match="^masked_var needs at least 1 valid entries, the mask has 0$"):
+        masked_var(x, torch.zeros_like(mask), unbiased=False)
 
 
 def test_whiten_gives_mean_0_var_1_on_valid_entries_and_ignores_pads():
@@ -322,11 +331,19 @@ def test_adaptive_kl_controller_by_hand():
     ctl.update(9.0, 1000)
     ctl.update(6.6, 1000)
     assert ctl.value == pytest.approx(0.2 * 1.02 * 1.01)
-    restored = AdaptiveKLController(0.5)
+    # restored into a controller built with other arguments: the value, the target and the horizon all come back
+    # (target 1, horizon 10 would give 0.2 * 1.02 * 1.01 * (1 + 0.2 * 100) from KL 3)
+    restored = AdaptiveKLController(0.5, target=1.0, horizon=10)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value and restored.update(3.0, 1000) == pytest.approx(0.2 * 1.02 * 1.01 * 0.98)
+    assert (restored.target, restored.horizon) == (6.0, 10000)
     fixed = AdaptiveKLController(0.05, target=None)
     assert fixed.update(100.0, 1000) == 0.05 and fixed.value == 0.05
+    restored.load_state_dict(fixed.state_dict())  # a fixed coefficient stays fixed once restored
+    assert restored.update(100.0, 1000) == 0.05
+    for target in (0.0, -6.0):  # KL / 0; a negative target drives beta the wrong way
+        with pytest.raises(ValueError, match=rf"^target must be > 0 or None \(fixed coefficient\), got {target}$"):
+            AdaptiveKLController(0.2, target=target)
 
 
 def test_ppo_policy_loss_gives_a_pad_with_a_huge_log_prob_no_nan_gradient():

@@ -302,6 +302,8 @@ def test_init_weights_by_hand():
     (dict(dim=60, n_head=4), r"rotary dimensions of a head \(head_dim=15 x rotary_pct=1.0\) must be even"),
     (dict(dim=64, n_head=4, rotary_pct=0.5, head_dim=10), "must be even"),
     (dict(dim=60, n_head=8), "dim=60 must be a multiple of n_head=8"),
+    (dict(norm="rms_norm"), "^unknown norm 'rms_norm'$"),  # else built as a LayerNorm (anything but "rmsnorm" is)
+    (dict(mlp="gelu_new"), "^unknown mlp 'gelu_new'$"),  # else the exact GELU, and HF's gelu_new is the tanh one
 ])
 def test_model_config_refuses_impossible_shapes(kw, message):
     with pytest.raises(ValueError, match=message):

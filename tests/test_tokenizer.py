@@ -444,6 +444,19 @@ def test_special_ids_of_config_json_must_be_ids_of_the_tokenizer(tmp_path, confi
         Tokenizer.from_dir(tmp_path)
 
 
+def test_the_last_id_of_the_vocabulary_is_an_eos_and_the_next_is_not(tmp_path):
+    """The bound is vocab_size (one past the largest id), exclusive."""
+    make_tokenizer_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+    n = Tokenizer.from_dir(tmp_path).vocab_size
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": n - 1}))
+    assert Tokenizer.from_dir(tmp_path).eos_id == n - 1
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": n}))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: eos_token_id {n} is not an id of its tokenizer\.json "
+                                         rf"\(0 \.\. {n - 1}\)$"):
+        Tokenizer.from_dir(tmp_path)
+
+
 # --- found by mutation testing: behaviours the tests above did not pin
 
 
