@@ -248,6 +248,7 @@ def test_read_shp_pairs():
     ]
     assert pairs[0]["prompt"] == "Why does my bread come out dense?"
     assert pairs[0]["post_id"] == "p1" and pairs[0]["domain"] == "askculinary_train"
+    assert pairs[0]["score_ratio"] == 7.43  # kept: SHP's authors filter pairs on it
 
 
 def test_read_shp_multi_response_groups_by_post():

@@ -306,6 +306,11 @@ def test_a_resume_against_another_reference_is_refused(tiny_plain, files, tmp_pa
         train_dpo.main(flags + ["--resume"])
     assert (run / "model" / "model.safetensors").read_bytes() == before
     assert torch.load(run / "model" / "train_state.pt", weights_only=False)["step"] == 3
+    # pairs added to (or removed from) the file: named, not a shape error inside the comparison
+    with pytest.raises(InputError, match=r"\(3 pairs then, 4 now\)"):
+        dpo.check_resumed_reference({"stage": 0, "logps": torch.zeros(3, 2)}, torch.zeros(4, 2), 0)
+    # the numbers of another Hbat stage (another reference) are not compared
+    dpo.check_resumed_reference({"stage": 1, "logps": torch.zeros(4, 2)}, torch.ones(4, 2), 3)
 
 
 def test_an_unchanged_policy_ties_with_the_reference_on_every_prompt(tiny_plain, files, tmp_path, tiny_tok):

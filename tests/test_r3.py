@@ -141,6 +141,8 @@ def test_r3_reward_refuses_inputs_that_do_not_fit():
         r3_reward(enc, ["q0", "q1"], ["ref0", None], ["a b c d", "x x x x"], [CLOSED, CLOSED], 70)
     with pytest.raises(ValueError, match="1 references"):
         r3_reward(enc, ARGS[0], ["ref0"], *ARGS[2:])
+    with pytest.raises(ValueError, match="1 qtypes for 2 responses"):  # the rows past it would be taken as open-ended
+        r3_reward(enc, *ARGS[:3], [OPEN], 70)
 
 
 def test_repetition_is_scored_on_the_cut_response():

@@ -272,7 +272,12 @@ def edited_config(tmp_path, tok, **changes):
     ({"nanoalign_reward_offset": "0.5"}, "finite number"),
     ({"nanoalign_reward_offset": True}, "finite number"),
     ({"nanoalign_reward_offset": None}, "finite number"),  # null, not absent (absent means 0)
-], ids=["no_labels", "no_vocab_size", "vocab_size", "causal_lm", "nan", "inf", "string", "bool", "null"])
+    # the token the score is never read at: true would be id 1, "1" and 1.0 no id at all
+    ({"pad_token_id": True}, "pad_token_id must be a token id, got True"),
+    ({"pad_token_id": "1"}, "pad_token_id must be a token id, got '1'"),
+    ({"pad_token_id": 1.0}, "pad_token_id must be a token id, got 1.0"),
+], ids=["no_labels", "no_vocab_size", "vocab_size", "causal_lm", "nan", "inf", "string", "bool", "null", "pad_bool",
+        "pad_string", "pad_float"])
 def test_a_damaged_reward_config_is_one_error_naming_the_key(tok, tmp_path, changes, match):
     ckpt = edited_config(tmp_path, tok, **changes)
     if match is None:

@@ -322,6 +322,9 @@ def test_a_response_that_states_two_answers_answers_nothing():
          "The sorted list is cloud, tiger, lemon. The sorted list is cloud, lemon, tiger.", 0.0, False),
         # one answer with a copy of the question, a repeat, a filler or another question's sentence: as before
         ("What is 17 plus 25?", "What is 17 plus 25? 17 plus 25 is 42.", 0.55, False),  # a copy is never correct
+        # the copy of a sort question holds its word list, a permutation of the words: still no second answer
+        ("Sort the words: lemon, tiger, cloud.",
+         "Sort the words: lemon, tiger, cloud. The sorted list is cloud, lemon, tiger.", 0.55, False),
         ("What is 17 plus 25?", "17 plus 25 is 42. 17 plus 25 is 42.", 0.85, True),
         ("What is 17 plus 25?", "42. 17 plus 25 is 42.", 0.85, True),
         ("What is 12 plus 27?", "12 plus 29 is 41. 17 plus 25 is 43.", 0.17, False),  # the near miss 41, one extra
