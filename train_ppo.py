@@ -140,7 +140,7 @@ def check_config(cfg: Config) -> None:
     if cfg.out_dir != "auto":
         check_output(cfg.out_dir, "out_dir", directory=True)
     hbat.check_config(cfg, "ppo")
-    if cfg.value_warmup_steps >= (stage_steps := cfg.steps // cfg.splits):  # (the smallest PPO stage's steps)
+    if cfg.value_warmup_steps >= (stage_steps := min(s.steps for s in hbat.plan(cfg, "ppo") if s.kind == "ppo")):
         per_stage = f" (--steps={cfg.steps} over --splits={cfg.splits} PPO stages)" if cfg.splits > 1 else ""
         raise InputError(f"--value_warmup_steps={cfg.value_warmup_steps}: a PPO stage of {stage_steps} steps{per_stage} "
                          "would never update the policy; warm up the critic for fewer steps")
@@ -151,14 +151,6 @@ def check_world(cfg: Config, world_size: int) -> None:
     if n_chunks % world_size or cfg.mini_batch_size % world_size:
         raise InputError(f"--rollout_batch_size / --gen_batch_size = {n_chunks} sampling chunks and "
                          f"--mini_batch_size={cfg.mini_batch_size} must both be divisible by the world size {world_size}")
-
-
-def check_vocab(tok: Tokenizer, model, flag: str) -> None:
-    """A model that reads the policy's token ids (the reward model, the critic) must have a row for each of them."""
-    try:
-        tok.check_vocab(model.cfg.vocab_size)
-    except ValueError as e:
-        raise InputError(f"{flag}: {e}") from None
 
 
 def prerequisites(cfg: Config) -> None:
@@ -217,9 +209,10 @@ def main(argv=None):
         tok.check_reads_the_same(rm_dir, f"--reward_model={cfg.reward_model}")
         reward_model = train.place(train.load_model(rm_dir, d, load=RewardModel.from_pretrained,
                                                     build=RewardModel.from_config), d, trainable=False)
-        # one saved without a tokenizer.json was taken on trust above: a smaller vocabulary would read the policy's
-        # ids out of range in the first rollouts' forward
-        check_vocab(tok, reward_model, f"--reward_model={cfg.reward_model}")
+        try:  # one saved without a tokenizer.json was taken on trust above: a smaller vocabulary would read the
+            tok.check_vocab(reward_model.cfg.vocab_size)  # policy's ids out of range in the first rollouts' forward
+        except ValueError as e:
+            raise InputError(f"--reward_model={cfg.reward_model}: {e}") from None
         if (n := cfg.max_prompt_len + cfg.max_new_tokens) > reward_model.cfg.max_seq_len:  # it reads whole rollouts
             raise InputError(f"--reward_model={cfg.reward_model}: its context of {reward_model.cfg.max_seq_len} tokens "
                              f"is shorter than --max_prompt_len + --max_new_tokens = {n}")
